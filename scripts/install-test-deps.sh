@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs the tools the tests use as independent checkers and real peers, if missing:
+# the distribution registry, skopeo, umoci, runc/crun, podman, busybox, debootstrap, uidmap.
+# Non-interactive and idempotent; does nothing when everything is present.
+set -euo pipefail
+
+packages=(docker-registry skopeo umoci runc crun podman busybox-static debootstrap uidmap
+  git ca-certificates)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing test dependencies: ${missing[*]}"
+  sudo=()
+  [ "$(id -u)" -eq 0 ] || sudo=(sudo -n)
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo[@]}" apt-get update -qq
+  "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
