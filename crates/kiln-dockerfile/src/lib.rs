@@ -1,2 +1,8 @@
 //! The Dockerfile frontend: text to AST (with line numbers), word expansion, typed instructions,
 //! stages and `.dockerignore` matching. Pure: no I/O, no network.
+//!
+//! Modules:
+//! - [`dockerignore`]: `.dockerignore` patterns ([`dockerignore::DockerIgnore`]) with Docker's
+//!   matching rules, and which ignore file applies to a Dockerfile.
+
+pub mod dockerignore;
