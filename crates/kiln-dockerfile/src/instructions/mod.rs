@@ -757,3 +757,274 @@ fn healthcheck(raw: &RawInstruction, flags: &Flags) -> Result<Healthcheck, Instr
         retries,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(keyword: &str, flags: &[&str], args: &[&str]) -> RawInstruction {
+        RawInstruction {
+            keyword: keyword.to_owned(),
+            flags: flags.iter().map(|s| (*s).to_owned()).collect(),
+            args: args.iter().map(|s| (*s).to_owned()).collect(),
+            span: Span { start_line: 7, end_line: 7 },
+            original: format!("{keyword} {}", args.join(" ")),
+            ..RawInstruction::default()
+        }
+    }
+
+    fn parse(r: &RawInstruction) -> Result<Instruction, ErrorKind> {
+        Located::from_raw(r).map(|l| l.instruction).map_err(|e| e.kind)
+    }
+
+    #[test]
+    fn from_forms() {
+        assert_eq!(
+            parse(&raw("from", &["--platform=$BUILDPLATFORM"], &["golang:1.22", "AS", "Build"])),
+            Ok(Instruction::From {
+                image: "golang:1.22".into(),
+                name: Some("build".into()),
+                platform: Some("$BUILDPLATFORM".into()),
+            })
+        );
+        assert_eq!(parse(&raw("FROM", &[], &["a", "b"])), Err(ErrorKind::FromArguments));
+        assert_eq!(
+            parse(&raw("FROM", &[], &["a", "AS", "1st"])),
+            Err(ErrorKind::StageName("1st".into()))
+        );
+        assert_eq!(parse(&raw("FROM", &[], &["a", "to", "x"])), Err(ErrorKind::FromArguments));
+    }
+
+    #[test]
+    fn unknown_instruction_suggests() {
+        let e = Located::from_raw(&raw("COPPY", &[], &["a", "b"])).unwrap_err();
+        assert_eq!(e.span.start_line, 7);
+        assert_eq!(e.hint().as_deref(), Some("did you mean `COPY`?"));
+        assert_eq!(e.to_string(), "line 7: unknown instruction `COPPY`");
+    }
+
+    #[test]
+    fn copy_and_add_flags() {
+        let i = parse(&raw(
+            "COPY",
+            &[
+                "--from=build",
+                "--chown=1:2",
+                "--chmod=755",
+                "--link",
+                "--exclude=*.md",
+                "--exclude=x",
+                "--parents",
+            ],
+            &["a", "b", "/dst/"],
+        ))
+        .unwrap();
+        let Instruction::Copy { sources, from, chown, chmod, link, parents, exclude } = i else {
+            panic!("not a COPY");
+        };
+        assert_eq!(sources.paths, vec!["a", "b"]);
+        assert_eq!(sources.dest, "/dst/");
+        assert_eq!(from.as_deref(), Some("build"));
+        assert_eq!(chown.as_deref(), Some("1:2"));
+        assert_eq!(chmod.as_deref(), Some("755"));
+        assert!(link && parents);
+        assert_eq!(exclude, vec!["*.md", "x"]);
+
+        let i = parse(&raw(
+            "ADD",
+            &["--checksum=sha256:abc", "--keep-git-dir", "--unpack=false"],
+            &["https://x/y.tar", "/y"],
+        ))
+        .unwrap();
+        assert!(matches!(
+            i,
+            Instruction::Add {
+                keep_git_dir: Some(true),
+                unpack: Some(false),
+                checksum: Some(_),
+                ..
+            }
+        ));
+        // A COPY-only flag on ADD names where it belongs.
+        let e = parse(&raw("ADD", &["--from=build"], &["a", "b"])).unwrap_err();
+        assert!(e.hint().unwrap().contains("valid on COPY"), "{:?}", e.hint());
+        let e = parse(&raw("COPY", &["--checksum=x"], &["a", "b"])).unwrap_err();
+        assert!(e.hint().unwrap().contains("valid on ADD"));
+        assert_eq!(
+            parse(&raw("COPY", &[], &["a"])),
+            Err(ErrorKind::NoDestination { instruction: "COPY" })
+        );
+    }
+
+    #[test]
+    fn copy_heredoc_sources() {
+        let mut r = raw("COPY", &[], &["<<EOF", "<<-'RAW'", "/dst"]);
+        r.heredocs = vec![
+            Heredoc { name: "EOF".into(), content: "hello\n".into(), expand: true },
+            Heredoc { name: "RAW".into(), content: "$x\n".into(), expand: false },
+        ];
+        let Instruction::Copy { sources, .. } = parse(&r).unwrap() else { panic!("not a COPY") };
+        assert!(sources.paths.is_empty());
+        assert_eq!(sources.inline.len(), 2);
+        assert_eq!(sources.inline[0].content, "hello\n");
+        assert!(!sources.inline[1].expand);
+        assert_eq!(
+            parse(&raw("COPY", &[], &["a", "<<EOF"])),
+            Err(ErrorKind::HeredocDestination { instruction: "COPY" })
+        );
+    }
+
+    #[test]
+    fn run_flags() {
+        let mut r = raw(
+            "RUN",
+            &[
+                "--mount=type=cache,target=/root/.cache",
+                "--mount=type=secret,id=npm",
+                "--network=none",
+                "--security=insecure",
+            ],
+            &["make"],
+        );
+        let Instruction::Run { mounts, network, security, command, .. } = parse(&r).unwrap() else {
+            panic!("not a RUN")
+        };
+        assert_eq!(mounts.len(), 2);
+        assert_eq!(network, Some(NetworkMode::None));
+        assert_eq!(security, Some(Security::Insecure));
+        assert_eq!(command, CommandLine::Shell("make".into()));
+        r.flags = vec!["--network=hots".into()];
+        let e = parse(&r).unwrap_err();
+        assert_eq!(e, ErrorKind::Network("hots".into()));
+        assert_eq!(e.hint().as_deref(), Some("did you mean `host`?"));
+        r.flags = vec!["--mount=type=cahce,target=/x".into()];
+        let e = parse(&r).unwrap_err();
+        assert!(matches!(e, ErrorKind::Mount { .. }));
+        assert_eq!(e.hint().as_deref(), Some("did you mean `cache`?"));
+        r.flags = vec!["--security=sandbx".into()];
+        assert_eq!(parse(&r).unwrap_err().hint().as_deref(), Some("did you mean `sandbox`?"));
+    }
+
+    #[test]
+    fn healthcheck() {
+        let mut r = raw(
+            "HEALTHCHECK",
+            &[
+                "--interval=30s",
+                "--timeout=1m30s",
+                "--start-period=0s",
+                "--start-interval=500ms",
+                "--retries=3",
+            ],
+            &["CMD", "curl -f http://localhost/"],
+        );
+        assert_eq!(
+            parse(&r),
+            Ok(Instruction::Healthcheck {
+                check: Healthcheck::Check {
+                    test: vec!["CMD-SHELL".into(), "curl -f http://localhost/".into()],
+                    interval: Some(Duration::from_secs(30)),
+                    timeout: Some(Duration::from_secs(90)),
+                    start_period: None,
+                    start_interval: Some(Duration::from_millis(500)),
+                    retries: Some(3),
+                }
+            })
+        );
+        r.json = true;
+        r.args = vec!["CMD".into(), "curl".into(), "-f".into()];
+        let Ok(Instruction::Healthcheck { check: Healthcheck::Check { test, .. } }) = parse(&r)
+        else {
+            panic!("not a check")
+        };
+        assert_eq!(test, vec!["CMD", "curl", "-f"]);
+        assert_eq!(
+            parse(&raw("HEALTHCHECK", &[], &["NONE"])),
+            Ok(Instruction::Healthcheck { check: Healthcheck::None })
+        );
+        assert_eq!(
+            parse(&raw("HEALTHCHECK", &[], &["NONE", "x"])),
+            Err(ErrorKind::HealthcheckNoneArgs)
+        );
+        assert_eq!(
+            parse(&raw("HEALTHCHECK", &[], &["RUN", "x"])),
+            Err(ErrorKind::HealthcheckType("RUN".into()))
+        );
+        assert_eq!(parse(&raw("HEALTHCHECK", &[], &["CMD"])), Err(ErrorKind::HealthcheckNoCommand));
+        assert_eq!(
+            parse(&raw("HEALTHCHECK", &["--interval=10us"], &["CMD", "x"])),
+            Err(ErrorKind::DurationTooShort("interval"))
+        );
+        assert!(matches!(
+            parse(&raw("HEALTHCHECK", &["--timeout=10"], &["CMD", "x"])),
+            Err(ErrorKind::Duration { flag: "timeout", .. })
+        ));
+        assert_eq!(
+            parse(&raw("HEALTHCHECK", &["--retries=-1"], &["CMD", "x"])),
+            Err(ErrorKind::Retries("-1".into()))
+        );
+    }
+
+    #[test]
+    fn simple_instructions() {
+        assert_eq!(
+            parse(&raw("ENV", &[], &["A", "1", "=", "B", "\"x y\"", "="])),
+            Ok(Instruction::Env {
+                vars: vec![
+                    KeyValue { key: "A".into(), value: "1".into() },
+                    KeyValue { key: "B".into(), value: "\"x y\"".into() }
+                ]
+            })
+        );
+        assert_eq!(
+            parse(&raw("ARG", &[], &["A", "B=2"])),
+            Ok(Instruction::Arg {
+                args: vec![
+                    ArgDecl { name: "A".into(), default: None },
+                    ArgDecl { name: "B".into(), default: Some("2".into()) }
+                ]
+            })
+        );
+        assert_eq!(
+            parse(&raw("ARG", &[], &["=2"])),
+            Err(ErrorKind::BlankName { instruction: "ARG" })
+        );
+        assert_eq!(
+            parse(&raw("USER", &[], &["a", "b"])),
+            Err(ErrorKind::ExactlyOneArgument { instruction: "USER" })
+        );
+        assert_eq!(parse(&raw("VOLUME", &[], &[" "])), Err(ErrorKind::EmptyVolume));
+        assert_eq!(parse(&raw("SHELL", &[], &["/bin/bash -c"])), Err(ErrorKind::ShellNotJson));
+        let mut shell = raw("SHELL", &[], &["/bin/bash", "-c"]);
+        shell.json = true;
+        assert_eq!(
+            parse(&shell),
+            Ok(Instruction::Shell { shell: vec!["/bin/bash".into(), "-c".into()] })
+        );
+        assert_eq!(
+            parse(&raw("WORKDIR", &["--x=1"], &["/a"])),
+            Err(ErrorKind::Flag(FlagError::Unknown {
+                flag: "x".into(),
+                instruction: "WORKDIR".into(),
+                suggestion: None,
+                valid_on: vec![]
+            }))
+        );
+    }
+
+    #[test]
+    fn onbuild() {
+        let mut r = raw("ONBUILD", &[], &["RUN", "make"]);
+        r.original = "ONBUILD RUN make".into();
+        r.trigger = Some(Box::new(raw("RUN", &[], &["make"])));
+        let Ok(Instruction::Onbuild { expression, trigger }) = parse(&r) else {
+            panic!("not ONBUILD")
+        };
+        assert_eq!(expression, "RUN make");
+        assert!(matches!(trigger.instruction, Instruction::Run { .. }));
+        r.trigger = Some(Box::new(raw("FROM", &[], &["x"])));
+        assert_eq!(parse(&r), Err(ErrorKind::OnbuildTrigger("FROM".into())));
+        r.trigger = Some(Box::new(raw("onbuild", &[], &["x"])));
+        assert_eq!(parse(&r), Err(ErrorKind::OnbuildChain));
+    }
+}
