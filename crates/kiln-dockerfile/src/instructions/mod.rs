@@ -758,6 +758,162 @@ fn healthcheck(raw: &RawInstruction, flags: &Flags) -> Result<Healthcheck, Instr
     })
 }
 
+use std::fmt::Write as _;
+
+fn sources_text(s: &Sources) -> String {
+    let mut parts: Vec<String> = s.paths.clone();
+    parts.extend(s.inline.iter().map(|f| format!("<<{}", f.name)));
+    parts.push(s.dest.clone());
+    parts.join(" ")
+}
+
+fn opt_flag(out: &mut String, name: &str, v: &Option<String>) {
+    if let Some(v) = v {
+        let _ = write!(out, "--{name}={v} ");
+    }
+}
+
+impl fmt::Display for Instruction {
+    /// Dockerfile-like text of the instruction (after expansion, in a plan).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ins = self;
+        let mut out = format!("{} ", ins.keyword());
+        match ins {
+            Instruction::From { image, name, platform } => {
+                opt_flag(&mut out, "platform", platform);
+                out.push_str(image);
+                if let Some(n) = name {
+                    let _ = write!(out, " AS {n}");
+                }
+            }
+            Instruction::Run { command, mounts, network, security, heredocs } => {
+                for m in mounts {
+                    match &m.mount {
+                        Some(mount) => {
+                            let _ = write!(out, "--mount={mount} ");
+                        }
+                        None => {
+                            let _ = write!(out, "--mount={} ", m.raw);
+                        }
+                    }
+                }
+                if let Some(n) = network {
+                    let _ = write!(out, "--network={} ", format!("{n:?}").to_ascii_lowercase());
+                }
+                if let Some(s) = security {
+                    let _ = write!(out, "--security={} ", format!("{s:?}").to_ascii_lowercase());
+                }
+                out.push_str(&command.to_string());
+                for h in heredocs {
+                    let _ = write!(out, " [heredoc {}: {} bytes]", h.name, h.content.len());
+                }
+            }
+            Instruction::Cmd { command } | Instruction::Entrypoint { command } => {
+                out.push_str(&command.to_string());
+            }
+            Instruction::Label { labels } => {
+                let kv: Vec<String> =
+                    labels.iter().map(|l| format!("{}={:?}", l.key, l.value)).collect();
+                out.push_str(&kv.join(" "));
+            }
+            Instruction::Env { vars } => {
+                let kv: Vec<String> =
+                    vars.iter().map(|l| format!("{}={:?}", l.key, l.value)).collect();
+                out.push_str(&kv.join(" "));
+            }
+            Instruction::Maintainer { name } => out.push_str(name),
+            Instruction::Expose { ports } => out.push_str(&ports.join(" ")),
+            Instruction::Add {
+                sources,
+                chown,
+                chmod,
+                link,
+                keep_git_dir,
+                checksum,
+                unpack,
+                exclude,
+            } => {
+                opt_flag(&mut out, "chown", chown);
+                opt_flag(&mut out, "chmod", chmod);
+                opt_flag(&mut out, "checksum", checksum);
+                if *link {
+                    out.push_str("--link ");
+                }
+                if let Some(k) = keep_git_dir {
+                    let _ = write!(out, "--keep-git-dir={k} ");
+                }
+                if let Some(u) = unpack {
+                    let _ = write!(out, "--unpack={u} ");
+                }
+                for e in exclude {
+                    let _ = write!(out, "--exclude={e} ");
+                }
+                out.push_str(&sources_text(sources));
+            }
+            Instruction::Copy { sources, from, chown, chmod, link, parents, exclude } => {
+                opt_flag(&mut out, "from", from);
+                opt_flag(&mut out, "chown", chown);
+                opt_flag(&mut out, "chmod", chmod);
+                if *link {
+                    out.push_str("--link ");
+                }
+                if *parents {
+                    out.push_str("--parents ");
+                }
+                for e in exclude {
+                    let _ = write!(out, "--exclude={e} ");
+                }
+                out.push_str(&sources_text(sources));
+            }
+            Instruction::Volume { paths } => out.push_str(&paths.join(" ")),
+            Instruction::User { user } => out.push_str(user),
+            Instruction::Workdir { path } => out.push_str(path),
+            Instruction::Arg { args } => {
+                let kv: Vec<String> = args
+                    .iter()
+                    .map(|a| match &a.default {
+                        Some(v) => format!("{}={v}", a.name),
+                        None => format!("{} (unset)", a.name),
+                    })
+                    .collect();
+                out.push_str(&kv.join(" "));
+            }
+            Instruction::Onbuild { expression, .. } => out.push_str(expression),
+            Instruction::Stopsignal { signal } => out.push_str(signal),
+            Instruction::Healthcheck { check } => match check {
+                Healthcheck::None => out.push_str("NONE"),
+                Healthcheck::Check {
+                    test,
+                    interval,
+                    timeout,
+                    start_period,
+                    start_interval,
+                    retries,
+                } => {
+                    for (flag, d) in [
+                        ("interval", interval),
+                        ("timeout", timeout),
+                        ("start-period", start_period),
+                        ("start-interval", start_interval),
+                    ] {
+                        if let Some(d) = d {
+                            let _ = write!(out, "--{flag}={} ", duration::format_go_duration(*d));
+                        }
+                    }
+                    if let Some(r) = retries {
+                        let _ = write!(out, "--retries={r} ");
+                    }
+                    let _ = write!(out, "{}", CommandLine::Exec(test.clone()));
+                }
+            },
+            Instruction::Shell { shell } => {
+                out.push_str(&CommandLine::Exec(shell.clone()).to_string())
+            }
+        }
+        f.write_str(out.trim_end())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
