@@ -703,6 +703,49 @@ impl Located {
     }
 }
 
+/// The typed instructions of a Dockerfile, with the escape character its directives chose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instructions {
+    pub instructions: Vec<Located>,
+    pub escape: char,
+}
+
+/// Converts a parsed Dockerfile to typed instructions; the first invalid instruction is an error.
+pub(crate) fn from_ast(
+    ast: &crate::stopgap_parser::Dockerfile,
+) -> Result<Instructions, InstructionError> {
+    let instructions =
+        ast.nodes.iter().map(|n| Located::from_raw(&raw_from_node(n))).collect::<Result<_, _>>()?;
+    Ok(Instructions { instructions, escape: ast.escape })
+}
+
+/// The parser's node in the parser-independent [`RawInstruction`] shape.
+fn raw_from_node(node: &crate::stopgap_parser::Node) -> RawInstruction {
+    RawInstruction {
+        keyword: node.keyword.clone(),
+        flags: node.flags.clone(),
+        args: node.args.clone(),
+        json: node.json,
+        heredocs: node
+            .heredocs
+            .iter()
+            .map(|h| Heredoc {
+                name: h.name.clone(),
+                content: if h.chomp { chomp_heredoc(&h.content) } else { h.content.clone() },
+                expand: h.expand,
+            })
+            .collect(),
+        span: Span { start_line: node.start_line, end_line: node.end_line },
+        original: node.original.clone(),
+        trigger: node.child.as_deref().map(|c| Box::new(raw_from_node(c))),
+    }
+}
+
+/// `<<-` heredocs: leading tabs removed from every line.
+fn chomp_heredoc(content: &str) -> String {
+    content.split_inclusive('\n').map(|l| l.trim_start_matches('\t')).collect()
+}
+
 /// `ONBUILD RUN x` → `RUN x`.
 fn strip_keyword(original: &str, keyword: &str) -> String {
     let t = original.trim_start();

@@ -13,9 +13,10 @@
 //! 4. The target (`--target`, else the last stage) and the stages it transitively needs are
 //!    planned; the others are marked [`PlannedStage::skipped`].
 //! 5. In each needed stage, ARG (re)declarations bring global or `--build-arg` values into
-//!    scope, ENV and ARG values are tracked, and the words BuildKit expands (COPY/ADD paths and
-//!    options, ENV, LABEL, WORKDIR, USER, EXPOSE, VOLUME, STOPSIGNAL, RUN mounts) are expanded
-//!    with [`crate::shell`].
+//!    scope, ENV and ARG values are tracked, and the words BuildKit expands (COPY/ADD sources,
+//!    destination, `--chown`, `--chmod`, `--checksum`; ENV, LABEL, WORKDIR, USER, EXPOSE, VOLUME,
+//!    STOPSIGNAL, RUN mounts) are expanded
+//!    by the crate's word expansion.
 //!
 //! The environment of a base *image* is not known at plan time; [`PlanOptions::base_env`] lets
 //! the engine supply it once the image config is pulled.
@@ -92,6 +93,7 @@ impl FromIterator<(String, String)> for Env {
 pub type BaseEnvFn<'a> = dyn Fn(&str) -> Option<Env> + 'a;
 
 /// Inputs of planning.
+#[derive(Clone)]
 pub struct PlanOptions<'a> {
     /// `--build-arg` values, in order.
     pub build_args: Vec<(String, String)>,
@@ -154,6 +156,17 @@ pub enum DependencyKind {
     CopyFrom,
     /// `RUN --mount=from=<stage>`.
     MountFrom,
+}
+
+impl DependencyKind {
+    /// `from`, `copy-from` or `mount-from`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DependencyKind::Base => "from",
+            DependencyKind::CopyFrom => "copy-from",
+            DependencyKind::MountFrom => "mount-from",
+        }
+    }
 }
 
 /// An edge of the stage graph.
@@ -250,6 +263,89 @@ impl Plan {
         visit(self, self.target, &mut seen, &mut order);
         order
     }
+}
+
+impl Plan {
+    /// A compact, stable text form of the plan (used by tests and `kiln plan`): the target, the
+    /// user's global args, then each stage with its base, dependencies and expanded steps.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let _ = writeln!(out, "target: {}", self.stages[self.target].display_name());
+        let _ = writeln!(out, "platform: {} (build {})", self.target_platform, self.build_platform);
+        for (k, v) in self.global_args.iter().filter(|(k, _)| !is_platform_arg(k)) {
+            let _ = writeln!(out, "global: {k}={v}");
+        }
+        for stage in &self.stages {
+            let base = match &stage.base {
+                Base::Scratch => "scratch".to_owned(),
+                Base::Stage(i) => format!("stage {}", self.stages[*i].display_name()),
+                Base::Image(r) => format!("image {r}"),
+            };
+            let platform =
+                stage.platform.as_ref().map(|p| format!(" --platform={p}")).unwrap_or_default();
+            let state = if stage.skipped { "skipped" } else { "needed" };
+            let _ = writeln!(
+                out,
+                "stage {} {}: FROM {base}{platform} [{state}]",
+                stage.index,
+                stage.display_name()
+            );
+            for d in &stage.dependencies {
+                let kind = d.kind.as_str();
+                let _ = writeln!(
+                    out,
+                    "  needs {} ({kind}, line {})",
+                    self.stages[d.stage].display_name(),
+                    d.span.start_line
+                );
+            }
+            for img in &stage.image_sources {
+                let _ = writeln!(out, "  image {img}");
+            }
+            for step in &stage.steps {
+                let origin = step
+                    .onbuild_from
+                    .map(|b| format!(" (onbuild of {})", self.stages[b].display_name()))
+                    .unwrap_or_default();
+                let _ = writeln!(out, "  {}: {}{origin}", step.span.start_line, step.instruction);
+                if !step.args_in_scope.is_empty() {
+                    let args: Vec<String> =
+                        step.args_in_scope.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    let _ = writeln!(out, "    args: {}", args.join(" "));
+                }
+            }
+        }
+        for w in &self.warnings {
+            match w.span {
+                Some(s) => {
+                    let _ = writeln!(out, "warning: line {}: {}", s.start_line, w.message);
+                }
+                None => {
+                    let _ = writeln!(out, "warning: {}", w.message);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Whether `name` is one of the automatic platform args (`TARGETPLATFORM`, `BUILDARCH`, …).
+pub fn is_platform_arg(name: &str) -> bool {
+    matches!(
+        name,
+        "BUILDPLATFORM"
+            | "BUILDOS"
+            | "BUILDOSVERSION"
+            | "BUILDARCH"
+            | "BUILDVARIANT"
+            | "TARGETPLATFORM"
+            | "TARGETOS"
+            | "TARGETOSVERSION"
+            | "TARGETARCH"
+            | "TARGETVARIANT"
+            | "TARGETSTAGE"
+    )
 }
 
 /// What went wrong while planning.
@@ -356,8 +452,8 @@ fn perr(span: Option<Span>, kind: PlanErrorKind) -> PlanError {
 
 /// Expands one word with BuildKit's shell-word rules.
 fn expand(word: &str, env: &Env, escape: char, span: Span) -> Result<String, PlanError> {
-    crate::shell::expand_word(word, env, escape).map_err(|e| {
-        perr(Some(span), PlanErrorKind::Expansion { word: word.to_owned(), message: e.to_string() })
+    crate::words::expand_word(word, env, escape).map_err(|message| {
+        perr(Some(span), PlanErrorKind::Expansion { word: word.to_owned(), message })
     })
 }
 
@@ -437,9 +533,12 @@ pub fn plan(instructions: &[Located], opts: &PlanOptions<'_>) -> Result<Plan, Pl
     };
 
     // Global args: platform args, then ARGs before the first FROM.
-    let target_platform = opts.target_platform.clone().unwrap_or_else(|| opts.build_platform.clone());
+    let target_platform =
+        opts.target_platform.clone().unwrap_or_else(|| opts.build_platform.clone());
     let mut global = Env::default();
-    for (k, v) in opts.build_platform.args("BUILD").into_iter().chain(target_platform.args("TARGET")) {
+    for (k, v) in
+        opts.build_platform.args("BUILD").into_iter().chain(target_platform.args("TARGET"))
+    {
         let v = build_args.get(k.as_str()).map_or(v, |o| (*o).to_owned());
         global.set(&k, &v);
     }
@@ -537,7 +636,7 @@ pub fn plan(instructions: &[Located], opts: &PlanOptions<'_>) -> Result<Plan, Pl
             let span = cmd.span;
             match &cmd.instruction {
                 Instruction::Copy { from: Some(from), .. } => {
-                    let literal = crate::shell::expand_word(from, &Env::default(), opts.escape)
+                    let literal = crate::words::expand_word(from, &Env::default(), opts.escape)
                         .map_err(|e| {
                             perr(
                                 Some(span),
@@ -552,10 +651,9 @@ pub fn plan(instructions: &[Located], opts: &PlanOptions<'_>) -> Result<Plan, Pl
                     }
                     if let Some(index) = atoi(from) {
                         let count = raw_stages.len();
-                        let j = usize::try_from(index)
-                            .ok()
-                            .filter(|j| *j < count)
-                            .ok_or_else(|| perr(Some(span), PlanErrorKind::StageIndex { index, count }))?;
+                        let j = usize::try_from(index).ok().filter(|j| *j < count).ok_or_else(
+                            || perr(Some(span), PlanErrorKind::StageIndex { index, count }),
+                        )?;
                         stages[i].dependencies.push(Dependency {
                             stage: j,
                             kind: DependencyKind::CopyFrom,
@@ -617,10 +715,8 @@ pub fn plan(instructions: &[Located], opts: &PlanOptions<'_>) -> Result<Plan, Pl
             }
             order.push(i);
         }
-        for i in 0..stages.len() {
-            if needed[i] {
-                visit(&stages, i, &mut seen, &mut order);
-            }
+        for (i, _) in needed.iter().enumerate().filter(|(_, n)| **n) {
+            visit(&stages, i, &mut seen, &mut order);
         }
         order
     };
@@ -769,10 +865,17 @@ fn check_cycles(stages: &[PlannedStage]) -> Result<(), PlanError> {
         let mut path = Vec::new();
         if let Some(cycle) = visit(stages, i, &mut marks, &mut path) {
             let Some(&(closing, span)) = cycle.last() else { continue };
-            let start = cycle.iter().position(|(s, _)| *s == closing).map_or(0, |p| p + 1);
+            let start = cycle[..cycle.len() - 1]
+                .iter()
+                .position(|(s, _)| *s == closing)
+                .map_or(0, |p| p + 1);
             let mut chain = format!("`{}`", stages[closing].display_name());
             for (s, sp) in &cycle[start..] {
-                chain.push_str(&format!(" -> `{}` (line {})", stages[*s].display_name(), sp.start_line));
+                chain.push_str(&format!(
+                    " -> `{}` (line {})",
+                    stages[*s].display_name(),
+                    sp.start_line
+                ));
             }
             return Err(perr(
                 Some(span),
@@ -793,7 +896,10 @@ struct StepContext<'a, 'b> {
     span: Span,
 }
 
-fn expand_instruction(ins: &Instruction, ctx: StepContext<'_, '_>) -> Result<Instruction, PlanError> {
+fn expand_instruction(
+    ins: &Instruction,
+    ctx: StepContext<'_, '_>,
+) -> Result<Instruction, PlanError> {
     let StepContext { env, args_in_scope, global, build_args, consumed, escape, span } = ctx;
     let ex = |w: &str, env: &Env| expand(w, env, escape, span);
     let ex_opt = |w: &Option<String>, env: &Env| -> Result<Option<String>, PlanError> {
@@ -857,36 +963,52 @@ fn expand_instruction(ins: &Instruction, ctx: StepContext<'_, '_>) -> Result<Ins
                 chmod: ex_opt(chmod, env)?,
                 link: *link,
                 parents: *parents,
-                exclude: ex_all(exclude, env)?,
+                exclude: exclude.clone(),
             }
         }
-        Instruction::Add { sources, chown, chmod, link, keep_git_dir, checksum, unpack, exclude } => {
-            Instruction::Add {
-                sources: ex_sources(sources, env)?,
-                chown: ex_opt(chown, env)?,
-                chmod: ex_opt(chmod, env)?,
-                link: *link,
-                keep_git_dir: *keep_git_dir,
-                checksum: ex_opt(checksum, env)?,
-                unpack: *unpack,
-                exclude: ex_all(exclude, env)?,
-            }
-        }
+        Instruction::Add {
+            sources,
+            chown,
+            chmod,
+            link,
+            keep_git_dir,
+            checksum,
+            unpack,
+            exclude,
+        } => Instruction::Add {
+            sources: ex_sources(sources, env)?,
+            chown: ex_opt(chown, env)?,
+            chmod: ex_opt(chmod, env)?,
+            link: *link,
+            keep_git_dir: *keep_git_dir,
+            checksum: ex_opt(checksum, env)?,
+            unpack: *unpack,
+            exclude: exclude.clone(),
+        },
         Instruction::Workdir { path } => Instruction::Workdir { path: ex(path, env)? },
         Instruction::User { user } => Instruction::User { user: ex(user, env)? },
         Instruction::Stopsignal { signal } => Instruction::Stopsignal { signal: ex(signal, env)? },
-        Instruction::Expose { ports } => Instruction::Expose { ports: ex_all(ports, env)? },
+        Instruction::Expose { ports } => {
+            // BuildKit expands EXPOSE into words: `EXPOSE $PORTS` may give several ports.
+            let mut out = Vec::new();
+            for p in ports {
+                out.extend(ex(p, env)?.split_whitespace().map(str::to_owned));
+            }
+            Instruction::Expose { ports: out }
+        }
         Instruction::Volume { paths } => Instruction::Volume { paths: ex_all(paths, env)? },
         Instruction::Run { command, heredocs, mounts, network, security } => {
             let mut out = Vec::new();
             for spec in mounts {
-                let mut expander = |w: &str| {
-                    crate::shell::expand_word(w, env, escape).map_err(|e| e.to_string())
-                };
+                let mut expander = |w: &str| crate::words::expand_word(w, env, escape);
                 let mount = Mount::parse(&spec.raw, &mut expander).map_err(|source| {
                     perr(Some(span), PlanErrorKind::Mount { spec: spec.raw.clone(), source })
                 })?;
-                out.push(MountSpec { raw: spec.raw.clone(), from: spec.from.clone(), mount: Some(mount) });
+                out.push(MountSpec {
+                    raw: spec.raw.clone(),
+                    from: spec.from.clone(),
+                    mount: Some(mount),
+                });
             }
             Instruction::Run {
                 command: command.clone(),

@@ -16,7 +16,9 @@ pub struct Platform {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum PlatformError {
-    #[error("invalid platform `{0}`: expected `os/arch[/variant]` such as `linux/amd64` or `linux/arm64/v8`")]
+    #[error(
+        "invalid platform `{0}`: expected `os/arch[/variant]` such as `linux/amd64` or `linux/arm64/v8`"
+    )]
     Malformed(String),
     #[error("invalid platform `{input}`: unknown operating system or architecture `{part}`")]
     Unknown { input: String, part: String },
@@ -41,9 +43,30 @@ const KNOWN_OS: &[&str] = &[
 ];
 
 const KNOWN_ARCH: &[&str] = &[
-    "386", "amd64", "amd64p32", "arm", "armbe", "arm64", "arm64be", "loong64", "mips", "mipsle",
-    "mips64", "mips64le", "mips64p32", "mips64p32le", "ppc", "ppc64", "ppc64le", "riscv",
-    "riscv64", "s390", "s390x", "sparc", "sparc64", "wasm",
+    "386",
+    "amd64",
+    "amd64p32",
+    "arm",
+    "armbe",
+    "arm64",
+    "arm64be",
+    "loong64",
+    "mips",
+    "mipsle",
+    "mips64",
+    "mips64le",
+    "mips64p32",
+    "mips64p32le",
+    "ppc",
+    "ppc64",
+    "ppc64le",
+    "riscv",
+    "riscv64",
+    "s390",
+    "s390x",
+    "sparc",
+    "sparc64",
+    "wasm",
 ];
 
 /// Normalises an architecture name and variant the way containerd does.
@@ -55,9 +78,10 @@ fn normalize_arch(arch: &str, variant: &str) -> (String, String) {
         "x86_64" | "x86-64" | "amd64" => {
             ("amd64".into(), if variant == "v1" { String::new() } else { variant })
         }
-        "aarch64" | "arm64" => {
-            ("arm64".into(), if variant == "8" || variant == "v8" { String::new() } else { variant })
-        }
+        "aarch64" | "arm64" => (
+            "arm64".into(),
+            if variant == "8" || variant == "v8" { String::new() } else { variant },
+        ),
         "armhf" => ("arm".into(), "v7".into()),
         "armel" => ("arm".into(), "v6".into()),
         "arm" => {
