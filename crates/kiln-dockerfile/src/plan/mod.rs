@@ -25,6 +25,7 @@ pub mod platform;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
+use std::sync::Arc;
 
 pub use platform::{Platform, PlatformError};
 
@@ -189,7 +190,8 @@ pub struct PlannedStep {
     /// For a trigger inherited from a base stage's ONBUILD: that stage.
     pub onbuild_from: Option<usize>,
     /// For RUN: the build arguments in scope (they are in the command's environment).
-    pub args_in_scope: Vec<(String, String)>,
+    /// Shared between consecutive steps while no ARG changes.
+    pub args_in_scope: Arc<Vec<(String, String)>>,
 }
 
 /// One stage of the plan.
@@ -737,7 +739,7 @@ pub fn plan(instructions: &[Located], opts: &PlanOptions<'_>) -> Result<Plan, Pl
                 .collect(),
             _ => Vec::new(),
         };
-        let mut args_in_scope: Vec<(String, String)> = Vec::new();
+        let mut args_in_scope: Arc<Vec<(String, String)>> = Arc::default();
         let mut steps = Vec::new();
         let commands = inherited
             .into_iter()
@@ -755,9 +757,9 @@ pub fn plan(instructions: &[Located], opts: &PlanOptions<'_>) -> Result<Plan, Pl
             };
             let instruction = expand_instruction(&cmd.instruction, ctx)?;
             let scope = if matches!(instruction, Instruction::Run { .. }) {
-                args_in_scope.clone()
+                Arc::clone(&args_in_scope)
             } else {
-                Vec::new()
+                Arc::default()
             };
             steps.push(PlannedStep {
                 instruction,
@@ -783,7 +785,7 @@ pub fn plan(instructions: &[Located], opts: &PlanOptions<'_>) -> Result<Plan, Pl
                     span: c.span,
                     original: c.original.clone(),
                     onbuild_from: None,
-                    args_in_scope: Vec::new(),
+                    args_in_scope: Arc::default(),
                 })
                 .collect();
         }
@@ -888,7 +890,7 @@ fn check_cycles(stages: &[PlannedStage]) -> Result<(), PlanError> {
 
 struct StepContext<'a, 'b> {
     env: &'a mut Env,
-    args_in_scope: &'a mut Vec<(String, String)>,
+    args_in_scope: &'a mut Arc<Vec<(String, String)>>,
     global: &'a Env,
     build_args: &'a HashMap<&'b str, &'b str>,
     consumed: &'a mut BTreeSet<String>,
@@ -927,9 +929,10 @@ fn expand_instruction(
                 };
                 if let Some(v) = &value {
                     env.set(&decl.name, v);
-                    match args_in_scope.iter_mut().find(|(k, _)| *k == decl.name) {
+                    let args = Arc::make_mut(args_in_scope);
+                    match args.iter_mut().find(|(k, _)| *k == decl.name) {
                         Some(slot) => slot.1.clone_from(v),
-                        None => args_in_scope.push((decl.name.clone(), v.clone())),
+                        None => args.push((decl.name.clone(), v.clone())),
                     }
                 }
                 out.push(ArgDecl { name: decl.name.clone(), default: value });
