@@ -510,6 +510,23 @@ pub fn plan(instructions: &[Located], opts: &PlanOptions<'_>) -> Result<Plan, Pl
         return Err(perr(None, PlanErrorKind::NoStages));
     }
     let mut warnings = Vec::new();
+    for (i, rs) in raw_stages.iter().enumerate() {
+        let Some(name) = rs.name.as_deref() else { continue };
+        if name == "scratch" || name == "context" {
+            warnings.push(Warning {
+                span: Some(rs.from.span),
+                message: format!("stage name `{name}` is reserved and should not be used"),
+            });
+        }
+        if raw_stages[..i].iter().any(|p| p.name.as_deref() == Some(name)) {
+            warnings.push(Warning {
+                span: Some(rs.from.span),
+                message: format!(
+                    "duplicate stage name `{name}`: later references use this stage; rename one of them"
+                ),
+            });
+        }
+    }
     let build_args: HashMap<&str, &str> =
         opts.build_args.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
 
@@ -1023,4 +1040,82 @@ fn expand_instruction(
         }
         other => other.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn planned(text: &str, opts: &PlanOptions<'_>) -> Plan {
+        crate::plan_dockerfile(text, opts).unwrap()
+    }
+
+    #[test]
+    fn env_replaces_in_place() {
+        let mut env = Env::default();
+        env.set("A", "1");
+        env.set("B", "2");
+        env.set("A", "3");
+        let pairs: Vec<(&str, &str)> = env.iter().collect();
+        assert_eq!(pairs, vec![("A", "3"), ("B", "2")]);
+        assert_eq!(env.get("B"), Some("2"));
+        assert_eq!(env.get("C"), None);
+    }
+
+    #[test]
+    fn base_image_environment_is_used_when_known() {
+        let base_env = |image: &str| -> Option<Env> {
+            (image == "golang:1.22")
+                .then(|| [("GOPATH".to_owned(), "/go".to_owned())].into_iter().collect::<Env>())
+        };
+        let opts = PlanOptions { base_env: Some(&base_env), ..PlanOptions::default() };
+        let plan = planned("FROM golang:1.22\nWORKDIR $GOPATH/src\n", &opts);
+        assert_eq!(
+            plan.stages[0].steps[0].instruction,
+            Instruction::Workdir { path: "/go/src".into() }
+        );
+        let plan = planned("FROM alpine\nWORKDIR $GOPATH/src\n", &opts);
+        assert_eq!(
+            plan.stages[0].steps[0].instruction,
+            Instruction::Workdir { path: "/src".into() }
+        );
+    }
+
+    #[test]
+    fn build_order_puts_dependencies_first() {
+        let text = "FROM alpine AS a\nFROM alpine AS b\nCOPY --from=a /x /x\nFROM b AS c\nCOPY --from=a /y /y\nFROM scratch AS unused\n";
+        let opts = PlanOptions { target: Some("c".into()), ..PlanOptions::default() };
+        let plan = planned(text, &opts);
+        assert_eq!(plan.build_order(), vec![0, 1, 2]);
+        assert!(plan.stages[3].skipped);
+        assert_eq!(plan.target, 2);
+    }
+
+    #[test]
+    fn target_stage_arg_names_the_target() {
+        let text = "FROM alpine AS one\nARG TARGETSTAGE\nFROM alpine AS two\n";
+        let opts = PlanOptions { target: Some("one".into()), ..PlanOptions::default() };
+        let plan = planned(text, &opts);
+        assert_eq!(plan.global_args.get("TARGETSTAGE"), Some("one"));
+        assert_eq!(
+            plan.stages[0].steps[0].instruction,
+            Instruction::Arg {
+                args: vec![ArgDecl { name: "TARGETSTAGE".into(), default: Some("one".into()) }]
+            }
+        );
+        let plan = planned("FROM alpine\n", &PlanOptions::default());
+        assert_eq!(plan.global_args.get("TARGETSTAGE"), Some("default"));
+    }
+
+    #[test]
+    fn proxy_args_are_kept_apart() {
+        let opts = PlanOptions {
+            build_args: vec![("https_proxy".into(), "http://p:3128".into())],
+            ..PlanOptions::default()
+        };
+        let plan = planned("FROM alpine\nRUN true\n", &opts);
+        assert_eq!(plan.proxy_env.get("https_proxy"), Some("http://p:3128"));
+        assert!(plan.warnings.is_empty());
+        assert!(plan.stages[0].steps[0].args_in_scope.is_empty());
+    }
 }
