@@ -279,6 +279,11 @@ fn to_json(plan: &Plan, name: &str, ignore: Option<&IgnoreInfo>) -> Value {
                         "start_line": st.span.start_line,
                         "end_line": st.span.end_line,
                         "onbuild_from": st.onbuild_from,
+                        "args": st
+                            .args_in_scope
+                            .iter()
+                            .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+                            .collect::<serde_json::Map<String, Value>>(),
                     })
                 })
                 .collect();

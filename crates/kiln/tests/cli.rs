@@ -84,7 +84,7 @@ fn plan_build_args_target_platform() {
 
 #[test]
 fn plan_json() {
-    let dir = context("FROM alpine AS a\nRUN true\nFROM a\nCOPY --from=a /x /y\n");
+    let dir = context("FROM alpine AS a\nARG V=1\nRUN true\nFROM a\nCOPY --from=a /x /y\n");
     let o = kiln(&["plan", "--format", "json", "-f", "Dockerfile"], dir.path());
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
@@ -94,7 +94,8 @@ fn plan_json() {
     assert_eq!(v["stages"][1]["base"]["kind"], "stage");
     assert_eq!(v["stages"][1]["dependencies"][1]["kind"], "copy-from");
     assert_eq!(v["stages"][1]["steps"][0]["text"], "COPY --from=a /x /y");
-    assert_eq!(v["stages"][1]["steps"][0]["start_line"], 4);
+    assert_eq!(v["stages"][1]["steps"][0]["start_line"], 5);
+    assert_eq!(v["stages"][0]["steps"][1]["args"]["V"], "1");
     assert_eq!(v["build_order"], serde_json::json!([0, 1]));
 }
 
