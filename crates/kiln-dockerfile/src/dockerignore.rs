@@ -249,7 +249,16 @@ impl DockerIgnore {
     /// Whether `rel_path` (relative to the context root, `/`-separated) is excluded from the
     /// context. A path is excluded when the last pattern matching it or one of its parent
     /// directories is not an exception. The context root itself is never excluded.
-    pub fn is_excluded(&self, rel_path: &str) -> bool {
+    ///
+    /// `is_dir` does not change the answer with Docker's rules (a trailing `/` in a pattern is
+    /// cleaned away, so there are no directory-only patterns); walkers pass it so that
+    /// [`DockerIgnore::walk_decision`] and this method take the same arguments.
+    pub fn is_excluded(&self, rel_path: &str, is_dir: bool) -> bool {
+        let _ = is_dir;
+        self.excluded(rel_path)
+    }
+
+    fn excluded(&self, rel_path: &str) -> bool {
         let path = normalize_input(rel_path);
         if path == "." {
             return false;
@@ -274,7 +283,7 @@ impl DockerIgnore {
     /// walk may skip it whole ([`WalkDecision::ExcludeAndSkip`]) or must go on inside because an
     /// exception could re-include an entry below it.
     pub fn walk_decision(&self, rel_path: &str, is_dir: bool) -> WalkDecision {
-        if !self.is_excluded(rel_path) {
+        if !self.excluded(rel_path) {
             return WalkDecision::Include;
         }
         if is_dir && self.may_reinclude_within(rel_path) {

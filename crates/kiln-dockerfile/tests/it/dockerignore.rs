@@ -65,13 +65,13 @@ fn vectors() {
         };
         for path in strings(case, "excluded") {
             checks += 1;
-            if !matcher.is_excluded(&path) {
+            if !matcher.is_excluded(&path, false) {
                 failures.push(format!("{name}: `{path}` should be excluded"));
             }
         }
         for path in strings(case, "included") {
             checks += 1;
-            if matcher.is_excluded(&path) {
+            if matcher.is_excluded(&path, false) {
                 failures.push(format!("{name}: `{path}` should be included"));
             }
         }
@@ -107,6 +107,16 @@ fn candidates() {
             ignore_file_candidates(dockerfile).iter().map(|c| c.path().to_owned()).collect();
         assert_eq!(got, strings(case, "want"), "candidates for {dockerfile}");
     }
+}
+
+#[test]
+fn directories_answer_like_files() {
+    let m = DockerIgnore::parse("build/\n!build/keep\n").unwrap();
+    assert!(m.is_excluded("build", true));
+    assert!(m.is_excluded("build", false));
+    assert!(!m.is_excluded("build/keep", true));
+    assert!(m.may_reinclude_within("build"));
+    assert!(!m.may_reinclude_within("src"));
 }
 
 #[test]
