@@ -1,13 +1,97 @@
 //! `kiln`: the command-line front of the builder.
+//!
+//! Subcommands: `plan` (resolve stages, args and steps of a Dockerfile without building) and
+//! `debug dump-ast` (the parser's AST in BuildKit's dump format). Errors are rendered here, with
+//! `file:line`, the source line and `hint:` lines ([`diagnostic`]); libraries return typed errors.
 
-use clap::Parser;
+mod diagnostic;
+mod plan_cmd;
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// Build container images from a Dockerfile with no daemon and no privileges.
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    Ok(())
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show the stages and steps a build would run, after ARG expansion, without building.
+    Plan(PlanArgs),
+    /// Developer tools.
+    #[command(subcommand)]
+    Debug(DebugCommand),
+}
+
+#[derive(Debug, clap::Args)]
+struct PlanArgs {
+    /// The Dockerfile (default: `CONTEXT/Dockerfile`; `-` reads stdin).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// A build argument, `KEY=VALUE` (or `KEY` to take the value from the environment).
+    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+    build_args: Vec<String>,
+    /// The stage to build (default: the last one).
+    #[arg(long, value_name = "STAGE")]
+    target: Option<String>,
+    /// The platform to build for, e.g. `linux/arm64` (default: this machine's).
+    #[arg(long, value_name = "PLATFORM")]
+    platform: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Human)]
+    format: Format,
+    /// Plan the built-in example Dockerfile (a small multi-stage `FROM scratch` build).
+    #[arg(long, conflicts_with_all = ["file", "context"])]
+    example: bool,
+    /// The build context directory.
+    #[arg(value_name = "CONTEXT")]
+    context: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum DebugCommand {
+    /// Print the AST of a Dockerfile in BuildKit's dump format.
+    DumpAst {
+        /// The Dockerfile (`-` reads stdin).
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Plan(args) => plan_cmd::run(&args),
+        Command::Debug(DebugCommand::DumpAst { file }) => plan_cmd::dump_ast(&file),
+    };
+    match result {
+        Ok(output) => {
+            let mut stdout = std::io::stdout().lock();
+            match stdout.write_all(output.as_bytes()).and_then(|()| stdout.flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                // A closed pipe (`kiln plan | head`) is not an error worth reporting.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: cannot write the output: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(err) => {
+            eprint!("{}", diagnostic::render(&err));
+            ExitCode::FAILURE
+        }
+    }
 }

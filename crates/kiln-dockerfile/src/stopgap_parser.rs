@@ -1,0 +1,250 @@
+//! Stop-gap Dockerfile reader, used only until the BuildKit-conformant parser (`parser`
+//! module, another branch) is merged; then this file is deleted and the glue in `lib.rs` and
+//! `instructions::from_ast` switches to it.
+//!
+//! It reads what the typed-instruction and planning code needs: line continuations with `\`,
+//! comments, flags, JSON (exec) form for simple arrays, ENV/LABEL pairs as (key, value,
+//! delimiter) triples, heredocs, ONBUILD triggers, and line spans. It does NOT implement parser
+//! directives (`# escape=`), BuildKit's JSON fallback rules, escaped quotes in JSON, or the
+//! exact quoting of the dump format, and it is not checked against the conformance data.
+#[derive(Debug, Clone, Default)]
+pub struct Heredoc {
+    pub name: String,
+    pub content: String,
+    pub expand: bool,
+    pub chomp: bool,
+}
+#[derive(Debug, Clone, Default)]
+pub struct Node {
+    pub keyword: String,
+    pub flags: Vec<String>,
+    pub args: Vec<String>,
+    pub json: bool,
+    pub heredocs: Vec<Heredoc>,
+    pub start_line: usize,
+    pub end_line: usize,
+    pub original: String,
+    pub child: Option<Box<Node>>,
+}
+#[derive(Debug, Clone, Default)]
+pub struct Dockerfile {
+    pub nodes: Vec<Node>,
+    pub escape: char,
+}
+#[derive(Debug)]
+pub struct ParseError {
+    pub line: usize,
+    pub message: String,
+}
+impl std::fmt::Display for ParseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {}: {}", self.line, self.message)
+    }
+}
+impl std::error::Error for ParseError {}
+
+fn split_words(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut q: Option<char> = None;
+    let mut any = false;
+    for c in s.chars() {
+        match q {
+            Some(qc) => {
+                cur.push(c);
+                if c == qc {
+                    q = None;
+                }
+            }
+            None => {
+                if c.is_whitespace() {
+                    if any {
+                        out.push(std::mem::take(&mut cur));
+                        any = false;
+                    }
+                } else {
+                    if c == '"' || c == '\'' {
+                        q = Some(c);
+                    }
+                    cur.push(c);
+                    any = true;
+                }
+            }
+        }
+    }
+    if any {
+        out.push(cur);
+    }
+    out
+}
+
+fn parse_line(
+    kw: &str,
+    rest: &str,
+    line: usize,
+    end: usize,
+    original: &str,
+) -> Result<Node, ParseError> {
+    let mut n = Node {
+        keyword: kw.to_string(),
+        start_line: line,
+        end_line: end,
+        original: original.to_string(),
+        ..Node::default()
+    };
+    let mut rest = rest.trim().to_string();
+    let upper = kw.to_ascii_uppercase();
+    if upper == "ONBUILD" {
+        let (k, r) = rest.split_once(char::is_whitespace).unwrap_or((&rest, ""));
+        let child = parse_line(k, r, line, end, rest.as_str())?;
+        n.args = vec![child.keyword.clone()];
+        n.args.extend(child.args.clone());
+        n.child = Some(Box::new(child));
+        return Ok(n);
+    }
+    loop {
+        if rest.starts_with("--") {
+            let (f, r) = rest.split_once(char::is_whitespace).unwrap_or((&rest, ""));
+            if f != "--" {
+                n.flags.push(f.to_string());
+            }
+            rest = r.trim_start().to_string();
+        } else {
+            break;
+        }
+    }
+    match upper.as_str() {
+        "ENV" | "LABEL" => {
+            let words = split_words(&rest);
+            if words.first().is_some_and(|w| !w.contains('=')) {
+                let (k, v) = rest.split_once(char::is_whitespace).unwrap_or((&rest, ""));
+                n.args = vec![k.to_string(), v.trim().to_string(), String::new()];
+            } else {
+                for w in words {
+                    let (k, v) = w.split_once('=').unwrap_or((&w, ""));
+                    n.args.extend([k.to_string(), v.to_string(), "=".to_string()]);
+                }
+            }
+        }
+        "RUN" | "CMD" | "ENTRYPOINT" | "SHELL" | "VOLUME" | "HEALTHCHECK" | "COPY" | "ADD"
+            if rest.starts_with('[') =>
+        {
+            let inner = rest.trim().trim_start_matches('[').trim_end_matches(']');
+            n.args = inner
+                .split(',')
+                .map(|s| s.trim().trim_matches('"').to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+            n.json = true;
+        }
+        "RUN" | "CMD" | "ENTRYPOINT" | "SHELL" => {
+            if !rest.is_empty() {
+                n.args = vec![rest.clone()];
+            }
+        }
+        "HEALTHCHECK" => {
+            let (t, r) = rest.split_once(char::is_whitespace).unwrap_or((&rest, ""));
+            n.args = vec![t.to_string()];
+            let r = r.trim();
+            if r.starts_with('[') {
+                n.json = true;
+                let inner = r.trim_start_matches('[').trim_end_matches(']');
+                n.args.extend(inner.split(',').map(|s| s.trim().trim_matches('"').to_string()));
+            } else if !r.is_empty() {
+                n.args.push(r.to_string());
+            }
+        }
+        _ => n.args = split_words(&rest),
+    }
+    Ok(n)
+}
+
+pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut nodes = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let t = lines[i].trim();
+        if t.is_empty() || t.starts_with('#') {
+            i += 1;
+            continue;
+        }
+        let start = i + 1;
+        let mut full = String::new();
+        let mut raw = String::new();
+        loop {
+            let l = lines[i];
+            raw.push_str(l);
+            if let Some(s) = l.strip_suffix('\\') {
+                full.push_str(s);
+                i += 1;
+                if i >= lines.len() {
+                    break;
+                }
+                raw.push('\n');
+            } else {
+                full.push_str(l);
+                break;
+            }
+        }
+        let end = i + 1;
+        i += 1;
+        let (kw, rest) = full.trim().split_once(char::is_whitespace).unwrap_or((full.trim(), ""));
+        let mut node = parse_line(kw, rest, start, end, raw.trim())?;
+        // heredocs
+        let mut hd = Vec::new();
+        for w in full.split_whitespace() {
+            if let Some(name) = w.strip_prefix("<<") {
+                let chomp = name.starts_with('-');
+                let name = name.trim_start_matches('-');
+                let quoted = name.starts_with('"') || name.starts_with('\'');
+                hd.push((name.trim_matches(|c| c == '"' || c == '\'').to_string(), chomp, !quoted));
+            }
+        }
+        for (name, chomp, expand) in hd {
+            let mut content = String::new();
+            loop {
+                if i >= lines.len() {
+                    return Err(ParseError {
+                        line: start,
+                        message: format!("unterminated heredoc {name}"),
+                    });
+                }
+                let l = lines[i];
+                i += 1;
+                if l == name {
+                    break;
+                }
+                content.push_str(l);
+                content.push('\n');
+            }
+            node.end_line = i;
+            node.heredocs.push(Heredoc { name, content, expand, chomp });
+        }
+        nodes.push(node);
+    }
+    if nodes.is_empty() {
+        return Err(ParseError { line: 0, message: "file with no instructions".into() });
+    }
+    Ok(Dockerfile { nodes, escape: '\\' })
+}
+
+impl Dockerfile {
+    pub fn dump(&self) -> String {
+        let mut s = String::new();
+        for n in &self.nodes {
+            s.push('(');
+            s.push_str(&n.keyword.to_ascii_lowercase());
+            if !n.flags.is_empty() {
+                s.push_str(" [");
+                s.push_str(&n.flags.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>().join(" "));
+                s.push(']');
+            }
+            for a in &n.args {
+                s.push_str(&format!(" {a:?}"));
+            }
+            s.push_str(")\n");
+        }
+        s
+    }
+}
