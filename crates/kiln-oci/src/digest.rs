@@ -38,7 +38,9 @@ impl Algorithm {
 pub enum DigestError {
     #[error("invalid digest `{input}`: expected `algorithm:hex` such as `sha256:<64 hex digits>`")]
     Malformed { input: String },
-    #[error("invalid digest `{input}`: unsupported algorithm `{algorithm}` (kiln reads sha256 and sha512)")]
+    #[error(
+        "invalid digest `{input}`: unsupported algorithm `{algorithm}` (kiln reads sha256 and sha512)"
+    )]
     UnsupportedAlgorithm { input: String, algorithm: String },
     #[error("invalid digest `{input}`: {algorithm} needs {expected} lowercase hex digits")]
     BadHex { input: String, algorithm: &'static str, expected: usize },
