@@ -357,7 +357,7 @@ pub(crate) fn run(
         }
     }
     let set_groups = !matches!(id_map, Some(IdMap::Single { .. }));
-    if !set_groups && !user.additional_gids.is_empty() {
+    if !set_groups && user.additional_gids.iter().any(|g| *g != user.gid) {
         warnings.push(format!(
             "supplementary groups {:?} of user `{}` not set: setgroups is denied with a single-id map",
             user.additional_gids, spec.user

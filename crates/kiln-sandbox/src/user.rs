@@ -101,7 +101,7 @@ pub struct UserSpec {
 pub struct ResolvedUser {
     pub uid: u32,
     pub gid: u32,
-    /// Supplementary groups (from `/etc/group` membership), without the primary gid.
+    /// Supplementary groups: the primary gid, then the `/etc/group` memberships.
     pub additional_gids: Vec<u32>,
     /// From `/etc/passwd`, `/` when the user has no entry.
     pub home: String,
@@ -168,13 +168,13 @@ impl UserSpec {
                 }
             };
         }
-        let mut additional_gids = Vec::new();
-        if let Some(e) = entry {
+        // As Docker (containerd) does: the primary gid is always a supplementary group; the
+        // groups listing the user as a member are added unless a group was given explicitly
+        // (runc's rule).
+        let mut additional_gids = vec![gid];
+        if let (Some(e), None) = (entry, &self.group) {
             for gr in &groups {
-                if gr.members.iter().any(|m| m == &e.name)
-                    && gr.gid != gid
-                    && !additional_gids.contains(&gr.gid)
-                {
+                if gr.members.iter().any(|m| m == &e.name) && !additional_gids.contains(&gr.gid) {
                     additional_gids.push(gr.gid);
                 }
             }
@@ -255,7 +255,7 @@ mod tests {
     fn name_gives_primary_and_supplementary_groups() {
         let u = resolve("alice").unwrap();
         assert_eq!((u.uid, u.gid), (1000, 1000));
-        assert_eq!(u.additional_gids, vec![100, 10]);
+        assert_eq!(u.additional_gids, vec![1000, 100, 10]);
         assert_eq!(u.home, "/home/alice");
     }
 
@@ -263,23 +263,24 @@ mod tests {
     fn uid_in_passwd_uses_its_entry() {
         let u = resolve("1001").unwrap();
         assert_eq!((u.uid, u.gid, u.home.as_str()), (1001, 100, "/home/bob"));
-        assert_eq!(u.additional_gids, vec![10, 29]);
+        assert_eq!(u.additional_gids, vec![100, 10, 29]);
     }
 
     #[test]
     fn unknown_numeric_ids_are_allowed() {
         let u = resolve("4242").unwrap();
         assert_eq!((u.uid, u.gid, u.home.as_str()), (4242, 0, "/"));
-        assert!(u.additional_gids.is_empty());
+        assert_eq!(u.additional_gids, vec![0]);
         let u = resolve("4242:4343").unwrap();
         assert_eq!((u.uid, u.gid), (4242, 4343));
+        assert_eq!(u.additional_gids, vec![4343]);
     }
 
     #[test]
     fn explicit_group_overrides_primary() {
         let u = resolve("alice:wheel").unwrap();
         assert_eq!((u.uid, u.gid), (1000, 10));
-        assert_eq!(u.additional_gids, vec![100]);
+        assert_eq!(u.additional_gids, vec![10]);
         let u = resolve("bob:29").unwrap();
         assert_eq!((u.uid, u.gid), (1001, 29));
     }
