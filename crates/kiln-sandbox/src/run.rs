@@ -37,6 +37,7 @@ fn cpath(p: &Path) -> Result<CString, Error> {
 struct Plan {
     steps: Vec<Step>,
     names: Vec<String>,
+    fallback_names: Vec<Option<String>>,
     deps: Vec<Option<usize>>,
 }
 
@@ -48,10 +49,19 @@ impl Plan {
         optional: bool,
         dep: Option<usize>,
     ) -> usize {
-        self.steps.push(Step { op, optional });
+        self.steps.push(Step { op, fallback: None, optional });
         self.names.push(name.into());
+        self.fallback_names.push(None);
         self.deps.push(dep);
         self.steps.len() - 1
+    }
+
+    /// What to do when step `i` fails.
+    fn fallback(&mut self, i: usize, name: impl Into<String>, op: Op) {
+        if let (Some(step), Some(n)) = (self.steps.get_mut(i), self.fallback_names.get_mut(i)) {
+            step.fallback = Some(op);
+            *n = Some(name.into());
+        }
     }
 
     fn bind(
@@ -491,7 +501,7 @@ fn prepare_and_run(
         let optional = !rootless;
         let [proc_t, dev_t, sys_t, resolv_t, hosts_t] = <[PathBuf; 5]>::try_from(targets)
             .map_err(|_| Error::InvalidSpec { reason: "internal: mount targets".into() })?;
-        plan.fs(
+        let proc = plan.fs(
             format!("mount proc on `{}`", proc_t.display()),
             c"proc",
             &proc_t,
@@ -500,6 +510,20 @@ fn prepare_and_run(
             optional,
             None,
         )?;
+        // A fresh proc is refused in a user namespace when the outer /proc has locked
+        // over-mounts (container runtimes mask /proc/kcore and friends): bind the outer one.
+        plan.fallback(
+            proc,
+            "bound the outer `/proc` instead (processes outside the sandbox are visible)",
+            Op::Mount {
+                source: Some(c"/proc".to_owned()),
+                target: cpath(&proc_t)?,
+                fstype: None,
+                flags: libc::MS_BIND | libc::MS_REC,
+                data: None,
+                fallback_data: None,
+            },
+        );
         let dev = plan.fs(
             format!("mount tmpfs on `{}`", dev_t.display()),
             c"tmpfs",
@@ -736,9 +760,21 @@ fn prepare_and_run(
                 failed[i] = true;
                 continue;
             }
-            match sys::run_op(&step.op) {
-                Ok(()) => {
-                    if let Op::Mount { target, .. } = &step.op {
+            match sys::run_step(step) {
+                Ok(fell_back) => {
+                    let op = match (fell_back, &step.fallback) {
+                        (Some(e), Some(f)) => {
+                            warnings.push(format!(
+                                "{}: {}; {}",
+                                plan.names[i],
+                                io::Error::from_raw_os_error(e),
+                                plan.fallback_names[i].clone().unwrap_or_default()
+                            ));
+                            f
+                        }
+                        _ => &step.op,
+                    };
+                    if let Op::Mount { target, .. } = op {
                         cleanup.parent_mounts.push(target.clone());
                     }
                 }
@@ -825,6 +861,19 @@ fn prepare_and_run(
                     .cloned()
                     .unwrap_or_default();
                 warnings.push(format!("{name}: {}", io::Error::from_raw_os_error(r.b)));
+            }
+            sys::REPORT_STAGE_WARNING => warnings.push(format!(
+                "hostname not set (it stays the outer one): sethostname: {} (a seccomp profile may refuse it)",
+                io::Error::from_raw_os_error(r.b)
+            )),
+            sys::REPORT_STEP_FALLBACK => {
+                let i = usize::try_from(r.a).unwrap_or(usize::MAX);
+                warnings.push(format!(
+                    "{}: {}; {}",
+                    names.get(i).cloned().unwrap_or_default(),
+                    io::Error::from_raw_os_error(r.b),
+                    plan.fallback_names.get(i).cloned().flatten().unwrap_or_default()
+                ));
             }
             sys::REPORT_STAGE_FAILED => {
                 return Err(stage_error(mode, r.a, r.b, spec, &candidates_s, user));

@@ -25,6 +25,10 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 pub(crate) const REPORT_STEP_FAILED: u32 = 1;
 /// A child failed an optional setup step and went on: `a` = step index, `b` = errno.
 pub(crate) const REPORT_STEP_WARNING: u32 = 2;
+/// A step failed but its fallback worked: `a` = step index, `b` = errno of the first try.
+pub(crate) const REPORT_STEP_FALLBACK: u32 = 5;
+/// An optional stage failed and the set-up went on: `a` = stage, `b` = errno.
+pub(crate) const REPORT_STAGE_WARNING: u32 = 6;
 /// The pid-namespace init reports the main process's wait status: `a` = raw status.
 pub(crate) const REPORT_EXIT_STATUS: u32 = 3;
 /// A stage of the final process set-up failed: `a` = one of the `STAGE_*`, `b` = errno.
@@ -100,11 +104,24 @@ pub(crate) enum Op {
     },
 }
 
-/// An [`Op`] and whether its failure only warns.
+/// An [`Op`], what to try when it fails, and whether a failure only warns.
 #[derive(Debug)]
 pub(crate) struct Step {
     pub op: Op,
+    pub fallback: Option<Op>,
     pub optional: bool,
+}
+
+/// Run a step's op, then its fallback: `Ok(None)` = done, `Ok(Some(errno))` = the fallback
+/// did it after the op failed with errno. Allocation-free.
+pub(crate) fn run_step(step: &Step) -> Result<Option<i32>, i32> {
+    match run_op(&step.op) {
+        Ok(()) => Ok(None),
+        Err(e) => match &step.fallback {
+            Some(f) => run_op(f).map(|()| Some(e)).map_err(|_| e),
+            None => Err(e),
+        },
+    }
 }
 
 /// Everything the final process needs, prepared before `clone`.
@@ -376,11 +393,12 @@ fn child_main(plan: &ChildPlan) -> ! {
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     }
     for (i, step) in plan.steps.iter().enumerate() {
-        if let Err(e) = run_op(&step.op) {
-            let idx = i32::try_from(i).unwrap_or(i32::MAX);
-            if step.optional {
-                report(plan.report, REPORT_STEP_WARNING, idx, e);
-            } else {
+        let idx = i32::try_from(i).unwrap_or(i32::MAX);
+        match run_step(step) {
+            Ok(None) => {}
+            Ok(Some(e)) => report(plan.report, REPORT_STEP_FALLBACK, idx, e),
+            Err(e) if step.optional => report(plan.report, REPORT_STEP_WARNING, idx, e),
+            Err(e) => {
                 report(plan.report, REPORT_STEP_FAILED, idx, e);
                 exit_now(1);
             }
@@ -395,9 +413,9 @@ fn child_main(plan: &ChildPlan) -> ! {
     if let Some(name) = &plan.hostname {
         // SAFETY: sethostname(2) is a plain syscall on a NUL-terminated buffer.
         let len = name.as_bytes().len();
+        // Optional: default seccomp profiles refuse sethostname without CAP_SYS_ADMIN.
         if let Err(e) = cvt(unsafe { libc::sethostname(name.as_ptr(), len) }.into()) {
-            report(plan.report, REPORT_STAGE_FAILED, STAGE_HOSTNAME, e);
-            exit_now(1);
+            report(plan.report, REPORT_STAGE_WARNING, STAGE_HOSTNAME, e);
         }
     }
     if plan.loopback_up {

@@ -3,7 +3,8 @@
 //! Topics: `chroot` (chroot mode as root, in-process), `rootless` (as root with an identity
 //! map, in-process; and as unprivileged users through the `kiln-sandbox-run` driver under
 //! `setpriv`), `inplace` (in a throwaway root: `unshare -mpf` + `pivot_root` into a temp dir),
-//! `signals` (SIGTERM kills the tree, zombies are reaped), `auto`.
+//! `pod` (podman with default capabilities and seccomp: auto picks rootless, or in-place
+//! when a seccomp profile forbids user namespaces), `signals` (SIGTERM kills the tree, zombies are reaped), `auto`.
 //!
 //! The fixture root is `/bin/busybox` (Debian busybox-static) with its applets as symlinks and
 //! an `/etc/passwd`/`/etc/group` with a few users. Tests that need root print a reason and
@@ -19,5 +20,6 @@ mod auto;
 mod chroot;
 mod common;
 mod inplace;
+mod pod;
 mod rootless;
 mod signals;
