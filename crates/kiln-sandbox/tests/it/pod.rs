@@ -139,3 +139,37 @@ fn pod_without_user_namespaces_picks_in_place() {
     let err = text(&out.stderr);
     assert!(err.contains("user namespaces") && err.contains("in-place mode"), "{err}");
 }
+
+#[test]
+fn chroot_without_cap_sys_admin_warns_and_runs() {
+    require_root!();
+    if !podman_available() {
+        eprintln!(
+            "skipped: podman and runc are needed (scripts/install-test-deps.sh installs them)"
+        );
+        return;
+    }
+    let f = Fixture::new();
+    // root in the container, CAP_SYS_CHROOT but no CAP_SYS_ADMIN: chroot works, mounts do not
+    let out = in_pod(
+        &f,
+        None,
+        &[
+            "--mode",
+            "chroot",
+            "--report",
+            "/stage",
+            "--",
+            "sh",
+            "-c",
+            "ls / | grep IN_; test -e /proc/self || echo no-proc",
+        ],
+    );
+    let err = text(&out.stderr);
+    assert_eq!(text(&out.stdout), "IN_STAGE\nno-proc\n", "{err}");
+    assert!(err.contains("warning: mount proc on `/stage/proc`: Operation not permitted"), "{err}");
+    assert!(err.contains("needs CAP_SYS_ADMIN"), "{err}");
+    // the placeholders for resolv.conf and hosts were created and removed again
+    assert!(!f.root().join("stage/etc/resolv.conf").exists());
+    assert!(!f.root().join("stage/etc/hosts").exists());
+}
