@@ -366,7 +366,27 @@ pub(crate) fn run(
             });
         }
     }
-    let set_groups = !matches!(id_map, Some(IdMap::Single { .. }));
+    let mut set_groups = !matches!(id_map, Some(IdMap::Single { .. }));
+    if mode != Mode::Rootless && sys::geteuid() != 0 {
+        // Without root (chroot needs root anyway; in-place may run as a plain user) the ids
+        // cannot change: only the current user works, and setgroups would be refused.
+        if (user.uid, user.gid) != (sys::geteuid(), sys::getegid()) {
+            return Err(Error::Syscall {
+                what: format!(
+                    "switching to user `{}` (uid {}, gid {})",
+                    spec.user, user.uid, user.gid
+                ),
+                missing: "CAP_SETUID and CAP_SETGID (kiln is not root)",
+                hint: format!(
+                    "run kiln as root, use rootless mode, or make the step run as uid {} gid {}",
+                    sys::geteuid(),
+                    sys::getegid()
+                ),
+                source: io::Error::from_raw_os_error(libc::EPERM),
+            });
+        }
+        set_groups = false;
+    }
     if !set_groups && user.additional_gids.iter().any(|g| *g != user.gid) {
         warnings.push(format!(
             "supplementary groups {:?} of user `{}` not set: setgroups is denied with a single-id map",

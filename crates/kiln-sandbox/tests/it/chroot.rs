@@ -176,3 +176,25 @@ fn network_none_has_only_loopback() {
     );
     assert_eq!(c.stdout, "lo\n", "{}", c.stderr);
 }
+
+#[test]
+fn overlay_in_chroot_mode_keeps_the_lower_root_untouched() {
+    require_root!();
+    let f = Fixture::new();
+    let upper = f.dir.path().join("upper");
+    let work = f.dir.path().join("work");
+    fs::create_dir(&upper).unwrap();
+    fs::create_dir(&work).unwrap();
+    let before = tree(&f.root());
+    let spec =
+        sh(&f.root(), "echo new > /tmp/new; rm /IN_ROOTFS; test -r /proc/self/status && echo proc")
+            .overlay(kiln_sandbox::Overlay { upper: upper.clone(), work });
+    let c = run(&chroot(), &spec);
+    assert_eq!(c.stdout, "proc\n", "{}", c.stderr);
+    assert_eq!(tree(&f.root()), before);
+    assert!(mounts_under(&f.root()).is_empty());
+    assert_eq!(fs::read_to_string(upper.join("tmp/new")).unwrap(), "new\n");
+    let mut names: Vec<_> = fs::read_dir(&upper).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    assert_eq!(names, ["IN_ROOTFS", "tmp"]);
+}

@@ -10,15 +10,22 @@ use crate::common::{Fixture, require_root};
 
 /// Run the driver (copied into the root as `/kiln-sandbox-run`) inside the throwaway root.
 fn in_throwaway_root(f: &Fixture, driver_args: &str) -> Output {
+    in_throwaway_root_as(f, "", driver_args)
+}
+
+/// As [`in_throwaway_root`], with `prefix` (e.g. a `setpriv` call) before the driver.
+fn in_throwaway_root_as(f: &Fixture, prefix: &str, driver_args: &str) -> Output {
     let root = f.root();
     fs::copy(f.driver(), root.join("kiln-sandbox-run")).unwrap();
     fs::create_dir_all(root.join("usr")).unwrap();
-    symlink("usr/lib", root.join("lib")).unwrap();
-    symlink("usr/lib64", root.join("lib64")).unwrap();
+    if fs::symlink_metadata(root.join("lib")).is_err() {
+        symlink("usr/lib", root.join("lib")).unwrap();
+        symlink("usr/lib64", root.join("lib64")).unwrap();
+    }
     let script = format!(
         "set -e; R={root}; mount --bind $R $R; mount --bind /usr $R/usr; mount -o remount,bind,ro $R/usr; \
          mount --rbind /dev $R/dev; mount -t proc proc $R/proc; cd $R; mkdir .old; pivot_root . .old; \
-         umount -l /.old; rmdir /.old; exec /kiln-sandbox-run {driver_args}",
+         umount -l /.old; rmdir /.old; exec {prefix} /kiln-sandbox-run {driver_args}",
         root = root.display()
     );
     Command::new("unshare")
@@ -88,4 +95,17 @@ fn mounts_in_place_are_removed_afterwards() {
     assert_eq!(text(&out.stdout), "s3\ntmp\n", "{}", text(&out.stderr));
     assert!(!f.root().join("run").exists());
     assert!(!f.root().join("scratch").exists());
+}
+
+#[test]
+fn unprivileged_in_place_runs_only_as_itself() {
+    require_root!();
+    let f = Fixture::new();
+    fs::write(f.root().join(".dockerenv"), "").unwrap();
+    let setpriv = "setpriv --reuid=1000 --regid=1000 --clear-groups";
+    let out = in_throwaway_root_as(&f, setpriv, "--mode in-place --user alice / -- /bin/id");
+    assert_eq!(text(&out.stdout), "uid=1000(alice) gid=1000(alice)\n", "{}", text(&out.stderr));
+    let out = in_throwaway_root_as(&f, setpriv, "--mode in-place --user bob / -- /bin/id");
+    let err = text(&out.stderr);
+    assert!(err.contains("CAP_SETUID") && err.contains("rootless mode"), "{err}");
 }
