@@ -3,7 +3,7 @@
 //! [`resolve_in_root`] follows symlinks as if `root` were `/` (an absolute link target
 //! restarts at `root`, `..` stops at `root`), so a mount target like `/etc/resolv.conf ->
 //! /etc/shadow` lands on the *image's* `/etc/shadow`, never the host's.
-//! [`MountPoints`] creates missing mount points (recording each path and the timestamps of its
+//! `MountPoints` creates missing mount points (recording each path and the timestamps of its
 //! parent) and removes them again after the run, restoring the parent's mtime, so nothing of
 //! the sandbox ends up in a snapshot.
 
