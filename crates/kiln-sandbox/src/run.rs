@@ -723,6 +723,21 @@ fn prepare_and_run(
                     ));
                 }
                 let b = plan.bind(name.clone(), &copy, target, false, None)?;
+                if !rootless && points.paths().iter().any(|p| p == target) {
+                    // Without mount rights (an unprivileged pod), write the secret into the
+                    // placeholder kiln created; it is deleted with the placeholder afterwards.
+                    plan.fallback(
+                        b,
+                        "copied the secret into a placeholder file removed after the run",
+                        Op::CopyFile {
+                            from: cpath(&copy)?,
+                            to: cpath(target)?,
+                            mode: *mode,
+                            uid: *uid,
+                            gid: *gid,
+                        },
+                    );
+                }
                 plan.add(
                     format!("{name} read-only"),
                     Op::RemountReadOnly { target: cpath(target)? },
@@ -774,6 +789,7 @@ fn prepare_and_run(
     if rootless {
         child_steps = std::mem::take(&mut plan.steps);
     } else {
+        // a step whose op failed (or was replaced by its fallback): its dependents are skipped
         let mut failed = vec![false; plan.steps.len()];
         for (i, step) in plan.steps.iter().enumerate() {
             if plan.deps[i].is_some_and(|d| failed[d]) {
@@ -784,6 +800,7 @@ fn prepare_and_run(
                 Ok(fell_back) => {
                     let op = match (fell_back, &step.fallback) {
                         (Some(e), Some(f)) => {
+                            failed[i] = true;
                             warnings.push(format!(
                                 "{}: {}; {}",
                                 plan.names[i],

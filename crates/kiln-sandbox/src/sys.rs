@@ -98,6 +98,15 @@ pub(crate) enum Op {
     CreateFile {
         path: CString,
     },
+    /// Copy `from` over the existing file `to` (not following a symlink at `to`), then set its
+    /// mode and owner (owner best effort).
+    CopyFile {
+        from: CString,
+        to: CString,
+        mode: libc::mode_t,
+        uid: libc::uid_t,
+        gid: libc::gid_t,
+    },
     Symlink {
         target: CString,
         link: CString,
@@ -296,6 +305,7 @@ pub(crate) fn run_op(op: &Op) -> Result<(), i32> {
             unsafe { libc::close(fd as RawFd) };
             Ok(())
         }
+        Op::CopyFile { from, to, mode, uid, gid } => copy_file(from, to, *mode, *uid, *gid),
         Op::Symlink { target, link } => {
             // SAFETY: symlink(2) is async-signal-safe.
             match cvt(unsafe { libc::symlink(target.as_ptr(), link.as_ptr()) }.into()) {
@@ -303,6 +313,64 @@ pub(crate) fn run_op(op: &Op) -> Result<(), i32> {
                 Err(e) => Err(e),
             }
         }
+    }
+}
+
+fn copy_file(
+    from: &CStr,
+    to: &CStr,
+    mode: libc::mode_t,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+) -> Result<(), i32> {
+    // SAFETY: open/read/write/fchmod/fchown/close are plain syscalls; the buffer is on the
+    // stack and both descriptors are closed on every path.
+    unsafe {
+        let src = cvt(libc::open(from.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC).into())? as RawFd;
+        let dst = match cvt(libc::open(
+            to.as_ptr(),
+            libc::O_WRONLY | libc::O_TRUNC | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+        )
+        .into())
+        {
+            Ok(fd) => fd as RawFd,
+            Err(e) => {
+                libc::close(src);
+                return Err(e);
+            }
+        };
+        let mut buf = [0u8; 8192];
+        let mut result = Ok(());
+        loop {
+            let n = libc::read(src, buf.as_mut_ptr().cast(), buf.len());
+            if n < 0 {
+                result = Err(errno());
+                break;
+            }
+            if n == 0 {
+                break;
+            }
+            let mut off = 0usize;
+            let n = n as usize;
+            while off < n {
+                let w = libc::write(dst, buf[off..n].as_ptr().cast(), n - off);
+                if w <= 0 {
+                    result = Err(errno());
+                    break;
+                }
+                off += w as usize;
+            }
+            if result.is_err() {
+                break;
+            }
+        }
+        if result.is_ok() {
+            result = cvt(libc::fchmod(dst, mode).into()).map(drop);
+            libc::fchown(dst, uid, gid);
+        }
+        libc::close(src);
+        libc::close(dst);
+        result
     }
 }
 

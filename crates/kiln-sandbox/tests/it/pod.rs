@@ -173,3 +173,36 @@ fn chroot_without_cap_sys_admin_warns_and_runs() {
     assert!(!f.root().join("stage/etc/resolv.conf").exists());
     assert!(!f.root().join("stage/etc/hosts").exists());
 }
+
+#[test]
+fn in_place_secret_without_mount_rights_is_copied_and_removed() {
+    require_root!();
+    if !podman_available() {
+        eprintln!(
+            "skipped: podman and runc are needed (scripts/install-test-deps.sh installs them)"
+        );
+        return;
+    }
+    let f = Fixture::new();
+    fs::write(f.root().join("token.txt"), "s3cret\n").unwrap();
+    let out = in_pod(
+        &f,
+        Some(NO_USERNS_SECCOMP),
+        &[
+            "--mode",
+            "in-place",
+            "--report",
+            "--secret",
+            "/token.txt:/run/secrets/token",
+            "/",
+            "--",
+            "sh",
+            "-c",
+            "cat /run/secrets/token; stat -c %a /run/secrets/token",
+        ],
+    );
+    let err = text(&out.stderr);
+    assert_eq!(text(&out.stdout), "s3cret\n400\n", "{err}");
+    assert!(err.contains("copied the secret into a placeholder file"), "{err}");
+    assert!(!f.root().join("run/secrets").exists(), "the secret is gone after the run");
+}
