@@ -22,15 +22,21 @@ fn sigterm_kills_tree(mode: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    // whatever happens below, the driver is terminated (and so cleans up) at the end
+    let mut child = TermOnDrop(child);
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
     assert_eq!(line, "started\n");
+    // the `( sleep & )` subshell may still be starting
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while processes_with(&token).len() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert_eq!(processes_with(&token).len(), 3, "{:?}", processes_with(&token));
-    // SAFETY-free: signal via the kill command
-    let st = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(st.success());
+    child.term();
     let start = Instant::now();
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     assert!(start.elapsed() < Duration::from_secs(5));
     assert_eq!(status.code(), Some(125), "cancelled runs end with the driver's error code");
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -39,6 +45,25 @@ fn sigterm_kills_tree(mode: &str) {
     }
     assert!(processes_with(&token).is_empty(), "left behind: {:?}", processes_with(&token));
     assert!(mounts_under(&f.root()).is_empty(), "mounts left behind");
+}
+
+/// Sends SIGTERM to the driver when dropped (a failed assertion must not leave it running).
+struct TermOnDrop(std::process::Child);
+
+impl TermOnDrop {
+    fn term(&self) {
+        let st = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status().unwrap();
+        assert!(st.success());
+    }
+}
+
+impl Drop for TermOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 #[test]
