@@ -77,6 +77,7 @@ impl ContainerCheck {
 
 /// Results of the capability probes.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Capabilities {
     /// `Ok` or why unprivileged user + mount + pid namespaces do not work.
     pub user_namespaces: Result<(), String>,

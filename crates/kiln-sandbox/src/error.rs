@@ -47,7 +47,7 @@ pub enum Error {
         source: io::Error,
     },
 
-    #[error("sandbox set-up step `{step}` failed: {source}; hint: {hint}")]
+    #[error("sandbox set-up failed: {step}: {source}; hint: {hint}")]
     Setup {
         step: String,
         hint: String,

@@ -24,6 +24,27 @@
 //! [`Cancel`] (or call [`install_signal_handlers`]) and the whole process tree is killed.
 //!
 //! All `unsafe` code lives in the private `sys` module.
+//!
+//! ```no_run
+//! use kiln_sandbox::{Mount, RunSpec, Sandbox, Stream};
+//!
+//! let (sandbox, choice) = Sandbox::auto()?;
+//! eprintln!("sandbox: {choice}");
+//! let spec = RunSpec::new("/var/lib/kiln/stage0/rootfs", ["sh", "-c", "apt-get update"])
+//!     .user("1000:1000")
+//!     .workdir("/src")
+//!     .env("DEBIAN_FRONTEND=noninteractive")
+//!     .mount(Mount::secret("/run/kiln/secrets/npmrc", "/root/.npmrc"));
+//! let outcome = sandbox.run(&spec, &mut |line| match line.stream {
+//!     Stream::Stdout => println!("{}", String::from_utf8_lossy(line.line)),
+//!     Stream::Stderr => eprintln!("{}", String::from_utf8_lossy(line.line)),
+//! })?;
+//! assert!(outcome.status.success());
+//! // outcome.mount_points: created for the run and removed again; skip them when snapshotting
+//! # Ok::<(), kiln_sandbox::Error>(())
+//! ```
+//!
+//! One run per root at a time: chroot and in-place modes mount into the root itself.
 
 // `sys` must call clone(2), mount(2), execve(2) and friends between fork and exec, which no
 // safe wrapper covers without allocating; the allowance is used only there.
@@ -134,8 +155,10 @@ impl Mount {
     }
 }
 
-/// One process to run.
+/// One process to run. Build it with [`RunSpec::new`] and the `with`-style setters (or set
+/// the public fields).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RunSpec {
     /// The root directory (in-place mode: must be `/`).
     pub root: PathBuf,
@@ -256,6 +279,7 @@ impl fmt::Display for ExitStatus {
 /// not be removed (the command wrote into a directory kiln created): the snapshotter should
 /// exclude them.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RunOutcome {
     pub status: ExitStatus,
     pub mode: Mode,
