@@ -357,3 +357,24 @@ impl Sandbox {
         run::run(self.mode, &self.cancel, spec, on_output)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse_and_print() {
+        for m in ["rootless", "chroot", "in-place"] {
+            assert_eq!(m.parse::<Mode>().unwrap().to_string(), m);
+        }
+        assert!("docker".parse::<Mode>().unwrap_err().to_string().contains("`docker`"));
+        assert_eq!(Mode::InPlace { force: true }.to_string(), "in-place (forced)");
+    }
+
+    #[test]
+    fn exit_status_from_wait_status() {
+        assert_eq!(ExitStatus::from_raw(3 << 8), ExitStatus::Code(3));
+        assert_eq!(ExitStatus::from_raw(9), ExitStatus::Signal(9));
+        assert!(ExitStatus::from_raw(0).success());
+    }
+}

@@ -1124,6 +1124,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn id_maps_cover_what_they_map() {
+        let sub = IdMap::Sub {
+            uid: 1000,
+            gid: 1000,
+            uids: SubIdRange { start: 100_000, count: 65536 },
+            gids: SubIdRange { start: 100_000, count: 10 },
+        };
+        assert!(sub.maps_uid(0) && sub.maps_uid(65536) && !sub.maps_uid(65537));
+        assert!(sub.maps_gid(10) && !sub.maps_gid(11));
+        let single = IdMap::Single { uid: 1000, gid: 1000 };
+        assert!(single.maps_uid(0) && !single.maps_uid(1) && !single.maps_gid(5));
+        assert!(IdMap::Identity.maps_uid(u32::MAX - 1));
+    }
+
+    #[test]
+    fn long_lines_are_cut() {
+        let mut got = Vec::new();
+        let mut lb = LineBuf { stream: Stream::Stderr, buf: Vec::new() };
+        let mut cb = |l: OutputLine<'_>| got.push(l.line.len());
+        lb.push(&vec![b'x'; MAX_LINE * 2 + 5], &mut cb);
+        lb.push(b"\n", &mut cb);
+        assert_eq!(got, vec![MAX_LINE, MAX_LINE, 5]);
+    }
+
+    #[test]
     fn lines_are_split_and_flushed() {
         let mut got = Vec::new();
         let mut lb = LineBuf { stream: Stream::Stdout, buf: Vec::new() };
