@@ -300,11 +300,19 @@ struct Cleanup {
 }
 
 impl Cleanup {
+    /// Unmount and remove; idempotent (both lists are drained).
     fn finish(&mut self) -> Vec<PathBuf> {
         for target in self.parent_mounts.drain(..).rev() {
             let _ = sys::umount_detach(&target);
         }
         self.points.remove()
+    }
+}
+
+impl Drop for Cleanup {
+    /// A panic in the output callback must not leave mounts in the root either.
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 

@@ -198,3 +198,17 @@ fn overlay_in_chroot_mode_keeps_the_lower_root_untouched() {
     names.sort();
     assert_eq!(names, ["IN_ROOTFS", "tmp"]);
 }
+
+#[test]
+fn a_panicking_callback_leaves_no_mounts() {
+    require_root!();
+    let f = Fixture::new();
+    let before = tree(&f.root());
+    let spec = sh(&f.root(), "echo boom; sleep 5");
+    let r = std::panic::catch_unwind(|| {
+        chroot().run(&spec, &mut |_line| panic!("callback failed")).ok();
+    });
+    assert!(r.is_err());
+    assert!(mounts_under(&f.root()).is_empty());
+    assert_eq!(tree(&f.root()), before);
+}
