@@ -46,9 +46,9 @@
 //!
 //! One run per root at a time: chroot and in-place modes mount into the root itself.
 
-// `sys` must call clone(2), mount(2), execve(2) and friends between fork and exec, which no
-// safe wrapper covers without allocating; the allowance is used only there.
-#![allow(unsafe_code)]
+// `unsafe_code` stays denied here: only the `sys` module allows it (`#![allow(unsafe_code)]`
+// at its top), because it must call clone(2), mount(2), execve(2) and friends between fork and
+// exec, which no safe wrapper covers without allocating.
 
 mod detect;
 pub mod error;
