@@ -840,7 +840,7 @@ fn prepare_and_run(
     }
 
     let child = ChildPlan {
-        kind: if rootless { ChildKind::Init } else { ChildKind::Direct },
+        kind: if rootless { ChildKind::Init } else { ChildKind::Reaper },
         clone_flags: if rootless {
             libc::CLONE_NEWUSER
                 | libc::CLONE_NEWNS
@@ -877,7 +877,7 @@ fn prepare_and_run(
         Error::Syscall { what: "clone(2)".into(), missing, hint: hint.into(), source }
     })?;
     drop((out_w, err_w, rep_w, devnull));
-    let mut child_guard = ChildGuard { pid, tree: !rootless, armed: true };
+    let mut child_guard = ChildGuard { pid, reaper: !rootless, armed: true };
     if let (Some(map), Some((sync_r, sync_w))) = (&id_map, sync) {
         drop(sync_r);
         map.write(pid)?;
@@ -890,7 +890,7 @@ fn prepare_and_run(
     let mut bytes = Vec::new();
     let _ = fs::File::from(rep_r).read_to_end(&mut bytes);
     let names = plan.names;
-    let mut status = if rootless { None } else { Some(ExitStatus::from_raw(raw_status)) };
+    let mut status = None;
     for r in Report::decode(&bytes) {
         match r.kind {
             sys::REPORT_STEP_FAILED => {
@@ -1009,18 +1009,35 @@ fn stage_error(
 /// Kills the child (and its process group) if the run is abandoned by an error or panic.
 struct ChildGuard {
     pid: libc::pid_t,
-    tree: bool,
+    /// The child is a subreaper (no pid namespace): ask it to kill its tree.
+    reaper: bool,
     armed: bool,
+}
+
+/// End the child's whole tree: a pid-namespace init is SIGKILLed (the kernel then kills the
+/// namespace); a reaper gets the kill-tree signal, kills and reaps everything, and exits.
+fn kill_tree(pid: libc::pid_t, reaper: bool) {
+    if reaper {
+        sys::kill(pid, sys::kill_tree_signal());
+    } else {
+        sys::kill(pid, libc::SIGKILL);
+    }
 }
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         if self.armed {
-            if self.tree {
-                sys::kill(-self.pid, libc::SIGKILL);
+            kill_tree(self.pid, self.reaper);
+            // the reaper exits once its tree is gone; do not wait forever on a stuck one
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(sys::try_wait_pid(self.pid), Ok(None)) {
+                if Instant::now() > deadline {
+                    sys::kill(self.pid, libc::SIGKILL);
+                    let _ = sys::wait_pid(self.pid);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
             }
-            sys::kill(self.pid, libc::SIGKILL);
-            let _ = sys::wait_pid(self.pid);
         }
     }
 }
@@ -1054,10 +1071,10 @@ impl LineBuf {
 }
 
 /// Stream output until the child exited and the pipes closed; returns the raw wait status and
-/// whether the run was cancelled. `tree`: the child leads a process group to kill at the end.
+/// whether the run was cancelled. `reaper`: see [`ChildGuard`].
 fn pump(
     pid: libc::pid_t,
-    tree: bool,
+    reaper: bool,
     cancel: &Cancel,
     out_r: OwnedFd,
     err_r: OwnedFd,
@@ -1072,6 +1089,7 @@ fn pump(
     ];
     let mut exited: Option<(i32, Instant)> = None;
     let mut cancelled = false;
+    let mut cancelled_at = Instant::now();
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
         let fds: [RawFd; 3] = [
@@ -1097,19 +1115,15 @@ fn pump(
         }
         if exited.is_none() {
             if let Some(status) = sys::try_wait_pid(pid).map_err(|e| io_err("wait", e))? {
-                if tree {
-                    // leftovers of the command's process group (daemons it started)
-                    sys::kill(-pid, libc::SIGKILL);
-                }
                 exited = Some((status, Instant::now()));
             }
         }
         if !cancelled && (cancel.is_cancelled() || crate::termination_requested()) {
             cancelled = true;
-            if tree {
-                sys::kill(-pid, libc::SIGKILL);
-            }
-            // rootless: pid 1 of the namespace; its death kills every process in it
+            cancelled_at = Instant::now();
+            kill_tree(pid, reaper);
+        }
+        if cancelled && exited.is_none() && cancelled_at.elapsed() > Duration::from_secs(5) {
             sys::kill(pid, libc::SIGKILL);
         }
         if let Some((status, at)) = exited {

@@ -178,10 +178,19 @@ impl CStringArray {
 /// What the cloned child does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ChildKind {
-    /// pid 1 of a new pid namespace: set up, fork the main process, reap, report its status.
+    /// pid 1 of a new pid namespace (rootless): set up, fork the main process, reap, report
+    /// its status; when the main process ends, every other process of the namespace is killed.
     Init,
-    /// Become the main process directly (chroot and in-place modes).
-    Direct,
+    /// Without a pid namespace (chroot, in-place): a child subreaper that forks the main
+    /// process, adopts every orphan of it (even `setsid` daemons), and kills and reaps them all
+    /// once the main process ended.
+    Reaper,
+}
+
+/// Sent by kiln to a [`ChildKind::Reaper`] to kill the whole tree now (cancellation), and
+/// set as its parent-death signal.
+pub(crate) fn kill_tree_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 1
 }
 
 /// The whole programme of the cloned child.
@@ -455,11 +464,14 @@ fn child_main(plan: &ChildPlan) -> ! {
         }
         unsafe { libc::close(plan.sync_read) };
     }
-    if plan.kind == ChildKind::Init {
-        // SAFETY: prctl(2) is a plain syscall. If kiln dies, pid 1 dies, and with it the
-        // whole pid namespace.
-        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    }
+    // SAFETY: prctl(2) is a plain syscall. If kiln dies, pid 1 dies, and with it the whole
+    // pid namespace; a reaper instead kills its tree first.
+    unsafe {
+        match plan.kind {
+            ChildKind::Init => libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL),
+            ChildKind::Reaper => libc::prctl(libc::PR_SET_PDEATHSIG, kill_tree_signal()),
+        }
+    };
     for (i, step) in plan.steps.iter().enumerate() {
         let idx = i32::try_from(i).unwrap_or(i32::MAX);
         match run_step(step) {
@@ -492,10 +504,7 @@ fn child_main(plan: &ChildPlan) -> ! {
             exit_now(1);
         }
     }
-    match plan.kind {
-        ChildKind::Direct => exec_main(&plan.exec, plan.report),
-        ChildKind::Init => init_main(plan),
-    }
+    init_main(plan)
 }
 
 fn pivot_into(root: &CStr) -> Result<(), i32> {
@@ -512,7 +521,75 @@ fn pivot_into(root: &CStr) -> Result<(), i32> {
     Ok(())
 }
 
+extern "C" fn kill_tree(_sig: libc::c_int) {
+    let pid = WORKLOAD_PID.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe. The main process leads its own process group.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// SIGKILL every direct child (a subreaper's children include adopted orphans), read from
+/// `/proc/thread-self/children` into a stack buffer. `false` when that file is unreadable.
+fn kill_children() -> bool {
+    let mut buf = [0u8; 4096];
+    // SAFETY: open/read/close/kill are async-signal-safe; the buffer is on the stack.
+    unsafe {
+        let fd =
+            libc::open(c"/proc/thread-self/children".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return false;
+        }
+        let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+        libc::close(fd);
+        if n < 0 {
+            return false;
+        }
+        let mut pid: libc::pid_t = 0;
+        for &b in buf.iter().take(n as usize) {
+            if b.is_ascii_digit() {
+                pid = pid.saturating_mul(10).saturating_add(libc::pid_t::from(b - b'0'));
+            } else {
+                if pid > 0 {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+                pid = 0;
+            }
+        }
+        if pid > 0 {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+    true
+}
+
+/// `waitpid(-1, flags)` retried on EINTR: `Some((pid, status))`, `None` on ECHILD (or no
+/// child ready with WNOHANG).
+fn wait_any(flags: libc::c_int) -> Option<(libc::pid_t, i32)> {
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: waitpid(2) is async-signal-safe; status is on the stack.
+        let pid = unsafe { libc::waitpid(-1, &mut status, flags) };
+        if pid > 0 {
+            return Some((pid, status));
+        }
+        if pid < 0 && errno() == libc::EINTR {
+            continue;
+        }
+        return None;
+    }
+}
+
 fn init_main(plan: &ChildPlan) -> ! {
+    let reaper = plan.kind == ChildKind::Reaper;
+    if reaper {
+        // SAFETY: prctl(2) is a plain syscall: orphaned descendants now reparent to us.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) };
+        set_handler(kill_tree_signal(), kill_tree as *const () as libc::sighandler_t);
+    }
     for sig in
         [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT, libc::SIGUSR1, libc::SIGUSR2]
     {
@@ -527,24 +604,34 @@ fn init_main(plan: &ChildPlan) -> ! {
         }
     };
     WORKLOAD_PID.store(main, Ordering::SeqCst);
+    // Reap (orphans too) until the main process ends.
     let mut main_status: i32 = 0;
-    loop {
-        let mut status: libc::c_int = 0;
-        // SAFETY: waitpid(2) is async-signal-safe; status is on the stack.
-        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if pid < 0 {
-            if errno() == libc::EINTR {
-                continue;
-            }
-            break; // ECHILD: everyone is reaped.
-        }
+    while let Some((pid, status)) = wait_any(0) {
         if pid == main {
             main_status = status;
-            WORKLOAD_PID.store(0, Ordering::SeqCst);
-            // The main process is done: end every other process of the namespace, like a
-            // container whose entrypoint exits. kill(-1) from pid 1 spares only pid 1.
-            // SAFETY: kill(2) is async-signal-safe.
-            unsafe { libc::kill(-1, libc::SIGKILL) };
+            break;
+        }
+    }
+    // The main process is done: end every other process, like a container whose entrypoint
+    // exits. In a pid namespace kill(-1) from pid 1 spares only pid 1; a reaper kills its
+    // children (adopted orphans included) until none is left.
+    // SAFETY: kill(2) is async-signal-safe.
+    unsafe {
+        if reaper {
+            libc::kill(-main, libc::SIGKILL);
+        } else {
+            libc::kill(-1, libc::SIGKILL);
+        }
+    }
+    WORKLOAD_PID.store(0, Ordering::SeqCst);
+    loop {
+        if reaper && !kill_children() {
+            // no /proc: reap what already ended and leave the rest
+            while wait_any(libc::WNOHANG).is_some() {}
+            break;
+        }
+        if wait_any(0).is_none() {
+            break; // ECHILD: everyone is reaped
         }
     }
     report(plan.report, REPORT_EXIT_STATUS, main_status, 0);
