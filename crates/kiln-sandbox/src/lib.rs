@@ -19,6 +19,10 @@
 //! - **in-place**: kaniko's model, the command runs in the real `/`; refused unless a container
 //!   is detected ([`ContainerCheck`]) or forced.
 //!
+//! In chroot and in-place modes the command's parent is a small child subreaper forked from
+//! kiln (`PR_SET_CHILD_SUBREAPER`): every orphan of the command, `setsid` daemons included,
+//! is adopted by it and killed and reaped when the command ends, as a pid namespace would.
+//!
 //! Users are resolved Docker-style from the image's own `/etc/passwd` and `/etc/group`
 //! ([`user`]), never through the host's NSS. SIGINT/SIGTERM handling: give the sandbox a
 //! [`Cancel`] (or call [`install_signal_handlers`]) and the whole process tree is killed.
