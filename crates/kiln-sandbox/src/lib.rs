@@ -118,9 +118,10 @@ pub enum Network {
 
 /// Overlayfs over the root (rootless and chroot modes): the root is the lower layer, changes go
 /// to `upper` (which the snapshotter reads: it is the diff). `work` must be an empty directory
-/// on the same filesystem as `upper`. Inside a user namespace kiln asks for `userxattr`
-/// (overlay metadata as `user.overlay.*` xattrs, e.g. `user.overlay.opaque`), falling back to
-/// the default `trusted.overlay.*`; deleted files appear in `upper` as 0/0 character devices.
+/// on the same filesystem as `upper`. kiln asks for `userxattr` (overlay metadata as
+/// `user.overlay.*` xattrs, e.g. `user.overlay.opaque`), falling back to the default
+/// `trusted.overlay.*`; [`RunOutcome::overlay_xattrs`] says which. Deleted files appear in
+/// `upper` as 0/0 character devices.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Overlay {
     pub upper: PathBuf,
@@ -291,6 +292,28 @@ pub struct RunOutcome {
     pub left_behind: Vec<PathBuf>,
     /// Things that did not work but did not stop the run (a mount chroot mode could not make).
     pub warnings: Vec<String>,
+    /// With an [`Overlay`]: where overlayfs keeps its metadata (opaque directories, redirects)
+    /// in the upper dir, which the snapshotter must read.
+    pub overlay_xattrs: Option<OverlayXattrs>,
+}
+
+/// The xattr namespace of overlayfs metadata in the upper dir.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverlayXattrs {
+    /// Mounted with `userxattr`: `user.overlay.opaque` etc. (always tried first).
+    User,
+    /// The kernel refused `userxattr`: `trusted.overlay.opaque` etc.
+    Trusted,
+}
+
+impl OverlayXattrs {
+    /// The prefix, e.g. `user.overlay.`.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            OverlayXattrs::User => "user.overlay.",
+            OverlayXattrs::Trusted => "trusted.overlay.",
+        }
+    }
 }
 
 /// A cancellation handle: [`Cancel::cancel`] kills the process tree of every run using it.

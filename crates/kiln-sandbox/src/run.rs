@@ -17,7 +17,10 @@ use crate::error::Error;
 use crate::path::{MountPoints, PointKind, read_in_root};
 use crate::sys::{self, CStringArray, ChildKind, ChildPlan, ExecPlan, Op, Report, Step};
 use crate::user::{ResolvedUser, SubIdRange, UserSpec, host_user_name, image_path};
-use crate::{Cancel, ExitStatus, Mode, Mount, Network, OutputLine, RunOutcome, RunSpec, Stream};
+use crate::{
+    Cancel, ExitStatus, Mode, Mount, Network, OutputLine, OverlayXattrs, RunOutcome, RunSpec,
+    Stream,
+};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const MAX_LINE: usize = 64 * 1024;
@@ -80,7 +83,6 @@ impl Plan {
                 fstype: None,
                 flags: libc::MS_BIND | libc::MS_REC,
                 data: None,
-                fallback_data: None,
             },
             optional,
             dep,
@@ -106,7 +108,6 @@ impl Plan {
                 fstype: Some(fstype.to_owned()),
                 flags,
                 data: Some(cstr(data, "mount data")?),
-                fallback_data: None,
             },
             optional,
             dep,
@@ -290,6 +291,9 @@ fn exec_candidates(argv0: &str, env: &[String]) -> Vec<String> {
         .collect()
 }
 
+const OVERLAY_TRUSTED_FALLBACK: &str =
+    "mounted without `userxattr`: overlay metadata uses `trusted.overlay.*` xattrs";
+
 const HOST_DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
 /// Everything created for one run that must be undone.
@@ -423,11 +427,11 @@ pub(crate) fn run(
     );
     let mount_points = cleanup.points.paths();
     let left_behind = cleanup.finish();
-    let status = result?;
+    let (status, overlay_xattrs) = result?;
     for w in &warnings {
         tracing::warn!("{w}");
     }
-    Ok(RunOutcome { status, mode, mount_points, left_behind, warnings })
+    Ok(RunOutcome { status, mode, mount_points, left_behind, warnings, overlay_xattrs })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -444,7 +448,7 @@ fn prepare_and_run(
     cleanup: &mut Cleanup,
     warnings: &mut Vec<String>,
     on_output: &mut dyn FnMut(OutputLine<'_>),
-) -> Result<ExitStatus, Error> {
+) -> Result<(ExitStatus, Option<OverlayXattrs>), Error> {
     let rootless = mode == Mode::Rootless;
     let in_place = matches!(mode, Mode::InPlace { .. });
     let mut plan = Plan::default();
@@ -459,7 +463,6 @@ fn prepare_and_run(
                 fstype: None,
                 flags: libc::MS_REC | libc::MS_PRIVATE,
                 data: None,
-                fallback_data: None,
             },
             false,
             None,
@@ -501,6 +504,8 @@ fn prepare_and_run(
         extra_targets.push(points.ensure(root, m.target(), kind)?);
     }
 
+    let mut overlay_step = None;
+    let mut overlay_trusted = false;
     if let Some(ov) = &spec.overlay {
         let opts = format!(
             "lowerdir={},upperdir={},workdir={}",
@@ -508,19 +513,23 @@ fn prepare_and_run(
             ov.upper.display(),
             ov.work.display()
         );
-        plan.add(
-            format!("mount overlayfs on `{}` (upper `{}`)", root.display(), ov.upper.display()),
-            Op::Mount {
+        let overlay_mount = |data: &str| -> Result<Op, Error> {
+            Ok(Op::Mount {
                 source: Some(c"overlay".to_owned()),
                 target: cpath(root)?,
                 fstype: Some(c"overlay".to_owned()),
                 flags: 0,
-                data: Some(cstr(format!("{opts},userxattr"), "overlay options")?),
-                fallback_data: Some(cstr(&opts, "overlay options")?),
-            },
+                data: Some(cstr(data, "overlay options")?),
+            })
+        };
+        let ov_step = plan.add(
+            format!("mount overlayfs on `{}` (upper `{}`)", root.display(), ov.upper.display()),
+            overlay_mount(&format!("{opts},userxattr"))?,
             false,
             None,
         );
+        plan.fallback(ov_step, OVERLAY_TRUSTED_FALLBACK, overlay_mount(&opts)?);
+        overlay_step = Some(ov_step);
     } else if rootless {
         plan.bind(format!("bind `{}` onto itself", root.display()), root, root, false, None)?;
     }
@@ -549,7 +558,6 @@ fn prepare_and_run(
                 fstype: None,
                 flags: libc::MS_BIND | libc::MS_REC,
                 data: None,
-                fallback_data: None,
             },
         );
         let dev = plan.fs(
@@ -809,6 +817,9 @@ fn prepare_and_run(
                     let op = match (fell_back, &step.fallback) {
                         (Some(e), Some(f)) => {
                             failed[i] = true;
+                            if overlay_step == Some(i) {
+                                overlay_trusted = true;
+                            }
                             warnings.push(format!(
                                 "{}: {}; {}",
                                 plan.names[i],
@@ -913,6 +924,9 @@ fn prepare_and_run(
             )),
             sys::REPORT_STEP_FALLBACK => {
                 let i = usize::try_from(r.a).unwrap_or(usize::MAX);
+                if overlay_step == Some(i) {
+                    overlay_trusted = true;
+                }
                 warnings.push(format!(
                     "{}: {}; {}",
                     names.get(i).cloned().unwrap_or_default(),
@@ -930,11 +944,14 @@ fn prepare_and_run(
     if cancelled {
         return Err(Error::Cancelled);
     }
-    status.ok_or_else(|| Error::Setup {
+    let status = status.ok_or_else(|| Error::Setup {
         step: "sandbox init".into(),
         hint: "this is a kiln bug if it repeats; the init process died without a report".into(),
         source: io::Error::other(format!("init ended with {}", ExitStatus::from_raw(raw_status))),
-    })
+    })?;
+    let xattrs = overlay_step
+        .map(|_| if overlay_trusted { OverlayXattrs::Trusted } else { OverlayXattrs::User });
+    Ok((status, xattrs))
 }
 
 fn describe(m: &Mount) -> String {

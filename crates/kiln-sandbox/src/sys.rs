@@ -78,14 +78,13 @@ impl Report {
 /// (chroot, in-place) through the same allocation-free [`run_op`].
 #[derive(Debug)]
 pub(crate) enum Op {
-    /// `mount(2)`; `fallback_data` is tried when `data` is refused (overlay `userxattr`).
+    /// `mount(2)`.
     Mount {
         source: Option<CString>,
         target: CString,
         fstype: Option<CString>,
         flags: libc::c_ulong,
         data: Option<CString>,
-        fallback_data: Option<CString>,
     },
     /// Remount a bind mount read-only, keeping the flags the kernel locked on it.
     RemountReadOnly {
@@ -245,25 +244,19 @@ fn opt_ptr(s: &Option<CString>) -> *const libc::c_char {
 /// Run one set-up operation. Allocation-free, so it is safe in the child after `clone`.
 pub(crate) fn run_op(op: &Op) -> Result<(), i32> {
     match op {
-        Op::Mount { source, target, fstype, flags, data, fallback_data } => {
-            let mount = |data: &Option<CString>| -> Result<(), i32> {
-                // SAFETY: mount(2) is a plain syscall; all pointers are NUL-terminated
-                // strings owned by the plan, or null.
-                let ret = unsafe {
-                    libc::mount(
-                        opt_ptr(source),
-                        target.as_ptr(),
-                        opt_ptr(fstype),
-                        *flags,
-                        opt_ptr(data).cast(),
-                    )
-                };
-                cvt(ret.into()).map(drop)
+        Op::Mount { source, target, fstype, flags, data } => {
+            // SAFETY: mount(2) is a plain syscall; all pointers are NUL-terminated strings
+            // owned by the plan, or null.
+            let ret = unsafe {
+                libc::mount(
+                    opt_ptr(source),
+                    target.as_ptr(),
+                    opt_ptr(fstype),
+                    *flags,
+                    opt_ptr(data).cast(),
+                )
             };
-            match mount(data) {
-                Err(e) if fallback_data.is_some() => mount(fallback_data).map_err(|_| e),
-                r => r,
-            }
+            cvt(ret.into()).map(drop)
         }
         Op::RemountReadOnly { target } => {
             // SAFETY: statvfs(2) fills a stack struct; async-signal-safe syscall.

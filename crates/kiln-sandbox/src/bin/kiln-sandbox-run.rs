@@ -128,6 +128,9 @@ fn real_main() -> Result<u8, String> {
             for w in &outcome.warnings {
                 eprintln!("kiln-sandbox: warning: {w}");
             }
+            if let Some(x) = outcome.overlay_xattrs {
+                eprintln!("kiln-sandbox: overlay xattrs {}", x.prefix());
+            }
             eprintln!("kiln-sandbox: status {}", outcome.status);
         }
         code = match outcome.status {

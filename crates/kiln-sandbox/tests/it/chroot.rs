@@ -186,17 +186,23 @@ fn overlay_in_chroot_mode_keeps_the_lower_root_untouched() {
     fs::create_dir(&upper).unwrap();
     fs::create_dir(&work).unwrap();
     let before = tree(&f.root());
-    let spec =
-        sh(&f.root(), "echo new > /tmp/new; rm /IN_ROOTFS; test -r /proc/self/status && echo proc")
-            .overlay(kiln_sandbox::Overlay { upper: upper.clone(), work });
+    let spec = sh(
+        &f.root(),
+        "echo new > /tmp/new; rm /IN_ROOTFS; rm -r /home; mkdir /home; test -r /proc/self/status && echo proc",
+    )
+    .overlay(kiln_sandbox::Overlay { upper: upper.clone(), work });
     let c = run(&chroot(), &spec);
     assert_eq!(c.stdout, "proc\n", "{}", c.stderr);
+    assert_eq!(c.outcome.overlay_xattrs, Some(kiln_sandbox::OverlayXattrs::User));
+    // the re-created /home hides the lower one: an opaque dir, marked in the user namespace
+    let opaque = xattr::get(upper.join("home"), "user.overlay.opaque").unwrap();
+    assert_eq!(opaque.as_deref(), Some(&b"y"[..]));
     assert_eq!(tree(&f.root()), before);
     assert!(mounts_under(&f.root()).is_empty());
     assert_eq!(fs::read_to_string(upper.join("tmp/new")).unwrap(), "new\n");
     let mut names: Vec<_> = fs::read_dir(&upper).unwrap().map(|e| e.unwrap().file_name()).collect();
     names.sort();
-    assert_eq!(names, ["IN_ROOTFS", "tmp"]);
+    assert_eq!(names, ["IN_ROOTFS", "home", "tmp"]);
 }
 
 #[test]

@@ -203,6 +203,7 @@ fn unprivileged_overlay_keeps_changes_in_upper() {
         &[
             "--mode",
             "rootless",
+            "--report",
             "--overlay",
             &ov,
             &root,
@@ -213,6 +214,7 @@ fn unprivileged_overlay_keeps_changes_in_upper() {
         ],
     );
     assert_eq!(text(&out.stdout), "1\n", "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("overlay xattrs user.overlay."), "{}", text(&out.stderr));
     assert_eq!(tree(&f.root()), before, "the lower root is untouched");
     assert_eq!(fs::read_to_string(upper.join("tmp/new")).unwrap(), "hi\n");
     use std::os::unix::fs::FileTypeExt;
