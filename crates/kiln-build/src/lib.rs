@@ -5,8 +5,12 @@
 //!   rules; returns the paths it wrote so a layer is written without walking the root.
 //! - [`rootpath`]: resolving paths inside a build root as a chrooted process would (symlinks
 //!   and `..` never leave it).
+//! - [`run`]: RUN instructions to argv, environment and heredoc scripts.
+//! - [`history`]: `created_by` texts of history entries in BuildKit's format.
 //! - [`glob`]: Go's `filepath.Match`, which COPY wildcards use.
 
 pub mod copy;
 pub mod glob;
+pub mod history;
 pub mod rootpath;
+pub mod run;
