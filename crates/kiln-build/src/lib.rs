@@ -7,10 +7,12 @@
 //!   and `..` never leave it).
 //! - [`run`]: RUN instructions to argv, environment and heredoc scripts.
 //! - [`history`]: `created_by` texts of history entries in BuildKit's format.
+//! - [`options`]: what a build is asked to do, and parsers for `--output`, `--secret`, `--build-arg`.
 //! - [`glob`]: Go's `filepath.Match`, which COPY wildcards use.
 
 pub mod copy;
 pub mod glob;
 pub mod history;
+pub mod options;
 pub mod rootpath;
 pub mod run;
