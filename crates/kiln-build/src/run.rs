@@ -2,9 +2,9 @@
 //! BuildKit's rules.
 //!
 //! - Shell form runs through the stage's SHELL (`/bin/sh -c` by default); exec form runs as is.
-//! - A RUN whose whole command is one heredoc (`RUN <<EOF`) is a script: its body is written to
-//!   a file that is mounted read-only at `/dev/pipes/<name>` (never into the root, so never into
-//!   the layer) and run directly when it starts with `#!`, else through the shell.
+//! - A RUN whose whole command is one heredoc (`RUN <<EOF`) runs its body: as a script file
+//!   mounted read-only at `/dev/pipes/<name>` (never into the root, so never into the layer)
+//!   when it starts with `#!`, else as the shell's command line (`sh -c BODY`).
 //! - Other heredocs (`RUN cat <<EOF > file`, several heredocs) are put back into the command
 //!   text and left to the shell, as BuildKit does.
 //! - The environment is the image's `Env`, then the build arguments in scope that ENV does not
@@ -66,23 +66,18 @@ pub fn command(
             if let [doc] = heredocs
                 && is_lone_heredoc(line, &doc.name)
             {
-                let path = format!("{SCRIPT_DIR}/{}", doc.name);
-                let argv = if doc.content.starts_with("#!") {
-                    vec![path]
-                } else {
-                    let mut argv = with_shell(shell, "");
-                    argv.pop();
-                    // The shell's own `-c` does not apply to a script file.
-                    if argv.last().is_some_and(|a| a == "-c") {
-                        argv.pop();
-                    }
-                    argv.push(path);
-                    argv
-                };
-                return Ok(RunCommand {
-                    argv,
-                    script: Some(Script { name: doc.name.clone(), content: doc.content.clone() }),
-                });
+                // A script with a shebang runs as a file; any other body is the shell's
+                // command line (BuildKit ignores the expansion setting in both cases).
+                if doc.content.starts_with("#!") {
+                    return Ok(RunCommand {
+                        argv: vec![format!("{SCRIPT_DIR}/{}", doc.name)],
+                        script: Some(Script {
+                            name: doc.name.clone(),
+                            content: doc.content.clone(),
+                        }),
+                    });
+                }
+                return Ok(RunCommand { argv: with_shell(shell, &doc.content), script: None });
             }
             let mut full = line.clone();
             for doc in heredocs {
@@ -163,8 +158,8 @@ mod tests {
         let c =
             command(&CommandLine::Shell("<<EOF".into()), &[doc("EOF", "echo a\necho b\n")], &[])
                 .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(c.argv, ["/bin/sh", "/dev/pipes/EOF"]);
-        assert_eq!(c.script.map(|s| s.content), Some("echo a\necho b\n".to_owned()));
+        assert_eq!(c.argv, ["/bin/sh", "-c", "echo a\necho b\n"]);
+        assert!(c.script.is_none());
         let c = command(
             &CommandLine::Shell("<<'PY'".into()),
             &[doc("PY", "#!/usr/bin/python3\nprint(1)\n")],
