@@ -8,6 +8,7 @@
 //! - [`run`]: RUN instructions to argv, environment and heredoc scripts.
 //! - [`history`]: `created_by` texts of history entries in BuildKit's format.
 //! - [`options`]: what a build is asked to do, and parsers for `--output`, `--secret`, `--build-arg`.
+//! - [`mounts`]: `RUN --mount` (bind, cache, tmpfs, secret) prepared for the sandbox.
 //! - [`owner`]: `--chown` and WORKDIR owners from the stage's passwd and group files.
 //! - [`progress`]: build events for the binary to render (tty, plain, JSON).
 //! - [`glob`]: Go's `filepath.Match`, which COPY wildcards use.
@@ -15,6 +16,7 @@
 pub mod copy;
 pub mod glob;
 pub mod history;
+pub mod mounts;
 pub mod options;
 pub mod owner;
 pub mod progress;
