@@ -1,6 +1,7 @@
 //! The build engine: from a context and a planned Dockerfile to an image.
 //!
 //! Modules:
+//! - [`config`]: the image config JSON, edited per instruction, unknown fields kept.
 //! - [`copy`]: COPY/ADD of local paths with BuildKit's source, destination, owner and mode
 //!   rules; returns the paths it wrote so a layer is written without walking the root.
 //! - [`rootpath`]: resolving paths inside a build root as a chrooted process would (symlinks
@@ -13,6 +14,7 @@
 //! - [`progress`]: build events for the binary to render (tty, plain, JSON).
 //! - [`glob`]: Go's `filepath.Match`, which COPY wildcards use.
 
+pub mod config;
 pub mod copy;
 pub mod glob;
 pub mod history;
