@@ -16,8 +16,10 @@
 
 pub mod config;
 pub mod copy;
+pub mod engine;
 pub mod glob;
 pub mod history;
+pub mod image;
 pub mod mounts;
 pub mod options;
 pub mod owner;
