@@ -17,6 +17,7 @@
 pub mod config;
 pub mod copy;
 pub mod engine;
+pub mod export;
 pub mod glob;
 pub mod history;
 pub mod image;
