@@ -27,7 +27,8 @@ use std::path::{Path, PathBuf};
 
 use kiln_dockerfile::dockerignore::{DockerIgnore, WalkDecision};
 
-use crate::{glob, rootpath};
+use crate::glob;
+use kiln_fs::rootpath;
 
 /// Where a COPY's sources come from; decides the default owner of copied files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -30,7 +30,8 @@ use crate::copy::{Chmod, CopyRequest, SourceKind};
 use crate::image::{BaseImage, ImageSource, LayerBlob, LayerOps, MediaTypes, SeamError, Snapshot};
 use crate::options::SecretSpec;
 use crate::progress::{Event, Progress};
-use crate::{history, mounts, owner, rootpath, run};
+use crate::{history, mounts, owner, run};
+use kiln_fs::rootpath;
 
 /// What one build needs to know.
 #[derive(Debug, Clone)]
@@ -82,9 +83,9 @@ pub struct StepTiming {
 pub enum BuildError {
     #[error(transparent)]
     Frontend(#[from] kiln_dockerfile::Error),
-    #[error("{file}:{line}: {message}")]
+    #[error("{message}")]
     Step { file: String, line: usize, message: String, hint: Option<String> },
-    #[error("{file}:{line}: RUN {command} failed with {status}{tail}")]
+    #[error("RUN {command} failed with {status}{tail}")]
     RunFailed { file: String, line: usize, command: String, status: String, tail: String },
     #[error("base image `{reference}`: {source}")]
     Base { reference: String, source: SeamError },

@@ -4,8 +4,6 @@
 //! - [`config`]: the image config JSON, edited per instruction, unknown fields kept.
 //! - [`copy`]: COPY/ADD of local paths with BuildKit's source, destination, owner and mode
 //!   rules; returns the paths it wrote so a layer is written without walking the root.
-//! - [`rootpath`]: resolving paths inside a build root as a chrooted process would (symlinks
-//!   and `..` never leave it).
 //! - [`run`]: RUN instructions to argv, environment and heredoc scripts.
 //! - [`history`]: `created_by` texts of history entries in BuildKit's format.
 //! - [`options`]: what a build is asked to do, and parsers for `--output`, `--secret`, `--build-arg`.
@@ -18,6 +16,7 @@ pub mod config;
 pub mod copy;
 pub mod engine;
 pub mod export;
+pub mod fs_layers;
 pub mod glob;
 pub mod history;
 pub mod image;
@@ -25,5 +24,4 @@ pub mod mounts;
 pub mod options;
 pub mod owner;
 pub mod progress;
-pub mod rootpath;
 pub mod run;

@@ -24,7 +24,7 @@ use kiln_dockerfile::instructions::{Mount, MountType, Sharing};
 
 use crate::copy::{CopyRequest, SourceKind};
 use crate::options::{SecretSource, SecretSpec};
-use crate::rootpath;
+use kiln_fs::rootpath;
 
 /// What mounts are resolved against.
 pub struct MountInputs<'a> {

@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use crate::rootpath;
+use kiln_fs::rootpath;
 
 /// Why an owner could not be resolved.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
