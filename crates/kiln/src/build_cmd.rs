@@ -286,18 +286,22 @@ fn sandbox_for(
     use kiln_build::progress::Event;
     use kiln_sandbox::{Mode, Sandbox};
     let sandbox = match isolation {
-        Isolation::Auto => {
-            let (sandbox, choice) = Sandbox::auto().map_err(|e| {
-                Hinted::error(
-                    "no way to run RUN steps here",
-                    "run kiln as root (e.g. in a pod) or enable unprivileged user namespaces",
-                    Some(e.into()),
-                )
-            })?;
-            progress
-                .event(Event::Isolation { mode: choice.mode.to_string(), reason: choice.reason });
-            return Ok(sandbox);
-        }
+        Isolation::Auto => match Sandbox::auto() {
+            Ok((sandbox, choice)) => {
+                progress.event(Event::Isolation { mode: choice.mode.to_string(), reason: choice.reason });
+                return Ok(sandbox);
+            }
+            // A build without RUN steps needs no sandbox; one with RUN steps fails there with
+            // the sandbox's own explanation.
+            Err(e) => {
+                progress.event(Event::Warning {
+                    message: format!(
+                        "no isolation mode works here ({e}); RUN steps will fail. Run kiln as root (e.g. in a pod) or enable unprivileged user namespaces"
+                    ),
+                });
+                return Ok(Sandbox::new(Mode::Rootless));
+            }
+        },
         Isolation::Rootless => Sandbox::new(Mode::Rootless),
         Isolation::Chroot => Sandbox::new(Mode::Chroot),
         Isolation::InPlace => {
