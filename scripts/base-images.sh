@@ -5,19 +5,22 @@
 #   library/debian:bookworm       debootstrap --variant=minbase bookworm, apt lists removed
 #   library/debian:bookworm-slim  the same without docs, man pages and locales
 #
-# usage: scripts/base-images.sh [--only busybox] REGISTRY_HOST:PORT
+# usage: scripts/base-images.sh [--only busybox|debian] REGISTRY_HOST:PORT
+#        scripts/base-images.sh [--only busybox|debian] --layouts   (print NAME=DIR, no push)
 # The OCI layouts are cached under $KILN_TEST_CACHE/bases (default ~/.cache/kiln-test), keyed
-# by this script's content and the inputs' versions; a rebuild happens only when they change.
+# by the recipe version below and the inputs' package versions; older entries are removed.
 # Pushing uses skopeo over plain HTTP (the test registries listen on 127.0.0.1).
 set -euo pipefail
 shopt -s inherit_errexit
 
 only=""
 if [[ "${1:-}" == "--only" ]]; then only="$2"; shift 2; fi
-registry="${1:?usage: base-images.sh [--only NAME] REGISTRY_HOST:PORT}"
+registry="${1:?usage: base-images.sh [--only NAME] REGISTRY_HOST:PORT | --layouts}"
 cache="${KILN_TEST_CACHE:-$HOME/.cache/kiln-test}/bases"
 mkdir -p "$cache"
-script_key=$(sha256sum "$0" | cut -c1-12)
+# Bump when a recipe below changes: it keys the cache.
+recipe=2
+script_key="recipe-$recipe"
 
 # Deterministic uncompressed tar of a root directory.
 tar_root() { tar --sort=name --numeric-owner --mtime=@0 --xattrs --xattrs-include='*' -C "$1" -cf "$2" .; }
@@ -40,6 +43,7 @@ busybox_layout() {
   local key; key=$(echo "$script_key $(dpkg-query -W -f='${Version}' busybox-static)" | sha256sum | cut -c1-16)
   local out="$cache/busybox-$key"
   if [[ ! -d "$out" ]]; then
+    find "$cache" -maxdepth 1 -name 'busybox-*' ! -name "busybox-$key" -exec rm -rf {} + 2>/dev/null || true
     local work; work=$(mktemp -d "$cache/busybox-work.XXXXXX")
     local root="$work/root"
     mkdir -p "$root/bin" "$root/etc" "$root/tmp" "$root/root" "$root/usr/bin" "$root/sbin" "$root/usr/sbin"
@@ -67,6 +71,7 @@ debian_layout() {
   local key; key=$(echo "$script_key $(dpkg-query -W -f='${Version}' debootstrap)" | sha256sum | cut -c1-16)
   local rootfs="$cache/debian-bookworm-rootfs-$key.tar"
   if [[ ! -f "$rootfs" ]]; then
+    find "$cache" -maxdepth 1 -name 'debian-*' ! -name "*-$key*" -exec rm -rf {} + 2>/dev/null || true
     local work; work=$(mktemp -d "$cache/debian-work.XXXXXX")
     debootstrap --variant=minbase bookworm "$work/root" "$mirror" > "$work/log" 2>&1 || {
       tail -20 "$work/log" >&2; echo "debootstrap failed" >&2; exit 1; }
@@ -95,8 +100,13 @@ debian_layout() {
   echo "$out"
 }
 
+# Pushes layout $1 as $2, or with --layouts prints `$2=$1`.
 push() {
-  skopeo copy --quiet --dest-tls-verify=false "oci:$1:img" "docker://$registry/$2"
+  if [[ "$registry" == --layouts ]]; then
+    echo "$2=$1"
+  else
+    skopeo copy --quiet --dest-tls-verify=false "oci:$1:img" "docker://$registry/$2"
+  fi
 }
 
 if [[ -z "$only" || "$only" == busybox ]]; then

@@ -20,6 +20,7 @@ pub mod fs_layers;
 pub mod glob;
 pub mod history;
 pub mod image;
+pub mod layout_source;
 pub mod mounts;
 pub mod options;
 pub mod owner;

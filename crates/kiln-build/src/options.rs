@@ -53,7 +53,7 @@ impl Output {
             if s.is_empty() {
                 return Err(OptionError::new("--output", s, expected));
             }
-            return Ok(Output::OciDir { dest: PathBuf::from(s), tag: None });
+            return Ok(Output::OciDir { dest: PathBuf::from(s), tag: Some("latest".into()) });
         }
         let mut kind = None;
         let mut dest = None;
@@ -75,6 +75,8 @@ impl Output {
         let tag = names.first().cloned();
         match kind.as_deref() {
             Some("oci") | Some("local") | None => {
+                // Layouts are tagged `latest` unless named, so tools can address the image.
+                let tag = tag.or_else(|| Some("latest".to_owned()));
                 let dest = dest.ok_or_else(|| OptionError::new("--output", s, expected))?;
                 let is_tar = tar.unwrap_or_else(|| dest.extension().is_some_and(|e| e == "tar"));
                 Ok(if is_tar { Output::OciTar { dest, tag } } else { Output::OciDir { dest, tag } })
@@ -84,7 +86,10 @@ impl Output {
                 Ok(Output::DockerArchive { dest, tags: names })
             }
             Some("registry") | Some("image") => {
-                let reference = tag.ok_or_else(|| OptionError::new("--output", s, expected))?;
+                let reference = names
+                    .first()
+                    .cloned()
+                    .ok_or_else(|| OptionError::new("--output", s, expected))?;
                 Ok(Output::Registry { reference })
             }
             Some(_) => Err(OptionError::new("--output", s, expected)),
@@ -194,7 +199,7 @@ mod tests {
     fn outputs() {
         assert_eq!(
             Output::parse("type=oci,dest=out"),
-            Ok(Output::OciDir { dest: "out".into(), tag: None })
+            Ok(Output::OciDir { dest: "out".into(), tag: Some("latest".into()) })
         );
         assert_eq!(
             Output::parse("type=oci,dest=img.tar,name=app:1"),
@@ -208,7 +213,10 @@ mod tests {
             Output::parse("type=registry,name=localhost:5000/app"),
             Ok(Output::Registry { reference: "localhost:5000/app".into() })
         );
-        assert_eq!(Output::parse("dir"), Ok(Output::OciDir { dest: "dir".into(), tag: None }));
+        assert_eq!(
+            Output::parse("dir"),
+            Ok(Output::OciDir { dest: "dir".into(), tag: Some("latest".into()) })
+        );
         let err = Output::parse("type=weird,dest=x").unwrap_err();
         assert!(err.to_string().contains("type=oci,dest=DIR"), "{err}");
         assert!(Output::parse("type=oci").is_err());

@@ -70,6 +70,10 @@ pub struct BuildArgs {
     /// Where `RUN --mount=type=cache` directories persist (default: ~/.cache/kiln/mounts).
     #[arg(long, value_name = "DIR")]
     pub cache_mounts_dir: Option<PathBuf>,
+    /// Take a base image from a local OCI layout instead of a registry: `REF=DIR[:TAG]`, where
+    /// REF is the name as written after FROM (repeatable).
+    #[arg(long = "base-layout", value_name = "REF=DIR[:TAG]")]
+    pub base_layouts: Vec<String>,
     /// Build the built-in example (a multi-stage `FROM scratch` image, no network needed).
     #[arg(long, conflicts_with_all = ["file", "context"])]
     pub example: bool,
@@ -90,6 +94,7 @@ pub struct Resolved {
     pub digest_file: Option<PathBuf>,
     pub image_name_with_digest_file: Option<PathBuf>,
     pub metadata_file: Option<PathBuf>,
+    pub layouts: kiln_build::layout_source::LayoutImages,
 }
 
 /// The example `kiln build --example` builds (the repository's `examples/hello`, embedded).
@@ -156,6 +161,12 @@ pub fn resolve(args: &BuildArgs) -> anyhow::Result<Resolved> {
         labels.push((k.to_owned(), v.to_owned()));
     }
     let isolation = Isolation::parse(&args.isolation)?;
+    let mut layouts = kiln_build::layout_source::LayoutImages::default();
+    for spec in &args.base_layouts {
+        layouts.add_spec(spec).map_err(|e| {
+            Hinted::error(e.message.clone(), e.hint.clone().unwrap_or_default(), None)
+        })?;
+    }
     let mut outputs: Vec<Output> =
         args.outputs.iter().map(|o| Output::parse(o)).collect::<Result<_, _>>()?;
     outputs.extend(args.tags.iter().map(|t| Output::Registry { reference: t.clone() }));
@@ -208,6 +219,7 @@ pub fn resolve(args: &BuildArgs) -> anyhow::Result<Resolved> {
         digest_file: args.digest_file.clone(),
         image_name_with_digest_file: args.image_name_with_digest_file.clone(),
         metadata_file: args.metadata_file.clone(),
+        layouts,
     })
 }
 
@@ -240,28 +252,35 @@ fn read_ignore(context: &Path, dockerfile: Option<&Path>) -> anyhow::Result<Opti
     Ok(None)
 }
 
-/// Base images cannot be pulled until a registry client is wired in: every `FROM image` is
-/// refused with a clear message. `FROM scratch` and stages need no image source.
-struct NoRegistry;
+/// Where base images come from: `--base-layout` mappings; other references need a registry
+/// client, which this build of kiln does not have yet, and are refused with a clear message.
+struct BaseImages<'a> {
+    layouts: &'a kiln_build::layout_source::LayoutImages,
+}
 
-impl kiln_build::image::ImageSource for NoRegistry {
+impl kiln_build::image::ImageSource for BaseImages<'_> {
     fn resolve(
         &self,
         reference: &str,
-        _platform: &Platform,
+        platform: &Platform,
     ) -> Result<kiln_build::image::BaseImage, kiln_build::image::SeamError> {
+        if self.layouts.has(reference) {
+            return self.layouts.resolve(reference, platform);
+        }
         Err(kiln_build::image::SeamError::new(format!(
             "cannot pull `{reference}`: this build of kiln has no registry client"
         ))
-        .with_hint("build FROM scratch or from an earlier stage"))
+        .with_hint(format!(
+            "build FROM scratch, or give a local copy with `--base-layout {reference}=DIR[:TAG]`"
+        )))
     }
 
     fn ensure_blob(
         &self,
-        _image: &kiln_build::image::BaseImage,
+        image: &kiln_build::image::BaseImage,
         layer: &kiln_build::image::LayerBlob,
     ) -> Result<(), kiln_build::image::SeamError> {
-        Err(kiln_build::image::SeamError::new(format!("cannot fetch {}", layer.digest)))
+        self.layouts.ensure_blob(image, layer)
     }
 }
 
@@ -288,7 +307,10 @@ fn sandbox_for(
     let sandbox = match isolation {
         Isolation::Auto => match Sandbox::auto() {
             Ok((sandbox, choice)) => {
-                progress.event(Event::Isolation { mode: choice.mode.to_string(), reason: choice.reason });
+                progress.event(Event::Isolation {
+                    mode: choice.mode.to_string(),
+                    reason: choice.reason,
+                });
                 return Ok(sandbox);
             }
             // A build without RUN steps needs no sandbox; one with RUN steps fails there with
@@ -326,8 +348,9 @@ fn build_and_export(
     let sandbox = sandbox_for(resolved.isolation, progress)?;
     let layers =
         kiln_build::fs_layers::FsLayers { epoch: resolved.request.epoch, ..Default::default() };
+    let images = BaseImages { layouts: &resolved.layouts };
     let engine = kiln_build::engine::Engine {
-        images: &NoRegistry,
+        images: &images,
         layers: &layers,
         sandbox: &sandbox,
         progress,
