@@ -718,8 +718,8 @@ impl StageBuild<'_, '_> {
             fs::set_permissions(&file, fs::Permissions::from_mode(0o755))
                 .map_err(io_err("writing a heredoc script"))?;
             spec.mounts.push(kiln_sandbox::Mount::Bind {
-                source: file,
-                target: PathBuf::from(run::SCRIPT_DIR).join(&script.name),
+                source: script_dir.path().to_path_buf(),
+                target: PathBuf::from(run::SCRIPT_DIR),
                 readonly: true,
             });
         }
