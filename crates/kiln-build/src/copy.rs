@@ -579,7 +579,8 @@ impl Copier<'_, '_> {
                 return Ok(());
             }
             self.chown(target, uid, gid)?;
-            filetime::set_file_mtime(target, mtime)?;
+            // Never opens the node (a FIFO would block).
+            filetime::set_symlink_file_times(target, mtime, mtime)?;
         }
         let rel = self.rel_of(target);
         self.outcome.changed.push(rel);

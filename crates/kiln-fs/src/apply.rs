@@ -137,11 +137,39 @@ pub fn apply_reader<R: Read>(
         dir_times: Vec::new(),
         chown_warned: false,
     };
+    // Raw entries: kiln reads PAX records and GNU long names itself, because binary xattr
+    // values (e.g. `security.capability`) may contain newlines, which the tar crate's PAX
+    // parser splits on.
     let entries =
-        archive.entries().map_err(|e| state.err("", format!("not a tar archive: {e}")))?;
+        archive.entries().map_err(|e| state.err("", format!("not a tar archive: {e}")))?.raw(true);
+    let mut pending = Pending::default();
     for entry in entries {
         let mut entry = entry.map_err(|e| state.err("", format!("corrupt tar: {e}")))?;
-        state.entry(&mut entry)?;
+        let kind = entry.header().entry_type();
+        match kind {
+            tar::EntryType::XHeader => {
+                let data = read_meta(&mut entry)
+                    .map_err(|e| state.err("", format!("corrupt PAX header: {e}")))?;
+                pending.pax = parse_pax(&data).map_err(|e| state.err("", e))?;
+                continue;
+            }
+            tar::EntryType::XGlobalHeader => continue,
+            tar::EntryType::GNULongName => {
+                let data = read_meta(&mut entry)
+                    .map_err(|e| state.err("", format!("corrupt long name: {e}")))?;
+                pending.long_name = Some(trim_nul(data));
+                continue;
+            }
+            tar::EntryType::GNULongLink => {
+                let data = read_meta(&mut entry)
+                    .map_err(|e| state.err("", format!("corrupt long link: {e}")))?;
+                pending.long_link = Some(trim_nul(data));
+                continue;
+            }
+            _ => {}
+        }
+        let meta = std::mem::take(&mut pending).resolve(entry.header());
+        state.entry(&mut entry, meta)?;
         state.outcome.entries += 1;
     }
     // Directory mtimes last, deepest first: writing into a directory changes its mtime.
@@ -199,9 +227,12 @@ impl Applier<'_> {
         }
     }
 
-    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), FsError> {
-        let raw =
-            entry.path().map_err(|e| self.err("", format!("bad entry name: {e}")))?.into_owned();
+    fn entry<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        meta: EntryMeta,
+    ) -> Result<(), FsError> {
+        let raw = PathBuf::from(std::ffi::OsStr::from_bytes(&meta.name));
         let shown = raw.display().to_string();
         let rel = clean_entry_name(&raw).map_err(|why| {
             self.err(&shown, format!("entry name {why}; refusing to write outside the root"))
@@ -230,10 +261,9 @@ impl Applier<'_> {
         let header = entry.header().clone();
         let kind = header.entry_type();
         let mode = header.mode().unwrap_or(0o644) & 0o7777;
-        let uid = header.uid().unwrap_or(0) as u32;
-        let gid = header.gid().unwrap_or(0) as u32;
-        let mtime = filetime::FileTime::from_unix_time(header.mtime().unwrap_or(0) as i64, 0);
-        let xattrs = pax_xattrs(entry);
+        let (uid, gid) = (meta.uid, meta.gid);
+        let mtime = filetime::FileTime::from_unix_time(meta.mtime, 0);
+        let xattrs = meta.xattrs;
         let existing = target.symlink_metadata().ok();
         let replace = |this: &Self, keep_dir: bool| -> Result<(), FsError> {
             match &existing {
@@ -248,6 +278,18 @@ impl Applier<'_> {
                 replace(self, true)?;
                 if existing.as_ref().is_none_or(|m| !m.is_dir()) {
                     fs::create_dir(&target).map_err(self.io(&rel))?;
+                } else {
+                    // The layer's directory replaces the lower one's metadata: drop xattrs the
+                    // entry does not carry (the contents stay, as in an overlay).
+                    if let Ok(names) = xattr::list(&target) {
+                        for n in names {
+                            let name = n.to_string_lossy();
+                            if name.starts_with("user.") && !xattrs.iter().any(|(k, _)| *k == *name)
+                            {
+                                let _ = xattr::remove(&target, &n);
+                            }
+                        }
+                    }
                 }
                 self.owner(&target, uid, gid, true, &rel)?;
                 fs::set_permissions(&target, fs::Permissions::from_mode(mode))
@@ -286,22 +328,22 @@ impl Applier<'_> {
                 })?;
             }
             tar::EntryType::Symlink => {
-                let link = entry
-                    .link_name()
-                    .map_err(|e| self.err(&rel, format!("bad link target: {e}")))?
-                    .ok_or_else(|| self.err(&rel, "symlink without a target"))?
-                    .into_owned();
+                let link = PathBuf::from(std::ffi::OsStr::from_bytes(
+                    meta.link
+                        .as_deref()
+                        .ok_or_else(|| self.err(&rel, "symlink without a target"))?,
+                ));
                 replace(self, false)?;
                 std::os::unix::fs::symlink(&link, &target).map_err(self.io(&rel))?;
                 self.owner(&target, uid, gid, false, &rel)?;
                 let _ = filetime::set_symlink_file_times(&target, mtime, mtime);
             }
             tar::EntryType::Link => {
-                let link = entry
-                    .link_name()
-                    .map_err(|e| self.err(&rel, format!("bad link target: {e}")))?
-                    .ok_or_else(|| self.err(&rel, "hardlink without a target"))?
-                    .into_owned();
+                let link = PathBuf::from(std::ffi::OsStr::from_bytes(
+                    meta.link
+                        .as_deref()
+                        .ok_or_else(|| self.err(&rel, "hardlink without a target"))?,
+                ));
                 let link_rel = clean_entry_name(&link).map_err(|why| {
                     self.err(
                         &rel,
@@ -310,10 +352,10 @@ impl Applier<'_> {
                 })?;
                 let source = rootpath::resolve(self.root, Path::new(&link_rel), false)
                     .map_err(self.io(&rel))?;
-                let meta = source.symlink_metadata().map_err(|_| {
+                let source_meta = source.symlink_metadata().map_err(|_| {
                     self.err(&rel, format!("hardlink target `{link_rel}` does not exist"))
                 })?;
-                if meta.is_dir() {
+                if source_meta.is_dir() {
                     return Err(
                         self.err(&rel, format!("hardlink target `{link_rel}` is a directory"))
                     );
@@ -344,7 +386,7 @@ impl Applier<'_> {
                 ) {
                     Ok(()) => {
                         self.owner(&target, uid, gid, true, &rel)?;
-                        let _ = filetime::set_file_mtime(&target, mtime);
+                        let _ = filetime::set_symlink_file_times(&target, mtime, mtime);
                     }
                     Err(e) => {
                         self.warn(format!("skipped special file /{rel}: {}", io::Error::from(e)));
@@ -454,19 +496,91 @@ impl Applier<'_> {
     }
 }
 
-/// `SCHILY.xattr.*` PAX records of an entry.
-fn pax_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    if let Ok(Some(exts)) = entry.pax_extensions() {
-        for ext in exts.flatten() {
-            if let Ok(key) = ext.key()
-                && let Some(name) = key.strip_prefix("SCHILY.xattr.")
-            {
-                out.push((name.to_owned(), ext.value_bytes().to_vec()));
-            }
+/// Name, link and metadata of an entry after its PAX records and GNU long names.
+#[derive(Debug, Default)]
+struct EntryMeta {
+    name: Vec<u8>,
+    link: Option<Vec<u8>>,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+/// Extended headers seen before the entry they describe.
+#[derive(Debug, Default)]
+struct Pending {
+    pax: Vec<(String, Vec<u8>)>,
+    long_name: Option<Vec<u8>>,
+    long_link: Option<Vec<u8>>,
+}
+
+impl Pending {
+    fn resolve(self, h: &tar::Header) -> EntryMeta {
+        let get = |k: &str| self.pax.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        let num = |k: &str| {
+            get(k).and_then(|v| String::from_utf8(v).ok()).and_then(|v| {
+                // PAX times may have a fraction: keep the seconds.
+                v.split('.').next().and_then(|s| s.parse::<i64>().ok())
+            })
+        };
+        let name =
+            get("path").or(self.long_name.clone()).unwrap_or_else(|| h.path_bytes().into_owned());
+        let link = get("linkpath")
+            .or(self.long_link.clone())
+            .or_else(|| h.link_name_bytes().map(|l| l.into_owned()));
+        EntryMeta {
+            name,
+            link,
+            uid: num("uid").map_or_else(|| h.uid().unwrap_or(0) as u32, |v| v as u32),
+            gid: num("gid").map_or_else(|| h.gid().unwrap_or(0) as u32, |v| v as u32),
+            mtime: num("mtime").unwrap_or_else(|| h.mtime().unwrap_or(0) as i64),
+            xattrs: self
+                .pax
+                .iter()
+                .filter_map(|(k, v)| {
+                    k.strip_prefix("SCHILY.xattr.").map(|n| (n.to_owned(), v.clone()))
+                })
+                .collect(),
         }
     }
-    out
+}
+
+/// The data of a metadata entry (PAX header, long name), with a sanity limit.
+fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Vec<u8>> {
+    let mut data = Vec::new();
+    entry.take(16 << 20).read_to_end(&mut data)?;
+    Ok(data)
+}
+
+fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
+    while v.last() == Some(&0) {
+        v.pop();
+    }
+    v
+}
+
+/// Parses PAX records (`<len> <key>=<value>\n`) by their lengths, so values may hold any byte.
+fn parse_pax(data: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let space = rest.iter().position(|b| *b == b' ').ok_or("malformed PAX record")?;
+        let len: usize = std::str::from_utf8(&rest[..space])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or("malformed PAX record length")?;
+        if len <= space + 1 || len > rest.len() {
+            return Err("PAX record length out of range".into());
+        }
+        let record = &rest[space + 1..len];
+        let record = record.strip_suffix(b"\n").unwrap_or(record);
+        let eq = record.iter().position(|b| *b == b'=').ok_or("PAX record without `=`")?;
+        let key = String::from_utf8_lossy(&record[..eq]).into_owned();
+        out.push((key, record[eq + 1..].to_vec()));
+        rest = &rest[len..];
+    }
+    Ok(out)
 }
 
 /// `OpenOptions::mode(0o600)` for temporaries before their real mode is set.

@@ -1,0 +1,479 @@
+//! kiln-fs against real trees: write → apply round trips, snapshot diffs applied to a copy
+//! (property test over random trees and mutations), hostile archives that must not touch
+//! anything outside the root, determinism, and whiteouts compared with `umoci unpack`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+
+use kiln_fs::apply::{self, ApplyOptions};
+use kiln_fs::snapshot::{Snapshot, SnapshotOptions};
+use kiln_fs::writer::{self, Compression, LayerEntry, WriteOptions};
+use proptest::prelude::*;
+
+/// Everything about a tree that a layer must preserve.
+fn describe(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let m = p.symlink_metadata().unwrap();
+            let ft = m.file_type();
+            let kind = if ft.is_dir() {
+                stack.push(p.clone());
+                "dir".to_owned()
+            } else if ft.is_symlink() {
+                format!("link->{}", fs::read_link(&p).unwrap().display())
+            } else if ft.is_file() {
+                format!(
+                    "file:{}:mtime{}",
+                    String::from_utf8_lossy(&fs::read(&p).unwrap()),
+                    m.mtime()
+                )
+            } else {
+                "special".to_owned()
+            };
+            let mut xattrs: Vec<String> = xattr::list(&p)
+                .map(|l| {
+                    l.filter(|n| n.to_string_lossy().starts_with("user."))
+                        .map(|n| {
+                            format!(
+                                "{}={:?}",
+                                n.to_string_lossy(),
+                                xattr::get(&p, &n).ok().flatten()
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            xattrs.sort();
+            let mode = if ft.is_symlink() { 0 } else { m.mode() & 0o7777 };
+            out.insert(
+                rel,
+                format!("{kind} mode={mode:o} owner={}:{} xattrs={xattrs:?}", m.uid(), m.gid()),
+            );
+        }
+    }
+    out
+}
+
+/// Hardlink groups as sets of paths (inode numbers differ between trees).
+fn link_groups(root: &Path) -> Vec<Vec<String>> {
+    let mut by_ino: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for (rel, _) in describe(root) {
+        let m = root.join(&rel).symlink_metadata().unwrap();
+        if m.is_file() && m.nlink() > 1 {
+            by_ino.entry(m.ino()).or_default().push(rel);
+        }
+    }
+    let mut groups: Vec<Vec<String>> = by_ino
+        .into_values()
+        .map(|mut g| {
+            g.sort();
+            g
+        })
+        .collect();
+    groups.sort();
+    groups
+}
+
+fn all_paths(root: &Path) -> Vec<LayerEntry> {
+    describe(root).into_keys().map(LayerEntry::Path).collect()
+}
+
+fn write_and_apply(
+    src: &Path,
+    entries: &[LayerEntry],
+    dst: &Path,
+    blobs: &Path,
+) -> kiln_fs::writer::WrittenLayer {
+    let layer = writer::write_layer(src, entries, blobs, &WriteOptions::default()).unwrap();
+    let opts = ApplyOptions { name: layer.digest.to_string(), ..ApplyOptions::default() };
+    apply::apply_file(&layer.path, dst, &opts).unwrap();
+    layer
+}
+
+fn sample_tree(root: &Path) {
+    fs::create_dir_all(root.join("a/b/c")).unwrap();
+    fs::write(root.join("a/file.txt"), "hello").unwrap();
+    fs::write(root.join("a/b/c/deep"), "deep").unwrap();
+    fs::set_permissions(root.join("a/b/c/deep"), fs::Permissions::from_mode(0o4755)).unwrap();
+    fs::set_permissions(root.join("a/b"), fs::Permissions::from_mode(0o1777)).unwrap();
+    symlink("file.txt", root.join("a/rel-link")).unwrap();
+    symlink("/etc/passwd", root.join("abs-link")).unwrap();
+    fs::hard_link(root.join("a/file.txt"), root.join("hard")).unwrap();
+    let long = "x".repeat(150);
+    fs::create_dir_all(root.join(&long)).unwrap();
+    fs::write(root.join(&long).join("y".repeat(120)), "long names").unwrap();
+    xattr::set(root.join("a/file.txt"), "user.kiln", b"v").unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &root.join("fifo"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    filetime::set_file_mtime(
+        root.join("a/file.txt"),
+        filetime::FileTime::from_unix_time(1_600_000_000, 0),
+    )
+    .unwrap();
+}
+
+#[test]
+fn write_then_apply_reproduces_the_tree() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst, blobs) = (t.path().join("src"), t.path().join("dst"), t.path().join("blobs"));
+    fs::create_dir_all(&src).unwrap();
+    fs::create_dir_all(&dst).unwrap();
+    sample_tree(&src);
+    let layer = write_and_apply(&src, &all_paths(&src), &dst, &blobs);
+    assert_eq!(describe(&src), describe(&dst));
+    assert_eq!(link_groups(&src), link_groups(&dst));
+    assert!(layer.digest.to_string().starts_with("sha256:"));
+    assert_eq!(fs::metadata(&layer.path).unwrap().len(), layer.size);
+    // The blob's name is its digest, and re-hashing it gives the digest back.
+    let bytes = fs::read(&layer.path).unwrap();
+    assert_eq!(kiln_oci::Digest::sha256_of(&bytes), layer.digest);
+}
+
+#[test]
+fn zstd_and_plain_layers_apply_too() {
+    for compression in [Compression::Zstd { level: 3 }, Compression::None] {
+        let t = tempfile::tempdir().unwrap();
+        let (src, dst) = (t.path().join("src"), t.path().join("dst"));
+        fs::create_dir_all(&src).unwrap();
+        fs::create_dir_all(&dst).unwrap();
+        sample_tree(&src);
+        let opts = WriteOptions { compression, epoch: None };
+        let layer =
+            writer::write_layer(&src, &all_paths(&src), &t.path().join("blobs"), &opts).unwrap();
+        apply::apply_file(&layer.path, &dst, &ApplyOptions::default()).unwrap();
+        assert_eq!(describe(&src), describe(&dst), "{compression:?}");
+    }
+}
+
+#[test]
+fn same_tree_twice_gives_the_same_digest() {
+    let t = tempfile::tempdir().unwrap();
+    let a = t.path().join("a");
+    let b = t.path().join("b");
+    for root in [&a, &b] {
+        fs::create_dir_all(root).unwrap();
+        sample_tree(root);
+    }
+    let opts = WriteOptions { compression: Compression::default(), epoch: Some(0) };
+    let la = writer::write_layer(&a, &all_paths(&a), &t.path().join("blobs-a"), &opts).unwrap();
+    let lb = writer::write_layer(&b, &all_paths(&b), &t.path().join("blobs-b"), &opts).unwrap();
+    assert_eq!(la.digest, lb.digest);
+    assert_eq!(la.diff_id, lb.diff_id);
+}
+
+/// A tar built entry by entry, for hostile archives.
+fn raw_tar(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, kind, data_or_link) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(*kind);
+        h.set_mode(0o644);
+        // Write the name bytes directly: the tar crate refuses `..` in set_path.
+        let bytes = name.as_bytes();
+        h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
+        match kind {
+            tar::EntryType::Symlink | tar::EntryType::Link => {
+                let l = data_or_link.as_bytes();
+                h.as_old_mut().linkname[..l.len()].copy_from_slice(l);
+                h.set_size(0);
+                h.set_cksum();
+                b.append(&h, std::io::empty()).unwrap();
+            }
+            _ => {
+                h.set_size(data_or_link.len() as u64);
+                h.set_cksum();
+                b.append(&h, data_or_link.as_bytes()).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn hostile_archives_never_touch_anything_outside_the_root() {
+    use tar::EntryType::{Directory, Link, Regular, Symlink};
+    let cases: Vec<(&str, Vec<(&str, tar::EntryType, &str)>, bool)> = vec![
+        ("dot-dot", vec![("../escape", Regular, "x")], true),
+        ("nested dot-dot", vec![("a/../../escape", Regular, "x")], true),
+        ("absolute", vec![("/tmp/escape", Regular, "x")], true),
+        ("hardlink outside", vec![("h", Link, "../outside/canary")], true),
+        ("hardlink absolute", vec![("h", Link, "/etc/passwd")], true),
+        ("whiteout of dot-dot", vec![("a/.wh...", Regular, "")], true),
+        // A symlink that points out, then a write through it: lands inside the root.
+        (
+            "symlink then write",
+            vec![("link", Symlink, "../outside"), ("link/canary", Regular, "pwned")],
+            false,
+        ),
+        (
+            "absolute symlink then write",
+            vec![("abs", Symlink, "/outside"), ("abs/canary", Regular, "pwned")],
+            false,
+        ),
+        (
+            "symlink dir chain",
+            vec![
+                ("d", Directory, ""),
+                ("d/up", Symlink, "../.."),
+                ("d/up/outside/canary", Regular, "pwned"),
+            ],
+            false,
+        ),
+    ];
+    for (name, entries, must_fail) in cases {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        let outside = t.path().join("outside");
+        fs::create_dir_all(&root).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("canary"), "original").unwrap();
+        let tar = raw_tar(&entries);
+        let result = apply::apply_reader(&tar[..], &root, &ApplyOptions::default());
+        assert_eq!(result.is_err(), must_fail, "{name}: {result:?}");
+        if let Err(e) = &result {
+            assert!(e.to_string().contains("entry"), "{name}: the error names the entry: {e}");
+        }
+        assert_eq!(fs::read_to_string(outside.join("canary")).unwrap(), "original", "{name}");
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 1, "{name}: nothing new outside");
+        assert!(!t.path().join("escape").exists(), "{name}");
+    }
+}
+
+#[test]
+fn whiteouts_and_opaque_directories_agree_with_umoci() {
+    let t = tempfile::tempdir().unwrap();
+    // Layer 1: a tree. Layer 2: deletes a file and a directory, makes `keep` opaque and adds
+    // a new file in it, replaces a directory with a file.
+    let l1 = t.path().join("l1");
+    fs::create_dir_all(l1.join("gone-dir/sub")).unwrap();
+    fs::create_dir_all(l1.join("keep/old")).unwrap();
+    fs::create_dir_all(l1.join("swap/inner")).unwrap();
+    fs::write(l1.join("gone-file"), "1").unwrap();
+    fs::write(l1.join("keep/old/f"), "1").unwrap();
+    fs::write(l1.join("keep/old-file"), "1").unwrap();
+    fs::write(l1.join("stay"), "1").unwrap();
+    let l2 = t.path().join("l2");
+    fs::create_dir_all(l2.join("keep")).unwrap();
+    fs::write(l2.join("keep/new"), "2").unwrap();
+    fs::write(l2.join("swap"), "now a file").unwrap();
+    let blobs = t.path().join("blobs");
+    let opts = WriteOptions::default();
+    let layer1 = writer::write_layer(&l1, &all_paths(&l1), &blobs, &opts).unwrap();
+    let mut e2 = vec![
+        LayerEntry::Whiteout("gone-file".into()),
+        LayerEntry::Whiteout("gone-dir".into()),
+        LayerEntry::Opaque("keep".into()),
+    ];
+    e2.extend(all_paths(&l2));
+    let layer2 = writer::write_layer(&l2, &e2, &blobs, &opts).unwrap();
+
+    let ours = t.path().join("ours");
+    fs::create_dir_all(&ours).unwrap();
+    for l in [&layer1, &layer2] {
+        apply::apply_file(&l.path, &ours, &ApplyOptions::default()).unwrap();
+    }
+
+    // The same two layers as an OCI image, unpacked by umoci.
+    let layout = t.path().join("layout");
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new("umoci").args(args).output().unwrap();
+        assert!(o.status.success(), "umoci {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    let image = format!("{}:img", layout.display());
+    run(&["init", "--layout", &layout.display().to_string()]);
+    run(&["new", "--image", &image]);
+    for (i, l) in [&layer1, &layer2].iter().enumerate() {
+        let plain = t.path().join(format!("layer{i}.tar"));
+        let mut out = fs::File::create(&plain).unwrap();
+        let mut r = apply::open_decompressed(&l.path).unwrap();
+        std::io::copy(&mut r, &mut out).unwrap();
+        out.flush().unwrap();
+        run(&["raw", "add-layer", "--image", &image, &plain.display().to_string()]);
+    }
+    let bundle = t.path().join("bundle");
+    let mut args = vec!["unpack"];
+    if !rustix::process::geteuid().is_root() {
+        args.push("--rootless");
+    }
+    let bundle_s = bundle.display().to_string();
+    args.extend(["--image", &image, &bundle_s]);
+    run(&args);
+    let theirs = bundle.join("rootfs");
+    let strip_times = |m: BTreeMap<String, String>| -> BTreeMap<String, String> {
+        m.into_iter()
+            .map(|(k, v)| {
+                (
+                    k,
+                    v.split(" mode=").nth(1).unwrap_or("").to_owned()
+                        + &v.split(":mtime").next().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(strip_times(describe(&ours)), strip_times(describe(&theirs)));
+    assert!(!ours.join("gone-file").exists() && !ours.join("gone-dir").exists());
+    assert!(ours.join("keep/new").exists() && !ours.join("keep/old").exists());
+    assert!(ours.join("swap").is_file() && ours.join("stay").is_file());
+}
+
+/// A random tree operation.
+#[derive(Debug, Clone)]
+enum Op {
+    File(u8, u8, Vec<u8>),
+    Dir(u8, u8),
+    Symlink(u8, u8),
+    Hardlink(u8, u8, u8),
+    Chmod(u8, u8),
+    Xattr(u8, u8, u8),
+    Remove(u8, u8),
+}
+
+fn name(dir: u8, n: u8) -> String {
+    format!("d{}/n{}", dir % 4, n % 6)
+}
+
+fn apply_op(root: &Path, op: &Op) {
+    let p = |rel: &str| root.join(rel);
+    let clear = |path: &Path| {
+        if let Ok(m) = path.symlink_metadata() {
+            if m.is_dir() {
+                let _ = fs::remove_dir_all(path);
+            } else {
+                let _ = fs::remove_file(path);
+            }
+        }
+    };
+    match op {
+        Op::File(d, n, data) => {
+            let path = p(&name(*d, *n));
+            clear(&path);
+            fs::write(&path, data).unwrap();
+        }
+        Op::Dir(d, n) => {
+            let path = p(&name(*d, *n));
+            clear(&path);
+            fs::create_dir(&path).unwrap();
+            fs::write(path.join("inner"), "x").unwrap();
+        }
+        Op::Symlink(d, n) => {
+            let path = p(&name(*d, *n));
+            clear(&path);
+            symlink(format!("../d{}/target", (u16::from(*d) + 1) % 4), &path).unwrap();
+        }
+        Op::Hardlink(d, n, src) => {
+            let path = p(&name(*d, *n));
+            let source = p(&name(*d, *src));
+            if path != source && source.symlink_metadata().is_ok_and(|m| m.is_file()) {
+                clear(&path);
+                fs::hard_link(&source, &path).unwrap();
+            }
+        }
+        Op::Chmod(d, n) => {
+            let path = p(&name(*d, *n));
+            if path.symlink_metadata().is_ok_and(|m| !m.file_type().is_symlink()) {
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o700)).unwrap();
+            }
+        }
+        Op::Xattr(d, n, v) => {
+            let path = p(&name(*d, *n));
+            if path.symlink_metadata().is_ok_and(|m| !m.file_type().is_symlink()) {
+                xattr::set(&path, "user.k", &[*v]).unwrap();
+            }
+        }
+        Op::Remove(d, n) => clear(&p(&name(*d, *n))),
+    }
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (any::<u8>(), any::<u8>(), proptest::collection::vec(any::<u8>(), 0..64))
+            .prop_map(|(d, n, v)| Op::File(d, n, v)),
+        (any::<u8>(), any::<u8>()).prop_map(|(d, n)| Op::Dir(d, n)),
+        (any::<u8>(), any::<u8>()).prop_map(|(d, n)| Op::Symlink(d, n)),
+        (any::<u8>(), any::<u8>(), any::<u8>()).prop_map(|(d, n, s)| Op::Hardlink(d, n, s)),
+        (any::<u8>(), any::<u8>()).prop_map(|(d, n)| Op::Chmod(d, n)),
+        (any::<u8>(), any::<u8>(), any::<u8>()).prop_map(|(d, n, v)| Op::Xattr(d, n, v)),
+        (any::<u8>(), any::<u8>()).prop_map(|(d, n)| Op::Remove(d, n)),
+    ]
+}
+
+fn copy_tree(from: &Path, to: &Path, blobs: &Path) {
+    fs::create_dir_all(to).unwrap();
+    write_and_apply(from, &all_paths(from), to, blobs);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Applying diff(A→B) to a copy of A gives B.
+    #[test]
+    fn diff_applied_to_a_copy_gives_the_same_tree(
+        before in proptest::collection::vec(op_strategy(), 0..24),
+        after in proptest::collection::vec(op_strategy(), 1..24),
+    ) {
+        let t = tempfile::tempdir().unwrap();
+        let a = t.path().join("a");
+        for d in 0..4 {
+            fs::create_dir_all(a.join(format!("d{d}"))).unwrap();
+        }
+        for op in &before {
+            apply_op(&a, op);
+        }
+        let copy = t.path().join("copy");
+        copy_tree(&a, &copy, &t.path().join("blobs0"));
+        let snap = Snapshot::take(&a, &SnapshotOptions::default()).unwrap();
+        // Make sure mtime-only changes are visible at second resolution too.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        for op in &after {
+            apply_op(&a, op);
+        }
+        let snap2 = Snapshot::take(&a, &SnapshotOptions::default()).unwrap();
+        let entries = snap.diff(&snap2);
+        if !entries.is_empty() {
+            write_and_apply(&a, &entries, &copy, &t.path().join("blobs1"));
+        }
+        prop_assert_eq!(describe(&a), describe(&copy));
+        prop_assert_eq!(link_groups(&a), link_groups(&copy));
+    }
+}
+
+#[test]
+fn snapshot_ignores_paths_and_reports_only_changes() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("root");
+    fs::create_dir_all(root.join("proc/1")).unwrap();
+    fs::create_dir_all(root.join("etc")).unwrap();
+    fs::write(root.join("etc/a"), "1").unwrap();
+    fs::write(root.join("etc/b"), "1").unwrap();
+    let opts = SnapshotOptions { ignore: vec!["proc".into()], threads: 2 };
+    let s1 = Snapshot::take(&root, &opts).unwrap();
+    assert_eq!(s1.len(), 3, "etc, etc/a, etc/b; proc is ignored");
+    fs::write(root.join("proc/1/status"), "x").unwrap();
+    fs::write(root.join("etc/b"), "2").unwrap();
+    fs::remove_file(root.join("etc/a")).unwrap();
+    let s2 = Snapshot::take(&root, &opts).unwrap();
+    let entries = s1.diff(&s2);
+    assert_eq!(
+        entries,
+        vec![
+            LayerEntry::Whiteout("etc/a".into()),
+            LayerEntry::Path("etc".into()),
+            LayerEntry::Path("etc/b".into()),
+        ]
+    );
+    let _ = PathBuf::new();
+}
