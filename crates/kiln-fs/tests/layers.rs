@@ -113,7 +113,7 @@ fn sample_tree(root: &Path) {
     xattr::set(root.join("a/file.txt"), "user.kiln", b"v").unwrap();
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &root.join("fifo"),
+        root.join("fifo"),
         rustix::fs::FileType::Fifo,
         rustix::fs::Mode::from_raw_mode(0o644),
         0,
@@ -206,7 +206,8 @@ fn raw_tar(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
 #[test]
 fn hostile_archives_never_touch_anything_outside_the_root() {
     use tar::EntryType::{Directory, Link, Regular, Symlink};
-    let cases: Vec<(&str, Vec<(&str, tar::EntryType, &str)>, bool)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, tar::EntryType, &'a str)>, bool);
+    let cases: Vec<Case<'_>> = vec![
         ("dot-dot", vec![("../escape", Regular, "x")], true),
         ("nested dot-dot", vec![("a/../../escape", Regular, "x")], true),
         ("absolute", vec![("/tmp/escape", Regular, "x")], true),
@@ -319,7 +320,7 @@ fn whiteouts_and_opaque_directories_agree_with_umoci() {
                 (
                     k,
                     v.split(" mode=").nth(1).unwrap_or("").to_owned()
-                        + &v.split(":mtime").next().unwrap_or("").to_owned(),
+                        + v.split(":mtime").next().unwrap_or(""),
                 )
             })
             .collect()
