@@ -2,9 +2,31 @@
 //!
 //! - [`Digest`]: a content address (`sha256:<hex>`), parsed and validated; [`DigestHasher`]
 //!   computes one while bytes stream through it.
-//! - [`media_type`]: the OCI and Docker v2 schema 2 media types kiln reads and writes.
+//! - [`media_type`]: the OCI and Docker v2 schema 2 media types kiln reads and writes, and
+//!   helpers that classify them.
+//! - [`Descriptor`]: media type + digest + size (+ urls, annotations, platform).
+//! - [`Manifest`] = [`ImageManifest`] | [`ImageIndex`], parsed from bytes and a content type.
+//! - [`ImageConfig`]: the image configuration, every Docker and OCI field, unknown fields kept.
+//! - [`Platform`] and [`PlatformMatcher`]: `os/arch/variant`, normalised and matched like
+//!   containerd.
+//! - [`VerifyingReader`]: a reader that fails when content does not match its descriptor.
+//!
+//! Data flow: a store or registry hands out raw manifest bytes → [`Manifest::from_slice`] →
+//! (index → [`PlatformMatcher::select`] → manifest) → config and layer [`Descriptor`]s → blobs
+//! read through a [`VerifyingReader`].
 
+pub mod config;
+pub mod descriptor;
 pub mod digest;
+pub mod manifest;
 pub mod media_type;
+pub mod platform;
+pub mod verify;
 
+pub use config::{ContainerConfig, Healthcheck, History, ImageConfig, RootFs};
+pub use descriptor::Descriptor;
 pub use digest::{Algorithm, Digest, DigestError, DigestHasher};
+pub use manifest::{ImageIndex, ImageManifest, Manifest, ManifestError};
+pub use media_type::Compression;
+pub use platform::{Platform, PlatformError, PlatformMatcher};
+pub use verify::{VerifyError, VerifyingReader};
