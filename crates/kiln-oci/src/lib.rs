@@ -10,14 +10,22 @@
 //! - [`Platform`] and [`PlatformMatcher`]: `os/arch/variant`, normalised and matched like
 //!   containerd.
 //! - [`VerifyingReader`]: a reader that fails when content does not match its descriptor.
+//! - [`Image`]: the read-only image interface (manifest, config, blobs as streams) every source
+//!   implements and every store consumes; [`ImageBuilder`] makes one from layer files.
+//! - Stores: [`layout`] (OCI image layout directories) and [`archive`] (docker-archive tarballs,
+//!   what `docker save` writes and `podman load`/`docker load` read).
 //!
 //! Data flow: a store or registry hands out raw manifest bytes → [`Manifest::from_slice`] →
 //! (index → [`PlatformMatcher::select`] → manifest) → config and layer [`Descriptor`]s → blobs
-//! read through a [`VerifyingReader`].
+//! read through a [`VerifyingReader`]. Writing: build or pull → `impl Image` →
+//! [`OciLayout::write_image`] / [`archive::DockerArchiveWriter::add_image`], which stream every
+//! blob through a verifier into a temporary file renamed into place.
 
 pub mod config;
 pub mod descriptor;
 pub mod digest;
+pub mod image;
+pub mod layout;
 pub mod manifest;
 pub mod media_type;
 pub mod platform;
@@ -26,6 +34,8 @@ pub mod verify;
 pub use config::{ContainerConfig, Healthcheck, History, ImageConfig, RootFs};
 pub use descriptor::Descriptor;
 pub use digest::{Algorithm, Digest, DigestError, DigestHasher};
+pub use image::{FileImage, Image, ImageBuilder, ManifestFormat};
+pub use layout::{LayoutImage, OciLayout};
 pub use manifest::{ImageIndex, ImageManifest, Manifest, ManifestError};
 pub use media_type::Compression;
 pub use platform::{Platform, PlatformError, PlatformMatcher};
