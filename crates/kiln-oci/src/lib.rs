@@ -21,6 +21,7 @@
 //! [`OciLayout::write_image`] / [`archive::DockerArchiveWriter::add_image`], which stream every
 //! blob through a verifier into a temporary file renamed into place.
 
+pub mod archive;
 pub mod config;
 pub mod descriptor;
 pub mod digest;
@@ -31,6 +32,7 @@ pub mod media_type;
 pub mod platform;
 pub mod verify;
 
+pub use archive::{ArchiveImage, DockerArchive, DockerArchiveWriter};
 pub use config::{ContainerConfig, Healthcheck, History, ImageConfig, RootFs};
 pub use descriptor::Descriptor;
 pub use digest::{Algorithm, Digest, DigestError, DigestHasher};
