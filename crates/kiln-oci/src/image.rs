@@ -216,6 +216,96 @@ impl Image for FileImage {
     }
 }
 
+/// An image whose manifest is rewritten to another [`ManifestFormat`] (see [`convert`]).
+#[derive(Debug, Clone)]
+pub struct Converted<I> {
+    inner: I,
+    raw_manifest: Vec<u8>,
+    manifest: ImageManifest,
+}
+
+impl<I> Converted<I> {
+    pub fn into_inner(self) -> I {
+        self.inner
+    }
+}
+
+fn layer_type_for(format: ManifestFormat, media_type: &str) -> Option<&'static str> {
+    use crate::media_type as mt;
+    let foreign = mt::is_non_distributable(media_type);
+    let compression = mt::layer_compression(media_type)?;
+    Some(match (format, foreign, compression) {
+        (ManifestFormat::Oci, false, c) => c.oci_layer_media_type(),
+        (ManifestFormat::Oci, true, crate::Compression::None) => mt::OCI_LAYER_NONDIST_TAR,
+        (ManifestFormat::Oci, true, crate::Compression::Gzip) => mt::OCI_LAYER_NONDIST_GZIP,
+        (ManifestFormat::Oci, true, crate::Compression::Zstd) => mt::OCI_LAYER_NONDIST_ZSTD,
+        (ManifestFormat::Docker, false, c) => c.docker_layer_media_type(),
+        (ManifestFormat::Docker, true, crate::Compression::None) => mt::DOCKER_FOREIGN_LAYER_TAR,
+        // Docker has no zstd foreign layer type; gzip is the only one engines know.
+        (ManifestFormat::Docker, true, _) => mt::DOCKER_FOREIGN_LAYER_GZIP,
+    })
+}
+
+/// Presents `image` with the manifest and config media types of `format`, the way `skopeo copy`
+/// converts between Docker v2 schema 2 and OCI. Config and layer bytes are unchanged (a Docker
+/// config is a valid OCI config and vice versa), only the manifest, and so the image digest,
+/// changes. An image already in `format` keeps its exact manifest bytes.
+///
+/// Needed for OCI layouts: `skopeo` and `umoci` ignore `index.json` entries that are not OCI
+/// manifests or indexes. Converting to Docker drops what v2 schema 2 cannot carry
+/// (`annotations`, `subject`, `artifactType`).
+pub fn convert<I: Image>(image: I, format: ManifestFormat) -> Converted<I> {
+    let current = image.manifest();
+    let already = match format {
+        ManifestFormat::Oci => !current.is_docker(),
+        ManifestFormat::Docker => current.is_docker(),
+    };
+    if already {
+        let raw_manifest = image.raw_manifest().to_vec();
+        let manifest = current.clone();
+        return Converted { inner: image, raw_manifest, manifest };
+    }
+    let mut manifest = current.clone();
+    let (manifest_type, config_type) = match format {
+        ManifestFormat::Oci => (media_type::OCI_MANIFEST, media_type::OCI_CONFIG),
+        ManifestFormat::Docker => (media_type::DOCKER_MANIFEST, media_type::DOCKER_CONFIG),
+    };
+    manifest.media_type = Some(manifest_type.to_owned());
+    if crate::media_type::kind(&manifest.config.media_type) == crate::media_type::Kind::Config {
+        manifest.config.media_type = config_type.to_owned();
+    }
+    for layer in &mut manifest.layers {
+        if let Some(t) = layer_type_for(format, &layer.media_type) {
+            layer.media_type = t.to_owned();
+        }
+    }
+    if format == ManifestFormat::Docker {
+        manifest.annotations.clear();
+        manifest.subject = None;
+        manifest.artifact_type = None;
+    }
+    let raw_manifest = manifest.to_json();
+    Converted { inner: image, raw_manifest, manifest }
+}
+
+impl<I: Image> Image for Converted<I> {
+    fn raw_manifest(&self) -> &[u8] {
+        &self.raw_manifest
+    }
+
+    fn manifest(&self) -> &ImageManifest {
+        &self.manifest
+    }
+
+    fn raw_config(&self) -> &[u8] {
+        self.inner.raw_config()
+    }
+
+    fn open_blob(&self, descriptor: &Descriptor) -> io::Result<Box<dyn Read + Send + '_>> {
+        self.inner.open_blob(descriptor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +344,17 @@ mod tests {
         let mut content = Vec::new();
         img.open_blob(&desc).unwrap().read_to_end(&mut content).unwrap();
         assert_eq!(content, b"0123456789");
+        let oci = convert(&img, ManifestFormat::Oci);
+        assert_eq!(oci.manifest().media_type(), media_type::OCI_MANIFEST);
+        assert_eq!(oci.manifest().config.media_type, media_type::OCI_CONFIG);
+        assert_eq!(oci.manifest().layers[0].media_type, media_type::OCI_LAYER_TAR);
+        assert_ne!(oci.digest(), img.digest());
+        let back = convert(&oci, ManifestFormat::Docker);
+        assert_eq!(back.manifest().config, img.manifest().config);
+        assert_eq!(back.manifest().layers[0].media_type, media_type::DOCKER_LAYER_TAR);
+        assert_eq!(convert(&back, ManifestFormat::Oci).raw_manifest(), oci.raw_manifest());
+        let same = convert(&img, ManifestFormat::Docker);
+        assert_eq!(same.raw_manifest(), img.raw_manifest());
         let other = Descriptor::of_bytes(media_type::OCI_LAYER_TAR, b"x");
         assert_eq!(img.open_blob(&other).err().unwrap().kind(), io::ErrorKind::NotFound);
     }

@@ -36,7 +36,7 @@ pub use archive::{ArchiveImage, DockerArchive, DockerArchiveWriter};
 pub use config::{ContainerConfig, Healthcheck, History, ImageConfig, RootFs};
 pub use descriptor::Descriptor;
 pub use digest::{Algorithm, Digest, DigestError, DigestHasher};
-pub use image::{FileImage, Image, ImageBuilder, ManifestFormat};
+pub use image::{Converted, FileImage, Image, ImageBuilder, ManifestFormat, convert};
 pub use layout::{LayoutImage, OciLayout};
 pub use manifest::{ImageIndex, ImageManifest, Manifest, ManifestError};
 pub use media_type::Compression;
