@@ -27,6 +27,25 @@ fn podman_loads_a_kiln_docker_archive() {
     let diff_ids: Vec<String> =
         image.config().unwrap().rootfs.diff_ids.iter().map(ToString::to_string).collect();
     assert_eq!(info["RootFS"]["Layers"], serde_json::json!(diff_ids));
+
+    // and the loaded image runs: both layers are there, busybox works
+    let out = run(podman(dir.path()).args([
+        "run",
+        "--rm",
+        "--no-healthcheck",
+        "--runtime",
+        "runc",
+        "--network",
+        "none",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        TAG,
+        "/bin/cat",
+        "/etc/motd",
+    ]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "built by kiln-oci tests\n");
 }
 
 #[test]

@@ -66,10 +66,15 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
 /// A two-layer busybox image (gzip rootfs + uncompressed motd layer) whose layer files live in
 /// `dir`. The config carries Docker-only fields (Healthcheck, Shell, OnBuild) too.
 pub fn busybox_image(dir: &Path, format: ManifestFormat) -> FileImage {
+    busybox_image_for(dir, format, &Platform::host())
+}
+
+/// [`busybox_image`] with a config claiming `platform` (the binary stays the host's).
+pub fn busybox_image_for(dir: &Path, format: ManifestFormat, platform: &Platform) -> FileImage {
     let rootfs = busybox_rootfs_tar();
     let motd = motd_tar();
     let mut config = ImageConfig::default();
-    config.set_platform(&Platform::host());
+    config.set_platform(platform);
     config.created = Some("1970-01-01T00:00:00Z".to_owned());
     let cc = config.config_mut();
     cc.env = Some(vec!["PATH=/bin".to_owned()]);

@@ -8,7 +8,7 @@ use kiln_oci::{
     Image, ImageConfig, ManifestFormat, OciLayout, Platform, PlatformMatcher, media_type,
 };
 
-use crate::fixture::{APPLETS, busybox_image, is_root, run, run_json, skopeo};
+use crate::fixture::{APPLETS, busybox_image, busybox_image_for, is_root, run, run_json, skopeo};
 
 fn host() -> PlatformMatcher {
     PlatformMatcher::only(&Platform::host())
@@ -135,5 +135,58 @@ fn kiln_reads_a_layout_skopeo_converted_from_a_docker_archive() {
     copy.write_image(&read, Some("x")).unwrap();
     for layer in &read.manifest().layers {
         assert!(copy.has_blob(&layer.digest));
+    }
+}
+
+#[test]
+fn skopeo_resolves_a_kiln_multi_platform_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("layout");
+    let layout = OciLayout::create(&root).unwrap();
+    let mut index = kiln_oci::ImageIndex::new_oci();
+    let mut children = Vec::new();
+    for platform in ["linux/amd64", "linux/arm64/v8", "linux/arm/v7"] {
+        let sub = dir.path().join(platform.replace('/', "-"));
+        fs::create_dir(&sub).unwrap();
+        let platform: Platform = platform.parse().unwrap();
+        let image = busybox_image_for(&sub, ManifestFormat::Oci, &platform);
+        let d = layout.write_image_blobs(&image).unwrap();
+        index.manifests.push(d.with_platform(platform.clone()));
+        children.push((platform, image.digest(), image.manifest().config.digest.clone()));
+    }
+    let d = layout.write_index(&index).unwrap();
+    layout.set_tag(&d, "multi").unwrap();
+    let target = format!("oci:{}:multi", root.display());
+
+    let raw = run(skopeo().args(["inspect", "--raw", &target]));
+    assert_eq!(raw.stdout, index.to_json());
+    for (platform, digest, _) in &children {
+        let mut cmd = skopeo();
+        cmd.args(["--override-os", &platform.os, "--override-arch", &platform.architecture]);
+        if let Some(v) = &platform.variant {
+            cmd.args(["--override-variant", v]);
+        }
+        let info = run_json(cmd.args(["inspect", &target]));
+        assert_eq!(info["Architecture"], platform.architecture, "{platform}: {info}");
+        // kiln picks the same child skopeo does
+        let ours = layout.image(Some("multi"), &PlatformMatcher::only(platform)).unwrap();
+        assert_eq!(ours.digest(), *digest, "{platform}");
+    }
+
+    // skopeo copies the whole index (compressing the uncompressed layer, so manifests change);
+    // kiln reads every platform back from the copy
+    let dst = dir.path().join("copy");
+    run(skopeo().args([
+        "copy",
+        "--quiet",
+        "--all",
+        &target,
+        &format!("oci:{}:multi", dst.display()),
+    ]));
+    let copy = OciLayout::open(&dst).unwrap();
+    for (platform, _, config) in &children {
+        let image = copy.image(Some("multi"), &PlatformMatcher::only(platform)).unwrap();
+        assert_eq!(image.manifest().config.digest, *config, "{platform}");
+        assert!(image.config().unwrap().platform().same_as(platform));
     }
 }
