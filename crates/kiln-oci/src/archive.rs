@@ -526,8 +526,21 @@ impl DockerArchive {
                 io::copy(&mut reader, &mut hasher).map_err(io_err("cannot read", &self.path))?;
                 hasher.finish()
             };
+            // Docker 25+ lists every layer in LayerSources; only foreign ones keep their
+            // descriptor (media type and urls), the rest get the Docker type of their bytes.
             let descriptor = match entry.layer_sources.get(diff_id) {
-                Some(foreign) if foreign.digest == digest => foreign.clone(),
+                Some(source)
+                    if source.digest == digest
+                        && media_type::is_non_distributable(&source.media_type) =>
+                {
+                    let mut d = source.clone();
+                    d.media_type = if compression == Compression::None {
+                        media_type::DOCKER_FOREIGN_LAYER_TAR.to_owned()
+                    } else {
+                        media_type::DOCKER_FOREIGN_LAYER_GZIP.to_owned()
+                    };
+                    d
+                }
                 _ => Descriptor::new(compression.docker_layer_media_type(), digest, span.size),
             };
             blobs.insert(descriptor.digest.clone(), span);
@@ -749,6 +762,44 @@ mod tests {
         let mut content = Vec::new();
         img.open_blob(&img.manifest().layers[1]).unwrap().read_to_end(&mut content).unwrap();
         assert_eq!(content, layer);
+    }
+
+    #[test]
+    fn reads_docker_25_oci_form_with_layer_sources() {
+        // `docker save` since Docker 25: an OCI layout in the tar plus manifest.json whose
+        // paths point into blobs/, and LayerSources for every layer.
+        let dir = tempfile::tempdir().unwrap();
+        let layer = b"docker 25 layer".to_vec();
+        let diff_id = Digest::sha256_of(&layer);
+        let mut config = ImageConfig::default();
+        config.set_platform(&"linux/arm64".parse().unwrap());
+        config.rootfs.diff_ids = vec![diff_id.clone()];
+        let raw_config = config.to_json();
+        let config_digest = Digest::sha256_of(&raw_config);
+        let manifest = format!(
+            r#"[{{"Config":"blobs/sha256/{c}","RepoTags":["busybox:latest"],"Layers":["blobs/sha256/{l}"],"LayerSources":{{"{diff_id}":{{"mediaType":"application/vnd.oci.image.layer.v1.tar","size":{n},"digest":"{diff_id}"}}}}}}]"#,
+            c = config_digest.hex(),
+            l = diff_id.hex(),
+            n = layer.len(),
+        );
+        let path = dir.path().join("d25.tar");
+        let mut b = tar::Builder::new(File::create(&path).unwrap());
+        let mut add = |name: &str, data: &[u8]| {
+            let mut h = header(data.len() as u64);
+            b.append_data(&mut h, name, data).unwrap();
+        };
+        add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+        add(&format!("blobs/sha256/{}", config_digest.hex()), &raw_config);
+        add(&format!("blobs/sha256/{}", diff_id.hex()), &layer);
+        add("manifest.json", manifest.as_bytes());
+        b.finish().unwrap();
+        drop(b);
+
+        let img = DockerArchive::open(&path).unwrap().image(Some("busybox")).unwrap();
+        assert_eq!(img.manifest().config.digest, config_digest);
+        assert_eq!(img.manifest().layers[0].media_type, media_type::DOCKER_LAYER_TAR);
+        assert_eq!(img.manifest().layers[0].digest, diff_id);
+        assert_eq!(img.config().unwrap().platform().to_string(), "linux/arm64");
     }
 
     #[test]

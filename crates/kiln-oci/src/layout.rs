@@ -418,7 +418,7 @@ impl OciLayout {
         })
     }
 
-    /// Removes `tag`; returns whether it existed. Blobs stay (no garbage collection).
+    /// Removes `tag`; returns whether it existed. Blobs stay until [`OciLayout::gc`].
     pub fn remove_tag(&self, tag: &str) -> Result<bool> {
         let mut removed = false;
         self.update_index(|index| {
@@ -427,6 +427,76 @@ impl OciLayout {
             removed = index.manifests.len() != before;
         })?;
         Ok(removed)
+    }
+
+    /// Deletes blobs no `index.json` entry reaches (through indexes, manifests, configs, layers
+    /// and subjects), like `umoci gc`. Returns how many blobs and bytes were removed.
+    ///
+    /// Holds the index lock, but blobs a concurrent writer has written and not yet tagged are
+    /// unreachable too: do not run it while another process writes into the layout.
+    pub fn gc(&self) -> Result<GcStats> {
+        let _lock = self.lock()?;
+        let index = self.index()?;
+        let mut reachable = std::collections::HashSet::new();
+        let mut pending: Vec<Descriptor> = index.manifests.clone();
+        pending.extend(index.subject.clone());
+        while let Some(d) = pending.pop() {
+            if !reachable.insert(d.digest.clone()) {
+                continue;
+            }
+            let kind = media_type::kind(&d.media_type);
+            if !matches!(kind, media_type::Kind::Manifest | media_type::Kind::Index)
+                || !self.has_blob(&d.digest)
+            {
+                continue;
+            }
+            let raw = self.read_blob(&d, MAX_MANIFEST_SIZE, "manifest")?;
+            match Manifest::from_slice(&raw, Some(&d.media_type)) {
+                Ok(Manifest::Image(m)) => {
+                    pending.push(m.config);
+                    pending.extend(m.layers);
+                    pending.extend(m.subject);
+                }
+                Ok(Manifest::Index(i)) => {
+                    pending.extend(i.manifests);
+                    pending.extend(i.subject);
+                }
+                Err(source) => {
+                    return Err(LayoutError::Manifest {
+                        path: self.root.clone(),
+                        digest: d.digest.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        let mut stats = GcStats::default();
+        let blobs = self.root.join("blobs");
+        for alg in [Algorithm::Sha256, Algorithm::Sha512] {
+            let dir = blobs.join(alg.as_str());
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("cannot list", &dir)(e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(io_err("cannot list", &dir))?;
+                let name = entry.file_name();
+                let Some(digest) = name.to_str().and_then(|hex| Digest::from_parts(alg, hex).ok())
+                else {
+                    continue;
+                };
+                if reachable.contains(&digest) {
+                    continue;
+                }
+                let path = entry.path();
+                let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                fs::remove_file(&path).map_err(io_err("cannot remove", &path))?;
+                stats.blobs += 1;
+                stats.bytes += size;
+            }
+        }
+        Ok(stats)
     }
 
     /// Writes an image's layers, config and manifest (streaming and verifying each layer) without
@@ -461,7 +531,11 @@ impl OciLayout {
     }
 
     /// Writes an image and, with a tag, points the tag at it (replacing the old entry);
-    /// without one, adds an untagged entry. Returns the manifest descriptor.
+    /// without one, adds an untagged entry. Returns the manifest descriptor (with the platform
+    /// from the config).
+    ///
+    /// The manifest is stored as is. `skopeo` and `umoci` only see OCI entries, so pass a Docker
+    /// v2 schema 2 image through [`crate::convert`] first when other tools must read the layout.
     pub fn write_image(&self, image: &dyn Image, tag: Option<&str>) -> Result<Descriptor> {
         if let Some(tag) = tag {
             validate_tag(tag)?;
@@ -587,6 +661,13 @@ impl OciLayout {
             max: MAX_DEPTH,
         })
     }
+}
+
+/// What [`OciLayout::gc`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcStats {
+    pub blobs: u64,
+    pub bytes: u64,
 }
 
 /// Writes `root/name` via a temporary file and a rename.
@@ -746,9 +827,15 @@ mod tests {
         let img = layout.image(Some("one"), &PlatformMatcher::only(&Platform::host())).unwrap();
         assert_eq!(img.digest(), b.digest());
         assert_eq!(img.raw_config(), b.raw_config());
-        // the old manifest blob is still there (no GC)
+        // the old manifest blob is still there until gc removes a's manifest, config and layer
         assert!(layout.has_blob(&da.digest));
         assert!(leftovers(&root).is_empty());
+        let stats = layout.gc().unwrap();
+        assert_eq!(stats.blobs, 3, "{stats:?}");
+        assert!(!layout.has_blob(&da.digest));
+        assert!(!layout.has_blob(&a.manifest().layers[0].digest));
+        assert!(layout.has_blob(&b.manifest().config.digest));
+        assert_eq!(layout.gc().unwrap(), GcStats::default());
 
         let err = layout.image(None, &PlatformMatcher::only(&Platform::host())).unwrap_err();
         assert!(matches!(err, LayoutError::Ambiguous { count: 2, .. }), "{err}");
@@ -779,6 +866,8 @@ mod tests {
         };
         assert_eq!(pick("linux/arm64").unwrap(), arm.digest());
         assert_eq!(pick("linux/amd64").unwrap(), amd.digest());
+        assert_eq!(layout.gc().unwrap().blobs, 0, "children of a tagged index are reachable");
+        assert_eq!(pick("linux/arm64").unwrap(), arm.digest());
         let err = pick("linux/s390x").unwrap_err();
         assert!(err.to_string().contains("available: linux/amd64, linux/arm64;"), "{err}");
     }
