@@ -483,6 +483,7 @@ fn prepare_and_run(
         }
     }
     let mut extra_targets = Vec::new();
+    let mut dev_points: Vec<(usize, PointKind)> = Vec::new();
     for m in &spec.mounts {
         let kind = match m {
             Mount::Bind { source, .. } => {
@@ -501,7 +502,17 @@ fn prepare_and_run(
                 reason: format!("mount target `{}` is not absolute", m.target().display()),
             });
         }
-        extra_targets.push(points.ensure(root, m.target(), kind)?);
+        // Targets under /dev live in the fresh /dev tmpfs mounted below, not in the root:
+        // they are created there once it is mounted.
+        let under_dev =
+            !in_place && m.target().starts_with("/dev") && m.target() != Path::new("/dev");
+        if under_dev {
+            let rel = m.target().strip_prefix("/").unwrap_or(m.target());
+            dev_points.push((extra_targets.len(), kind));
+            extra_targets.push(root.join(rel));
+        } else {
+            extra_targets.push(points.ensure(root, m.target(), kind)?);
+        }
     }
 
     let mut overlay_step = None;
@@ -584,6 +595,31 @@ fn prepare_and_run(
                 true,
                 Some(c),
             )?;
+        }
+        // Mount points of user mounts under /dev (e.g. `/dev/pipes` for heredoc scripts).
+        for (i, kind) in &dev_points {
+            let target = &extra_targets[*i];
+            let mut dirs: Vec<PathBuf> = target
+                .ancestors()
+                .skip(1)
+                .take_while(|a| a.starts_with(&dev_t) && *a != dev_t.as_path())
+                .map(Path::to_path_buf)
+                .collect();
+            dirs.reverse();
+            let mut dep = Some(dev);
+            for d in dirs {
+                dep = Some(plan.add(
+                    format!("create `{}`", d.display()),
+                    Op::Mkdir { path: cpath(&d)?, mode: 0o755 },
+                    false,
+                    dep,
+                ));
+            }
+            let op = match kind {
+                PointKind::Dir => Op::Mkdir { path: cpath(target)?, mode: 0o755 },
+                PointKind::File => Op::CreateFile { path: cpath(target)? },
+            };
+            plan.add(format!("create `{}`", target.display()), op, false, dep);
         }
         let pts_dir = dev_t.join("pts");
         let pts = plan.add(

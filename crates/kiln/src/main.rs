@@ -4,8 +4,10 @@
 //! `debug dump-ast` (the parser's AST in BuildKit's dump format). Errors are rendered here, with
 //! `file:line`, the source line and `hint:` lines ([`diagnostic`]); libraries return typed errors.
 
+mod build_cmd;
 mod diagnostic;
 mod plan_cmd;
+mod progress;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -23,6 +25,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Build an image from a Dockerfile.
+    Build(Box<build_cmd::BuildArgs>),
     /// Show the stages and steps a build would run, after ARG expansion, without building.
     Plan(PlanArgs),
     /// Developer tools.
@@ -73,6 +77,7 @@ enum DebugCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Build(args) => build_cmd::run(&args),
         Command::Plan(args) => plan_cmd::run(&args),
         Command::Debug(DebugCommand::DumpAst { file }) => plan_cmd::dump_ast(&file),
     };

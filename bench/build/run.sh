@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Builds the shared benchmark suites (../shared/bench, or $KILN_BENCH_SUITES) with kiln and its
+# peers side by side, cold (fresh storage, base pulled from a local registry) and with the push
+# to that registry included, and prints a Markdown table of median wall time and peak RSS.
+#
+# usage: bench/build/run.sh [-n RUNS] [-s SUITE]... [--no-kiln] [--no-buildah]
+#   KANIKO_EXECUTOR=/path/to/executor  adds kaniko (run in a throwaway root; skipped if unset)
+#   KILN=/path/to/kiln                 the kiln binary (default: target/release/kiln, built)
+#
+# Peers: buildah bud --isolation chroot --layers, with overlay and with vfs storage, then
+# buildah push. The registry is the Debian `docker-registry` on 127.0.0.1 with a random port;
+# base images come from scripts/base-images.sh.
+set -euo pipefail
+shopt -s inherit_errexit
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+suites_dir="${KILN_BENCH_SUITES:-$repo/../shared/bench}"
+runs=3
+suites=()
+with_kiln=1
+with_buildah=1
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -n) runs="$2"; shift 2 ;;
+    -s) suites+=("$2"); shift 2 ;;
+    --no-kiln) with_kiln=0; shift ;;
+    --no-buildah) with_buildah=0; shift ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+[[ ${#suites[@]} -gt 0 ]] || suites=(small many-files bigcopy many-layers multistage)
+
+work=$(mktemp -d /var/tmp/kiln-bench.XXXXXX)
+reg_pid=""
+cleanup() {
+  [[ -n "$reg_pid" ]] && kill "$reg_pid" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# A registry on a free port.
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+mkdir -p "$work/registry"
+cat > "$work/registry/config.yml" <<YML
+version: 0.1
+storage:
+  filesystem:
+    rootdirectory: $work/registry/data
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:$port
+log:
+  level: error
+YML
+docker-registry serve "$work/registry/config.yml" > "$work/registry/log" 2>&1 &
+reg_pid=$!
+for _ in $(seq 50); do curl -fsS "http://127.0.0.1:$port/v2/" >/dev/null 2>&1 && break; sleep 0.1; done
+reg="127.0.0.1:$port"
+"$repo/scripts/base-images.sh" "$reg" >&2
+
+if [[ $with_kiln == 1 && -z "${KILN:-}" ]]; then
+  (cd "$repo" && cargo build --release -q -p kiln)
+  KILN="$repo/target/release/kiln"
+fi
+
+# The bigcopy context is generated once and cached.
+context_of() {
+  local suite="$1"
+  if [[ "$suite" == bigcopy ]]; then
+    local c="${KILN_TEST_CACHE:-$HOME/.cache/kiln-test}/bench/bigcopy-500"
+    if [[ ! -f "$c/.done" ]]; then
+      rm -rf "$c"; mkdir -p "$c"
+      python3 "$suites_dir/gen-bigcopy.py" "$c" 500 >&2
+      touch "$c/.done"
+    fi
+    echo "$c"
+  else
+    echo "$suites_dir/$suite"
+  fi
+}
+
+# Runs a command, appending "seconds peak_kb" to $results_file.
+measure() {
+  local out="$1"; shift
+  /usr/bin/time -f "%e %M" -o "$work/time" "$@" > "$work/cmd.log" 2>&1 || {
+    echo "FAILED: $*" >&2; tail -30 "$work/cmd.log" >&2; echo "fail fail" >> "$out"; return 0; }
+  cat "$work/time" >> "$out"
+}
+
+median() { sort -n | awk '{a[NR]=$1} END { if (NR==0) {print "-"} else if (a[1]=="fail") {print "fail"} else {print a[int((NR+1)/2)]} }'; }
+
+run_kiln() {
+  local suite="$1" ctx="$2" out="$3"
+  local wd="$work/kiln-$suite"; rm -rf "$wd"
+  measure "$out" "$KILN" build --progress plain --work-dir "$wd" --insecure-registry "$reg" \
+    -f "$suites_dir/$suite/Dockerfile" --build-arg "REGISTRY=$reg" \
+    -t "$reg/bench/$suite:kiln" "$ctx"
+}
+
+run_buildah() {
+  local driver="$1" suite="$2" ctx="$3" out="$4"
+  local st="$work/buildah-$driver"; rm -rf "$st"; mkdir -p "$st"
+  local b=(buildah --root "$st/root" --runroot "$st/run" --storage-driver "$driver")
+  measure "$out" bash -c "$(printf '%q ' "${b[@]}") bud --quiet --isolation chroot --layers --tls-verify=false \
+      -f $(printf '%q' "$suites_dir/$suite/Dockerfile") --build-arg REGISTRY=$reg -t bench-$suite $(printf '%q' "$ctx") >/dev/null &&
+    $(printf '%q ' "${b[@]}") push --quiet --tls-verify=false bench-$suite docker://$reg/bench/$suite:buildah-$driver"
+  "${b[@]}" rm -a >/dev/null 2>&1 || true
+  "${b[@]}" rmi -a -f >/dev/null 2>&1 || true
+  rm -rf "$st" 2>/dev/null || true
+}
+
+printf '| suite | tool | wall s (median of %s) | peak RSS MB |\n|---|---|---|---|\n' "$runs"
+for suite in "${suites[@]}"; do
+  ctx=$(context_of "$suite")
+  tools=()
+  [[ $with_kiln == 1 ]] && tools+=(kiln)
+  [[ $with_buildah == 1 ]] && tools+=(buildah-overlay buildah-vfs)
+  for tool in "${tools[@]}"; do
+    res="$work/res-$suite-$tool"; : > "$res"
+    for _ in $(seq "$runs"); do
+      case "$tool" in
+        kiln) run_kiln "$suite" "$ctx" "$res" ;;
+        buildah-overlay) run_buildah overlay "$suite" "$ctx" "$res" ;;
+        buildah-vfs) run_buildah vfs "$suite" "$ctx" "$res" ;;
+      esac
+    done
+    t=$(cut -d' ' -f1 "$res" | median)
+    m=$(cut -d' ' -f2 "$res" | median)
+    [[ "$m" =~ ^[0-9]+$ ]] && m=$((m / 1024))
+    printf '| %s | %s | %s | %s |\n' "$suite" "$tool" "$t" "$m"
+  done
+done

@@ -1,0 +1,1168 @@
+//! The build engine: a planned Dockerfile executed stage by stage into an image.
+//!
+//! Data flow of [`build`]:
+//! 1. parse the Dockerfile and plan it once to learn the base images; resolve their configs
+//!    through the [`ImageSource`] (their `ENV` feeds word expansion), then plan again;
+//! 2. for each needed stage in dependency order: make its root (empty for `scratch`, a copy or
+//!    move of an earlier stage's root, or the base image's layers applied), then run its steps:
+//!    metadata instructions edit the [`ImageConfig`]; RUN runs in the [`Sandbox`] and the
+//!    changes since the last snapshot become a layer; COPY/ADD copy into the root and the paths
+//!    they wrote become a layer; WORKDIR creates its directory;
+//! 3. return the target stage's image: config (with history and diff ids) and layers. The
+//!    caller exports it (registry push, OCI layout, docker-archive).
+//!
+//! Every step reports to [`Progress`]; a failure names the Dockerfile line and carries a hint.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use kiln_dockerfile::dockerignore::DockerIgnore;
+use kiln_dockerfile::instructions::{
+    CommandLine, Healthcheck, InlineFile, Instruction, NetworkMode, Span,
+};
+use kiln_dockerfile::plan::{Base, Env, Plan, PlanOptions, PlannedStage, PlannedStep, Platform};
+
+use crate::config::{HistoryEntry, ImageConfig};
+use crate::copy::{Chmod, CopyRequest, SourceKind};
+use crate::image::{BaseImage, ImageSource, LayerBlob, LayerOps, MediaTypes, SeamError, Snapshot};
+use crate::options::SecretSpec;
+use crate::progress::{Event, Progress};
+use crate::{history, mounts, owner, run};
+use kiln_fs::rootpath;
+
+/// What one build needs to know.
+#[derive(Debug, Clone)]
+pub struct BuildRequest {
+    /// The Dockerfile's name for messages (`Dockerfile`, `ci/Dockerfile.prod`).
+    pub dockerfile_name: String,
+    pub dockerfile: String,
+    /// The build context directory.
+    pub context: PathBuf,
+    /// The context's `.dockerignore`, if any.
+    pub ignore: Option<DockerIgnore>,
+    pub build_args: Vec<(String, String)>,
+    pub target: Option<String>,
+    pub platform: Option<Platform>,
+    pub secrets: Vec<SecretSpec>,
+    /// Labels added to the result (kaniko's `--label`).
+    pub labels: Vec<(String, String)>,
+    /// `created` times: `Some(epoch seconds)` for reproducible builds (`SOURCE_DATE_EPOCH`,
+    /// `--reproducible`), `None` for the current time.
+    pub epoch: Option<i64>,
+    /// A private directory for stage roots, blobs and scratch files.
+    pub work_dir: PathBuf,
+    /// Where `RUN --mount=type=cache` directories persist between builds.
+    pub cache_mounts: PathBuf,
+}
+
+/// The image a build produced.
+#[derive(Debug, Clone)]
+pub struct BuiltImage {
+    pub config: ImageConfig,
+    pub layers: Vec<LayerBlob>,
+    pub media_types: MediaTypes,
+    /// Per-step timings, in order.
+    pub steps: Vec<StepTiming>,
+}
+
+/// How long one step took.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepTiming {
+    pub stage: String,
+    pub line: usize,
+    pub text: String,
+    pub seconds: f64,
+}
+
+/// Why a build failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    #[error(transparent)]
+    Frontend(#[from] kiln_dockerfile::Error),
+    #[error("{message}")]
+    Step { file: String, line: usize, message: String, hint: Option<String> },
+    #[error("RUN {command} failed with {status}{tail}")]
+    RunFailed { file: String, line: usize, command: String, status: String, tail: String },
+    #[error("base image `{reference}`: {source}")]
+    Base { reference: String, source: SeamError },
+    #[error("{context}: {error}")]
+    Io { context: String, error: io::Error },
+}
+
+impl BuildError {
+    /// Advice on how to fix it.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            BuildError::Frontend(e) => e.hint(),
+            BuildError::Step { hint, .. } => hint.clone(),
+            BuildError::RunFailed { .. } => Some(
+                "the command's output is above; run the same command in the base image to reproduce it".into(),
+            ),
+            BuildError::Base { source, .. } => source.hint.clone(),
+            BuildError::Io { .. } => None,
+        }
+    }
+
+    /// The Dockerfile lines the error is about, when known.
+    pub fn span(&self) -> Option<Span> {
+        match self {
+            BuildError::Frontend(e) => e.span(),
+            BuildError::Step { line, .. } | BuildError::RunFailed { line, .. } => {
+                Some(Span { start_line: *line, end_line: *line })
+            }
+            _ => None,
+        }
+    }
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> BuildError {
+    let context = context.into();
+    move |error| BuildError::Io { context, error }
+}
+
+/// The built state of one stage.
+struct StageResult {
+    root: PathBuf,
+    image: BuiltImage,
+    /// Stages still to be built that need this one (as base, COPY --from or mount from).
+    users_left: usize,
+}
+
+/// The engine's collaborators.
+pub struct Engine<'a> {
+    pub images: &'a dyn ImageSource,
+    pub layers: &'a dyn LayerOps,
+    pub sandbox: &'a kiln_sandbox::Sandbox,
+    pub progress: &'a dyn Progress,
+}
+
+/// The environment of a base image, for planning.
+fn env_of(config: &ImageConfig) -> Env {
+    config
+        .env()
+        .into_iter()
+        .map(|e| match e.split_once('=') {
+            Some((k, v)) => (k.to_owned(), v.to_owned()),
+            None => (e, String::new()),
+        })
+        .collect()
+}
+
+impl Engine<'_> {
+    /// Builds the target stage of `req`.
+    pub fn build(&self, req: &BuildRequest) -> Result<BuiltImage, BuildError> {
+        let parsed = kiln_dockerfile::parse_instructions(&req.dockerfile)?;
+        let mut opts = PlanOptions {
+            build_args: req.build_args.clone(),
+            target: req.target.clone(),
+            target_platform: req.platform.clone(),
+            escape: parsed.escape,
+            ..PlanOptions::default()
+        };
+        let first = kiln_dockerfile::plan::plan(&parsed.instructions, &opts)
+            .map_err(kiln_dockerfile::Error::from)?;
+
+        // Resolve base images (configs only; blobs come when the stage is built).
+        let mut bases: HashMap<String, BaseImage> = HashMap::new();
+        for stage in first.stages.iter().filter(|s| !s.skipped) {
+            let mut refs: Vec<&str> = stage.image_sources.iter().map(String::as_str).collect();
+            if let Base::Image(r) = &stage.base {
+                refs.push(r);
+            }
+            let platform = stage.platform.clone().unwrap_or_else(|| first.target_platform.clone());
+            for r in refs {
+                if bases.contains_key(r) {
+                    continue;
+                }
+                let image = self
+                    .images
+                    .resolve(r, &platform)
+                    .map_err(|source| BuildError::Base { reference: r.to_owned(), source })?;
+                bases.insert(r.to_owned(), image);
+            }
+        }
+        let base_env = |r: &str| bases.get(r).map(|b| env_of(&b.config));
+        opts.base_env = Some(&base_env);
+        let plan = kiln_dockerfile::plan::plan(&parsed.instructions, &opts)
+            .map_err(kiln_dockerfile::Error::from)?;
+        for w in &plan.warnings {
+            let at = w.span.map(|s| format!("{}:{}: ", req.dockerfile_name, s.start_line));
+            self.progress.event(Event::Warning {
+                message: format!("{}{}", at.unwrap_or_default(), w.message),
+            });
+        }
+
+        fs::create_dir_all(&req.work_dir).map_err(io_err("creating the work directory"))?;
+        let order = plan.build_order();
+        let total_steps: usize = order.iter().map(|i| plan.stages[*i].steps.len()).sum();
+        let mut users: HashMap<usize, usize> = HashMap::new();
+        for i in &order {
+            for d in &plan.stages[*i].dependencies {
+                *users.entry(d.stage).or_default() += 1;
+            }
+        }
+        let mut results: HashMap<usize, StageResult> = HashMap::new();
+        let mut counter = 0;
+        for &i in &order {
+            let stage = &plan.stages[i];
+            let result = StageBuild {
+                engine: self,
+                req,
+                plan: &plan,
+                stage,
+                bases: &bases,
+                results: &mut results,
+                counter: &mut counter,
+                total_steps,
+                users_left: users.get(&i).copied().unwrap_or(0),
+            }
+            .run()?;
+            results.insert(i, result);
+            // Release roots nobody needs any more.
+            for d in &stage.dependencies {
+                if let Some(r) = results.get_mut(&d.stage) {
+                    r.users_left = r.users_left.saturating_sub(1);
+                    if r.users_left == 0 && d.stage != plan.target && r.root.exists() {
+                        let _ = fs::remove_dir_all(&r.root);
+                    }
+                }
+            }
+        }
+        results.remove(&plan.target).map(|r| r.image).ok_or_else(|| BuildError::Io {
+            context: "finishing the build".into(),
+            error: io::Error::other("the target stage was not built"),
+        })
+    }
+}
+
+/// One stage being built.
+struct StageBuild<'e, 'a> {
+    engine: &'e Engine<'a>,
+    req: &'e BuildRequest,
+    plan: &'e Plan,
+    stage: &'e PlannedStage,
+    bases: &'e HashMap<String, BaseImage>,
+    results: &'e mut HashMap<usize, StageResult>,
+    counter: &'e mut usize,
+    total_steps: usize,
+    users_left: usize,
+}
+
+/// The mutable state of a stage while its steps run.
+struct StageState {
+    root: PathBuf,
+    config: ImageConfig,
+    layers: Vec<LayerBlob>,
+    media_types: MediaTypes,
+    snapshot: Option<Box<dyn Snapshot>>,
+    /// CMD was set in this stage (ENTRYPOINT then keeps it).
+    cmd_set: bool,
+    steps: Vec<StepTiming>,
+}
+
+impl StageBuild<'_, '_> {
+    fn name(&self) -> String {
+        self.stage.display_name()
+    }
+
+    fn stage_dir(&self) -> PathBuf {
+        self.req.work_dir.join(format!("stage-{}", self.stage.index))
+    }
+
+    fn blob_dir(&self) -> PathBuf {
+        self.req.work_dir.join("blobs")
+    }
+
+    fn step_err(
+        &self,
+        line: usize,
+        message: impl Into<String>,
+        hint: Option<String>,
+    ) -> BuildError {
+        BuildError::Step {
+            file: self.req.dockerfile_name.clone(),
+            line,
+            message: message.into(),
+            hint,
+        }
+    }
+
+    fn run(mut self) -> Result<StageResult, BuildError> {
+        let dir = self.stage_dir();
+        fs::create_dir_all(&dir).map_err(io_err("creating a stage directory"))?;
+        fs::create_dir_all(self.blob_dir()).map_err(io_err("creating the blob directory"))?;
+        let root = dir.join("rootfs");
+        let base_text = match &self.stage.base {
+            Base::Scratch => "scratch".to_owned(),
+            Base::Stage(i) => self.plan.stages[*i].display_name(),
+            Base::Image(r) => r.clone(),
+        };
+        self.engine.progress.event(Event::StageStarted { stage: self.name(), base: base_text });
+        let mut state = self.prepare_root(&root)?;
+        for step in &self.stage.steps {
+            *self.counter += 1;
+            let text = step.original.trim().to_owned();
+            self.engine.progress.event(Event::StepStarted {
+                stage: self.name(),
+                index: *self.counter,
+                of: self.total_steps,
+                text: text.clone(),
+            });
+            let started = Instant::now();
+            let layers_before = state.layers.len();
+            self.step(&mut state, step)?;
+            let elapsed = started.elapsed();
+            let layer = (state.layers.len() > layers_before)
+                .then(|| state.layers.last().map_or(0, |l| l.size));
+            self.engine.progress.event(Event::StepFinished {
+                index: *self.counter,
+                elapsed,
+                cached: false,
+                layer,
+            });
+            state.steps.push(StepTiming {
+                stage: self.name(),
+                line: step.span.start_line,
+                text,
+                seconds: elapsed.as_secs_f64(),
+            });
+        }
+        for (k, v) in &self.req.labels {
+            state.config.set_label(k, v);
+        }
+        state.config.set_created(&created_time(self.req.epoch));
+        Ok(StageResult {
+            root,
+            image: BuiltImage {
+                config: state.config,
+                layers: state.layers,
+                media_types: state.media_types,
+                steps: state.steps,
+            },
+            users_left: self.users_left,
+        })
+    }
+
+    /// Makes the stage's root and initial state from its base.
+    fn prepare_root(&mut self, root: &Path) -> Result<StageState, BuildError> {
+        let platform =
+            self.stage.platform.clone().unwrap_or_else(|| self.plan.target_platform.clone());
+        let fresh =
+            |config: ImageConfig, layers: Vec<LayerBlob>, media_types: MediaTypes| StageState {
+                root: root.to_path_buf(),
+                config,
+                layers,
+                media_types,
+                snapshot: None,
+                cmd_set: false,
+                steps: Vec::new(),
+            };
+        match &self.stage.base {
+            Base::Scratch => {
+                fs::create_dir_all(root).map_err(io_err("creating the stage root"))?;
+                let config = ImageConfig::scratch(
+                    &platform.os,
+                    &platform.architecture,
+                    platform.variant.as_deref(),
+                );
+                Ok(fresh(config, Vec::new(), MediaTypes::Oci))
+            }
+            Base::Stage(i) => {
+                let name = self.name();
+                let parent = self.results.get_mut(i).ok_or_else(|| BuildError::Io {
+                    context: format!("stage {name}"),
+                    error: io::Error::other("its base stage was not built"),
+                })?;
+                // The last user of a stage takes its root; others get a copy.
+                if parent.users_left <= 1 && *i != self.plan.target {
+                    fs::rename(&parent.root, root).map_err(io_err("moving a stage root"))?;
+                    parent.users_left = 0;
+                } else {
+                    copy_tree(&parent.root, root)?;
+                }
+                let mut config = parent.image.config.clone();
+                config.clear_onbuild();
+                Ok(fresh(config, parent.image.layers.clone(), parent.image.media_types))
+            }
+            Base::Image(reference) => {
+                let base = self.bases.get(reference).ok_or_else(|| BuildError::Io {
+                    context: format!("base image {reference}"),
+                    error: io::Error::other("it was not resolved"),
+                })?;
+                fs::create_dir_all(root).map_err(io_err("creating the stage root"))?;
+                let total: u64 = base.layers.iter().map(|l| l.size).sum();
+                let mut done = 0;
+                for layer in &base.layers {
+                    self.engine.images.ensure_blob(base, layer).map_err(|source| {
+                        BuildError::Base { reference: reference.clone(), source }
+                    })?;
+                    self.engine.layers.apply(layer, root).map_err(|source| BuildError::Base {
+                        reference: reference.clone(),
+                        source,
+                    })?;
+                    done += layer.size;
+                    self.engine.progress.event(Event::Pull {
+                        reference: reference.clone(),
+                        bytes: done,
+                        total,
+                    });
+                }
+                let mut config = base.config.clone();
+                if !config.onbuild().is_empty() {
+                    self.engine.progress.event(Event::Warning {
+                        message: format!(
+                            "{reference} has ONBUILD triggers; kiln does not run triggers of registry images yet: {}",
+                            config.onbuild().join("; ")
+                        ),
+                    });
+                }
+                config.clear_onbuild();
+                Ok(fresh(config, base.layers.clone(), base.media_types))
+            }
+        }
+    }
+
+    fn history(&self, state: &mut StageState, created_by: String, empty_layer: bool) {
+        state.config.push_history(&HistoryEntry {
+            created_by,
+            empty_layer,
+            created: Some(created_time(self.req.epoch)),
+        });
+    }
+
+    fn add_layer(&self, state: &mut StageState, layer: Option<LayerBlob>) -> bool {
+        match layer {
+            Some(l) => {
+                state.config.push_diff_id(&l.diff_id);
+                state.layers.push(l);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn step(&mut self, state: &mut StageState, step: &PlannedStep) -> Result<(), BuildError> {
+        let line = step.span.start_line;
+        match &step.instruction {
+            Instruction::Env { vars } => {
+                for kv in vars {
+                    state.config.set_env(&kv.key, &kv.value);
+                }
+                self.history(state, history::key_values("ENV", vars), true);
+            }
+            Instruction::Label { labels } => {
+                for kv in labels {
+                    state.config.set_label(&kv.key, &kv.value);
+                }
+                self.history(state, history::key_values("LABEL", labels), true);
+            }
+            Instruction::Maintainer { name } => {
+                state.config.set_author(name);
+                self.history(state, format!("MAINTAINER {name}"), true);
+            }
+            Instruction::Expose { ports } => {
+                let mut normalized = Vec::new();
+                for p in ports {
+                    normalized.extend(expose_ports(p).map_err(|m| {
+                        self.step_err(
+                            line,
+                            m,
+                            Some("write ports as `80`, `80/tcp`, `53/udp` or `8000-8010`".into()),
+                        )
+                    })?);
+                }
+                for p in &normalized {
+                    state.config.expose(p);
+                }
+                self.history(state, history::expose(&normalized), true);
+            }
+            Instruction::Volume { paths } => {
+                if paths.iter().any(|p| p.trim().is_empty()) {
+                    return Err(self.step_err(
+                        line,
+                        "VOLUME specified can not be an empty string",
+                        None,
+                    ));
+                }
+                for p in paths {
+                    state.config.add_volume(p);
+                }
+                self.history(state, history::volume(paths), true);
+            }
+            Instruction::User { user } => {
+                state.config.set_user(user);
+                self.history(state, format!("USER {user}"), true);
+            }
+            Instruction::Stopsignal { signal } => {
+                state.config.set_stop_signal(signal);
+                self.history(state, format!("STOPSIGNAL {signal}"), true);
+            }
+            Instruction::Shell { shell } => {
+                state.config.set_shell(shell);
+                self.history(state, format!("SHELL [{}]", shell.join(" ")), true);
+            }
+            Instruction::Cmd { command } => {
+                let args = self.command_args(state, command);
+                state.config.set_cmd(Some(&args));
+                state.cmd_set = true;
+                self.history(state, format!("CMD {}", history::go_quoted_list(&args)), true);
+            }
+            Instruction::Entrypoint { command } => {
+                let args = self.command_args(state, command);
+                state.config.set_entrypoint(&args);
+                if !state.cmd_set {
+                    state.config.set_cmd(None);
+                }
+                self.history(state, format!("ENTRYPOINT {}", history::go_quoted_list(&args)), true);
+            }
+            Instruction::Healthcheck { check } => {
+                let (value, text) = healthcheck_json(check);
+                state.config.set_healthcheck(value);
+                self.history(state, format!("HEALTHCHECK {text}"), true);
+            }
+            Instruction::Onbuild { expression, .. } => {
+                state.config.add_onbuild(expression);
+            }
+            Instruction::Arg { args } => {
+                let values: Vec<Option<String>> = args.iter().map(|a| a.default.clone()).collect();
+                self.history(state, history::arg(args, &values), true);
+            }
+            Instruction::Workdir { path } => self.workdir(state, path, line)?,
+            Instruction::Run { command, heredocs, mounts, network, .. } => {
+                let mounts: Vec<_> = mounts.iter().filter_map(|m| m.mount.clone()).collect();
+                self.run_step(state, step, command, heredocs, &mounts, *network)?;
+            }
+            Instruction::Copy { sources, from, chown, chmod, parents, exclude, .. } => {
+                let spec = CopySpec {
+                    keyword: "COPY",
+                    paths: &sources.paths,
+                    inline: &sources.inline,
+                    dest: &sources.dest,
+                    from: from.as_deref(),
+                    chown: chown.as_deref(),
+                    chmod: chmod.as_deref(),
+                    parents: *parents,
+                    exclude,
+                    unpack: false,
+                };
+                self.copy_step(state, &spec, line)?;
+            }
+            Instruction::Add { sources, chown, chmod, exclude, unpack, checksum, .. } => {
+                if let Some(url) = sources.paths.iter().find(|p| is_remote(p)) {
+                    return Err(self.step_err(
+                        line,
+                        format!("ADD of remote sources (`{url}`) is not supported yet"),
+                        Some("download it in a RUN step (`RUN wget ...`) or put the file in the build context".into()),
+                    ));
+                }
+                if checksum.is_some() {
+                    return Err(self.step_err(
+                        line,
+                        "ADD --checksum needs an http(s) or git source",
+                        None,
+                    ));
+                }
+                let spec = CopySpec {
+                    keyword: "ADD",
+                    paths: &sources.paths,
+                    inline: &sources.inline,
+                    dest: &sources.dest,
+                    from: None,
+                    chown: chown.as_deref(),
+                    chmod: chmod.as_deref(),
+                    parents: false,
+                    exclude,
+                    unpack: unpack.unwrap_or(true),
+                };
+                self.copy_step(state, &spec, line)?;
+            }
+            Instruction::From { .. } => {}
+            other => {
+                return Err(self.step_err(
+                    line,
+                    format!("{} is not supported by this version of kiln", other.keyword()),
+                    None,
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// CMD/ENTRYPOINT arguments: exec form as is, shell form through SHELL.
+    fn command_args(&self, state: &StageState, command: &CommandLine) -> Vec<String> {
+        match command {
+            CommandLine::Exec(v) => v.clone(),
+            CommandLine::Shell(s) => run::with_shell(&state.config.shell(), s),
+        }
+    }
+
+    fn workdir(
+        &mut self,
+        state: &mut StageState,
+        path: &str,
+        line: usize,
+    ) -> Result<(), BuildError> {
+        let joined = if path.starts_with('/') {
+            PathBuf::from(path)
+        } else {
+            Path::new(&state.config.workdir()).join(path)
+        };
+        let wd = format!("/{}", rootpath::clean_relative(&joined));
+        state.config.set_workdir(&wd);
+        if wd == "/" {
+            self.history(state, "WORKDIR /".into(), true);
+            return Ok(());
+        }
+        let user = state.config.user();
+        let owner = if user.is_empty() {
+            (0, 0)
+        } else {
+            owner::resolve(&user, &state.root)
+                .map_err(|e| self.step_err(line, e.to_string(), Some(e.hint())))?
+        };
+        let created = mkdir_all(&state.root, &wd, owner)
+            .map_err(|e| self.step_err(line, format!("cannot create WORKDIR {wd}: {e}"), None))?;
+        let layer = self
+            .engine
+            .layers
+            .paths_layer(&state.root, &created, &self.blob_dir(), state.media_types)
+            .map_err(|e| self.step_err(line, e.message, e.hint))?;
+        state.snapshot = None;
+        let with_layer = self.add_layer(state, layer);
+        self.history(state, format!("WORKDIR {wd}"), !with_layer);
+        Ok(())
+    }
+
+    fn run_step(
+        &mut self,
+        state: &mut StageState,
+        step: &PlannedStep,
+        command: &CommandLine,
+        heredocs: &[kiln_dockerfile::instructions::Heredoc],
+        mount_specs: &[kiln_dockerfile::instructions::Mount],
+        network: Option<NetworkMode>,
+    ) -> Result<(), BuildError> {
+        let line = step.span.start_line;
+        let shell = state.config.shell();
+        let cmd = run::command(command, heredocs, &shell)
+            .map_err(|e| self.step_err(line, e.to_string(), None))?;
+        // The snapshot to diff against: the state before this RUN.
+        let before = match state.snapshot.take() {
+            Some(s) => s,
+            None => self
+                .engine
+                .layers
+                .snapshot(&state.root)
+                .map_err(|e| self.step_err(line, e.message, e.hint))?,
+        };
+        let scratch = self.req.work_dir.join("scratch");
+        fs::create_dir_all(&scratch).map_err(io_err("creating the scratch directory"))?;
+        // Roots of `from=` stages and images, resolved before the closure borrows them.
+        let mut from_roots: HashMap<String, PathBuf> = HashMap::new();
+        for m in mount_specs {
+            if let Some(from) = &m.from
+                && !from_roots.contains_key(from)
+            {
+                from_roots.insert(from.clone(), self.copy_from_root(from, line)?);
+            }
+        }
+        let from_root = |name: &str| from_roots.get(name).cloned();
+        let workdir = state.config.workdir();
+        let prepared = mounts::prepare(
+            mount_specs,
+            &mounts::MountInputs {
+                context: &self.req.context,
+                from_root: &from_root,
+                cache_root: &self.req.cache_mounts,
+                scratch: &scratch,
+                secrets: &self.req.secrets,
+                workdir: &workdir,
+            },
+        )
+        .map_err(|e| {
+            let hint = e.hint();
+            self.step_err(line, e.to_string(), hint)
+        })?;
+        let mut env = run::environment(&state.config.env(), &step.args_in_scope);
+        for (k, v) in self.plan.proxy_env.iter() {
+            if !env.iter().any(|e| e.split_once('=').is_some_and(|(n, _)| n == k)) {
+                env.push(format!("{k}={v}"));
+            }
+        }
+        env.extend(prepared.secret_env.iter().cloned());
+        // The working directory must exist for the process to start in it.
+        mkdir_all(&state.root, &workdir, (0, 0)).map_err(|e| {
+            self.step_err(line, format!("cannot create the working directory {workdir}: {e}"), None)
+        })?;
+        let mut spec = kiln_sandbox::RunSpec::new(&state.root, cmd.argv.clone())
+            .user(state.config.user())
+            .workdir(&workdir);
+        spec.env = env;
+        spec.mounts = prepared.mounts.clone();
+        if network == Some(NetworkMode::None) {
+            spec.network = kiln_sandbox::Network::None;
+        }
+        let script_dir;
+        if let Some(script) = &cmd.script {
+            script_dir = tempfile::Builder::new()
+                .prefix("script-")
+                .tempdir_in(&scratch)
+                .map_err(io_err("creating a heredoc script"))?;
+            let file = script_dir.path().join(&script.name);
+            fs::write(&file, &script.content).map_err(io_err("writing a heredoc script"))?;
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&file, fs::Permissions::from_mode(0o755))
+                .map_err(io_err("writing a heredoc script"))?;
+            spec.mounts.push(kiln_sandbox::Mount::Bind {
+                source: script_dir.path().to_path_buf(),
+                target: PathBuf::from(run::SCRIPT_DIR),
+                readonly: true,
+            });
+        }
+        let index = *self.counter;
+        let progress = self.engine.progress;
+        let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+        let outcome = self
+            .engine
+            .sandbox
+            .run(&spec, &mut |out: kiln_sandbox::OutputLine<'_>| {
+                let line = String::from_utf8_lossy(out.line).trim_end_matches('\n').to_owned();
+                if tail.len() == 10 {
+                    tail.pop_front();
+                }
+                tail.push_back(line.clone());
+                progress.event(Event::Output {
+                    index,
+                    line,
+                    stderr: out.stream == kiln_sandbox::Stream::Stderr,
+                });
+            })
+            .map_err(|e| self.step_err(line, format!("cannot run the command: {e}"), None))?;
+        drop(prepared);
+        for w in &outcome.warnings {
+            self.engine.progress.event(Event::Warning { message: w.clone() });
+        }
+        if !outcome.status.success() {
+            let tail = if tail.is_empty() {
+                String::new()
+            } else {
+                format!("\nlast lines of its output:\n  {}", Vec::from(tail).join("\n  "))
+            };
+            return Err(BuildError::RunFailed {
+                file: self.req.dockerfile_name.clone(),
+                line,
+                command: cmd.argv.join(" "),
+                status: outcome.status.to_string(),
+                tail,
+            });
+        }
+        let (layer, after) = self
+            .engine
+            .layers
+            .diff_layer(&state.root, before.as_ref(), &self.blob_dir(), state.media_types)
+            .map_err(|e| self.step_err(line, e.message, e.hint))?;
+        state.snapshot = Some(after);
+        let with_layer = self.add_layer(state, layer);
+        let args: Vec<(String, String)> = step
+            .args_in_scope
+            .iter()
+            .filter(|(k, _)| !kiln_dockerfile::plan::PROXY_ARGS.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        self.history(state, history::run(&cmd.argv, &args), !with_layer);
+        Ok(())
+    }
+
+    fn copy_step(
+        &mut self,
+        state: &mut StageState,
+        spec: &CopySpec<'_>,
+        line: usize,
+    ) -> Result<(), BuildError> {
+        let chmod = spec
+            .chmod
+            .map(Chmod::parse)
+            .transpose()
+            .map_err(|m| self.step_err(line, format!("invalid --chmod: {m}"), None))?;
+        let owner = spec
+            .chown
+            .map(|c| owner::resolve(c, &state.root))
+            .transpose()
+            .map_err(|e| self.step_err(line, e.to_string(), Some(e.hint())))?;
+        let exclude = if spec.exclude.is_empty() {
+            None
+        } else {
+            Some(
+                DockerIgnore::new(spec.exclude)
+                    .map_err(|e| self.step_err(line, e.to_string(), None))?,
+            )
+        };
+        let (src_root, src_kind) = match spec.from {
+            None => (self.req.context.clone(), SourceKind::Context),
+            Some(from) => (self.copy_from_root(from, line)?, SourceKind::Stage),
+        };
+        let mut changed = Vec::new();
+        if !spec.paths.is_empty() {
+            // ADD unpacks local archives into the destination directory.
+            let (archives, plain): (Vec<String>, Vec<String>) = if spec.unpack {
+                spec.paths.iter().cloned().partition(|p| {
+                    let host = rootpath::resolve(
+                        &src_root,
+                        Path::new(&rootpath::clean_relative(Path::new(p))),
+                        true,
+                    );
+                    host.is_ok_and(|h| h.is_file() && self.engine.layers.is_archive(&h))
+                })
+            } else {
+                (Vec::new(), spec.paths.to_vec())
+            };
+            if !plain.is_empty() {
+                let req = CopyRequest {
+                    src_root: &src_root,
+                    src_kind,
+                    sources: &plain,
+                    dest: spec.dest,
+                    workdir: &state.config.workdir(),
+                    ignore: if src_kind == SourceKind::Context {
+                        self.req.ignore.as_ref()
+                    } else {
+                        None
+                    },
+                    exclude: exclude.as_ref(),
+                    parents: spec.parents,
+                    owner,
+                    chmod: chmod.as_ref(),
+                };
+                let outcome = crate::copy::copy(&req, &state.root).map_err(|e| {
+                    let hint = e.hint();
+                    self.step_err(line, e.to_string(), hint)
+                })?;
+                for w in outcome.warnings {
+                    self.engine.progress.event(Event::Warning { message: w });
+                }
+                changed.extend(outcome.changed);
+            }
+            for archive in archives {
+                let host = rootpath::resolve(
+                    &src_root,
+                    Path::new(&rootpath::clean_relative(Path::new(&archive))),
+                    true,
+                )
+                .map_err(io_err(format!("resolving {archive}")))?;
+                let dest = if spec.dest.starts_with('/') {
+                    spec.dest.to_owned()
+                } else {
+                    format!("{}/{}", state.config.workdir(), spec.dest)
+                };
+                let written = self
+                    .engine
+                    .layers
+                    .extract_archive(&host, &state.root, &dest)
+                    .map_err(|e| self.step_err(line, e.message, e.hint))?;
+                changed.extend(written);
+            }
+        }
+        if !spec.inline.is_empty() {
+            changed.extend(self.copy_inline(state, spec, owner, chmod.as_ref(), line)?);
+        }
+        let layer = self
+            .engine
+            .layers
+            .paths_layer(&state.root, &changed, &self.blob_dir(), state.media_types)
+            .map_err(|e| self.step_err(line, e.message, e.hint))?;
+        state.snapshot = None;
+        let with_layer = self.add_layer(state, layer);
+        let mut flags = Vec::new();
+        if spec.parents {
+            flags.push("--parents".to_owned());
+        }
+        if let Some(c) = spec.chown {
+            flags.push(format!("--chown={c}"));
+        }
+        if let Some(c) = spec.chmod {
+            flags.push(format!("--chmod={c}"));
+        }
+        let mut sources: Vec<String> = spec.paths.to_vec();
+        sources.extend(spec.inline.iter().map(|f| format!("<<{}", f.name)));
+        self.history(state, history::copy(spec.keyword, &flags, &sources, spec.dest), !with_layer);
+        Ok(())
+    }
+
+    /// `COPY <<EOF /dst`: each heredoc becomes a file (mode 0644) named by its delimiter.
+    fn copy_inline(
+        &self,
+        state: &StageState,
+        spec: &CopySpec<'_>,
+        owner: Option<(u32, u32)>,
+        chmod: Option<&Chmod>,
+        line: usize,
+    ) -> Result<Vec<String>, BuildError> {
+        let scratch = tempfile::Builder::new()
+            .prefix("inline-")
+            .tempdir_in(&self.req.work_dir)
+            .map_err(io_err("creating inline files"))?;
+        let mut names = Vec::new();
+        for f in spec.inline {
+            let path = scratch.path().join(&f.name);
+            fs::write(&path, &f.content).map_err(io_err("writing an inline file"))?;
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o644))
+                .map_err(io_err("writing an inline file"))?;
+            names.push(f.name.clone());
+        }
+        let req = CopyRequest {
+            src_root: scratch.path(),
+            src_kind: SourceKind::Context,
+            sources: &names,
+            dest: spec.dest,
+            workdir: &state.config.workdir(),
+            ignore: None,
+            exclude: None,
+            parents: false,
+            owner,
+            chmod,
+        };
+        let outcome = crate::copy::copy(&req, &state.root).map_err(|e| {
+            let hint = e.hint();
+            self.step_err(line, e.to_string(), hint)
+        })?;
+        Ok(outcome.changed)
+    }
+
+    /// The root of `COPY --from=<from>`: a stage (name or index) or an image.
+    fn copy_from_root(&self, from: &str, line: usize) -> Result<PathBuf, BuildError> {
+        let lower = from.to_ascii_lowercase();
+        let idx = self
+            .plan
+            .stages
+            .iter()
+            .position(|s| s.name.as_deref() == Some(lower.as_str()))
+            .or_else(|| from.parse::<usize>().ok().filter(|i| *i < self.stage.index));
+        if let Some(i) = idx {
+            return self.results.get(&i).map(|r| r.root.clone()).ok_or_else(|| {
+                self.step_err(line, format!("stage `{from}` was not built before this step"), None)
+            });
+        }
+        let base = self.bases.get(from).ok_or_else(|| {
+            self.step_err(line, format!("`{from}` is neither a stage nor a resolved image"), None)
+        })?;
+        // Images used by COPY --from are unpacked once per build.
+        let key = kiln_oci::Digest::sha256_of(from.as_bytes()).hex()[..16].to_owned();
+        let root = self.req.work_dir.join(format!("image-{key}"));
+        if !root.exists() {
+            let partial = self.req.work_dir.join(format!("image-{key}.partial"));
+            let _ = fs::remove_dir_all(&partial);
+            fs::create_dir_all(&partial).map_err(io_err("unpacking a --from image"))?;
+            for layer in &base.layers {
+                self.engine
+                    .images
+                    .ensure_blob(base, layer)
+                    .and_then(|()| self.engine.layers.apply(layer, &partial))
+                    .map_err(|source| BuildError::Base { reference: from.to_owned(), source })?;
+            }
+            fs::rename(&partial, &root).map_err(io_err("unpacking a --from image"))?;
+        }
+        Ok(root)
+    }
+}
+
+/// What a COPY or ADD asks for, after expansion.
+struct CopySpec<'a> {
+    keyword: &'static str,
+    paths: &'a [String],
+    inline: &'a [InlineFile],
+    dest: &'a str,
+    from: Option<&'a str>,
+    chown: Option<&'a str>,
+    chmod: Option<&'a str>,
+    parents: bool,
+    exclude: &'a [String],
+    unpack: bool,
+}
+
+fn is_remote(source: &str) -> bool {
+    source.starts_with("http://") || source.starts_with("https://") || source.starts_with("git@")
+}
+
+/// Creates `dir` (absolute, inside `root`) and its missing parents with mode 0755 and
+/// `owner`; returns the created paths relative to the root, parents first.
+fn mkdir_all(root: &Path, dir: &str, owner: (u32, u32)) -> io::Result<Vec<String>> {
+    let mut created = Vec::new();
+    let mut so_far = String::new();
+    for part in rootpath::clean_relative(Path::new(dir)).split('/').filter(|p| !p.is_empty()) {
+        so_far = if so_far.is_empty() { part.to_owned() } else { format!("{so_far}/{part}") };
+        let host = rootpath::resolve(root, Path::new(&so_far), true)?;
+        match host.symlink_metadata() {
+            Ok(m) if m.is_dir() => continue,
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("/{so_far} exists and is not a directory"),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        fs::create_dir(&host)?;
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&host, fs::Permissions::from_mode(0o755))?;
+        if owner != (0, 0) || rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&host, Some(owner.0), Some(owner.1))?;
+        }
+        let rel =
+            host.strip_prefix(root).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        created.push(rel);
+    }
+    Ok(created)
+}
+
+/// Copies a whole tree (a stage root another stage builds on).
+fn copy_tree(from: &Path, to: &Path) -> Result<(), BuildError> {
+    fs::create_dir_all(to).map_err(io_err("copying a stage root"))?;
+    let sources = vec![".".to_owned()];
+    let req = CopyRequest {
+        src_root: from,
+        src_kind: SourceKind::Stage,
+        sources: &sources,
+        dest: "/",
+        workdir: "/",
+        ignore: None,
+        exclude: None,
+        parents: false,
+        owner: None,
+        chmod: None,
+    };
+    crate::copy::copy(&req, to).map_err(|e| BuildError::Io {
+        context: "copying a stage root".into(),
+        error: io::Error::other(e.to_string()),
+    })?;
+    Ok(())
+}
+
+/// `EXPOSE` words to `port/proto` keys: `80` → `80/tcp`, `8000-8002/udp` → three keys.
+fn expose_ports(word: &str) -> Result<Vec<String>, String> {
+    let (ports, proto) = match word.split_once('/') {
+        Some((p, proto)) => (p, proto.to_ascii_lowercase()),
+        None => (word, "tcp".to_owned()),
+    };
+    if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
+        return Err(format!("invalid EXPOSE protocol `{proto}` in `{word}`"));
+    }
+    let parse =
+        |s: &str| s.parse::<u16>().map_err(|_| format!("invalid port `{s}` in EXPOSE `{word}`"));
+    let (lo, hi) = match ports.split_once('-') {
+        Some((a, b)) => (parse(a)?, parse(b)?),
+        None => {
+            let p = parse(ports)?;
+            (p, p)
+        }
+    };
+    if hi < lo {
+        return Err(format!("invalid port range `{ports}` in EXPOSE"));
+    }
+    Ok((lo..=hi).map(|p| format!("{p}/{proto}")).collect())
+}
+
+/// The config JSON of a HEALTHCHECK, and its history text.
+fn healthcheck_json(check: &Healthcheck) -> (serde_json::Value, String) {
+    use serde_json::json;
+    match check {
+        Healthcheck::None => (json!({ "Test": ["NONE"] }), "&{[\"NONE\"] 0s 0s 0s 0s 0}".into()),
+        Healthcheck::Check { test, interval, timeout, start_period, start_interval, retries } => {
+            let ns = |d: &Option<std::time::Duration>| d.map_or(0, |d| d.as_nanos() as u64);
+            let mut v = json!({ "Test": test });
+            if let Some(o) = v.as_object_mut() {
+                for (k, d) in [
+                    ("Interval", interval),
+                    ("Timeout", timeout),
+                    ("StartPeriod", start_period),
+                    ("StartInterval", start_interval),
+                ] {
+                    if d.is_some() {
+                        o.insert(k.into(), json!(ns(d)));
+                    }
+                }
+                if let Some(r) = retries {
+                    o.insert("Retries".into(), json!(r));
+                }
+            }
+            let secs =
+                |d: &Option<std::time::Duration>| format!("{}s", d.map_or(0, |d| d.as_secs()));
+            let text = format!(
+                "&{}{} {} {} {} {} {}{}",
+                '{',
+                history::go_quoted_list(test),
+                secs(interval),
+                secs(timeout),
+                secs(start_period),
+                secs(start_interval),
+                retries.unwrap_or(0),
+                '}'
+            );
+            (v, text)
+        }
+    }
+}
+
+/// RFC 3339 time for `created`: the epoch when given, else now.
+pub fn created_time(epoch: Option<i64>) -> String {
+    let secs = epoch.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64)
+    });
+    rfc3339(secs)
+}
+
+/// Formats seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, Howard Hinnant).
+pub fn rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(created_time(Some(86_399)), "1970-01-01T23:59:59Z");
+    }
+
+    #[test]
+    fn expose() {
+        assert_eq!(expose_ports("80"), Ok(vec!["80/tcp".to_owned()]));
+        assert_eq!(expose_ports("53/UDP"), Ok(vec!["53/udp".to_owned()]));
+        assert_eq!(expose_ports("8000-8002").map(|v| v.len()), Ok(3));
+        assert!(expose_ports("http").is_err());
+        assert!(expose_ports("80/icmp").is_err());
+        assert!(expose_ports("9-1").is_err());
+    }
+
+    #[test]
+    fn mkdir_all_reports_created() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        fs::create_dir(dir.path().join("a")).unwrap_or_else(|e| panic!("{e}"));
+        let created = mkdir_all(dir.path(), "/a/b/c", (0, 0)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(created, vec!["a/b".to_owned(), "a/b/c".to_owned()]);
+        assert!(mkdir_all(dir.path(), "/a/b/c", (0, 0)).unwrap_or_default().is_empty());
+    }
+}

@@ -1,0 +1,482 @@
+//! Applying a layer (or unpacking an `ADD` archive) to a root directory.
+//!
+//! The compression (gzip, zstd, bzip2-less plain tar) is detected from the first bytes. Every
+//! entry name must be relative and free of `..`; parents are resolved inside the root
+//! ([`crate::rootpath`], as a chrooted process would: a symlink to `/etc` means the root's
+//! `/etc`), the last component is never followed, and hardlink targets are looked up the same
+//! way, so no entry can create or change anything outside the root. Regular files are written
+//! to a temporary name in their directory and renamed into place, so a failed apply never
+//! leaves a half-written file where a complete one is expected.
+//!
+//! OCI whiteouts (`.wh.<name>`) delete from lower layers and opaque markers (`.wh..wh..opq`)
+//! hide a directory's lower contents; both are ordinary files for `ADD` archives
+//! ([`ApplyOptions::whiteouts`] false). Owners are set when kiln may (root, or through a user
+//! namespace's mapping); otherwise, and for device nodes and privileged xattrs, the apply goes
+//! on and reports a warning.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+
+use crate::{FsError, rootpath};
+
+/// How to apply.
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// Interpret OCI whiteouts (layers) or keep them as files (`ADD` archives).
+    pub whiteouts: bool,
+    /// Set owners from the archive (default: when running as root).
+    pub chown: bool,
+    /// Names the layer in errors (its digest, or the archive's path).
+    pub name: String,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions {
+            whiteouts: true,
+            chown: rustix::process::geteuid().is_root(),
+            name: String::from("layer"),
+        }
+    }
+}
+
+/// What an apply did.
+#[derive(Debug, Clone, Default)]
+pub struct ApplyOutcome {
+    pub entries: usize,
+    /// Paths created or replaced, relative to the root, in archive order.
+    pub written: Vec<String>,
+    /// Things skipped (device nodes without the right to create them, owners, xattrs).
+    pub warnings: Vec<String>,
+}
+
+/// The compression of a stream, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detected {
+    Gzip,
+    Zstd,
+    Plain,
+}
+
+/// Detects the compression from a buffered reader without consuming anything.
+pub fn detect<R: BufRead>(r: &mut R) -> io::Result<Detected> {
+    let head = r.fill_buf()?;
+    Ok(if head.starts_with(&[0x1f, 0x8b]) {
+        Detected::Gzip
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Detected::Zstd
+    } else {
+        Detected::Plain
+    })
+}
+
+/// A reader of the decompressed tar stream of `path`.
+pub fn open_decompressed(path: &Path) -> io::Result<Box<dyn Read + Send>> {
+    let mut r = BufReader::with_capacity(1 << 20, fs::File::open(path)?);
+    Ok(match detect(&mut r)? {
+        Detected::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(r)),
+        Detected::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(r)?),
+        Detected::Plain => Box::new(r),
+    })
+}
+
+/// Whether `path` is a tar archive (possibly compressed), as `ADD` decides what to unpack.
+pub fn is_archive(path: &Path) -> bool {
+    let Ok(mut r) = open_decompressed(path) else { return false };
+    let mut block = [0u8; 512];
+    let mut filled = 0;
+    while filled < block.len() {
+        match r.read(&mut block[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(_) => return false,
+        }
+    }
+    if filled < 512 {
+        return false;
+    }
+    // A valid header checksum (the magic is absent in old v7 tars).
+    let stored = std::str::from_utf8(&block[148..156])
+        .ok()
+        .map(|s| s.trim_matches(|c: char| c == '\0' || c == ' '))
+        .and_then(|s| u32::from_str_radix(s, 8).ok());
+    let sum: u32 = block
+        .iter()
+        .enumerate()
+        .map(|(i, b)| if (148..156).contains(&i) { 32 } else { u32::from(*b) })
+        .sum();
+    stored == Some(sum) && block[0] != 0
+}
+
+/// Applies the layer blob at `blob` to `root`.
+pub fn apply_file(blob: &Path, root: &Path, opts: &ApplyOptions) -> Result<ApplyOutcome, FsError> {
+    let reader = open_decompressed(blob).map_err(|e| FsError::Layer {
+        layer: opts.name.clone(),
+        entry: String::new(),
+        reason: format!("cannot read {}: {e}", blob.display()),
+    })?;
+    apply_reader(reader, root, opts)
+}
+
+/// Applies an uncompressed tar stream to `root`.
+pub fn apply_reader<R: Read>(
+    reader: R,
+    root: &Path,
+    opts: &ApplyOptions,
+) -> Result<ApplyOutcome, FsError> {
+    let mut archive = tar::Archive::new(reader);
+    let mut state = Applier {
+        root,
+        opts,
+        outcome: ApplyOutcome::default(),
+        written: HashSet::new(),
+        dir_times: Vec::new(),
+        chown_warned: false,
+    };
+    let entries =
+        archive.entries().map_err(|e| state.err("", format!("not a tar archive: {e}")))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| state.err("", format!("corrupt tar: {e}")))?;
+        state.entry(&mut entry)?;
+        state.outcome.entries += 1;
+    }
+    // Directory mtimes last, deepest first: writing into a directory changes its mtime.
+    for (path, mtime) in state.dir_times.drain(..).rev() {
+        let _ = filetime::set_file_mtime(&path, mtime);
+    }
+    Ok(state.outcome)
+}
+
+struct Applier<'a> {
+    root: &'a Path,
+    opts: &'a ApplyOptions,
+    outcome: ApplyOutcome,
+    /// Paths this layer wrote (an opaque marker keeps them).
+    written: HashSet<String>,
+    dir_times: Vec<(PathBuf, filetime::FileTime)>,
+    chown_warned: bool,
+}
+
+/// An entry name made safe: relative, no `..`, no empty components.
+fn clean_entry_name(raw: &Path) -> Result<String, String> {
+    let mut parts: Vec<String> = Vec::new();
+    for c in raw.components() {
+        match c {
+            Component::Normal(s) => parts.push(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            Component::CurDir => {}
+            Component::ParentDir => return Err("contains `..`".into()),
+            Component::RootDir | Component::Prefix(_) => return Err("is an absolute path".into()),
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+impl Applier<'_> {
+    fn err(&self, entry: &str, reason: impl Into<String>) -> FsError {
+        FsError::Layer {
+            layer: self.opts.name.clone(),
+            entry: entry.to_owned(),
+            reason: reason.into(),
+        }
+    }
+
+    fn io(&self, entry: &str) -> impl Fn(io::Error) -> FsError + '_ {
+        let entry = entry.to_owned();
+        move |e| FsError::Layer {
+            layer: self.opts.name.clone(),
+            entry: entry.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn warn(&mut self, msg: String) {
+        if self.outcome.warnings.len() < 100 {
+            self.outcome.warnings.push(msg);
+        }
+    }
+
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), FsError> {
+        let raw =
+            entry.path().map_err(|e| self.err("", format!("bad entry name: {e}")))?.into_owned();
+        let shown = raw.display().to_string();
+        let rel = clean_entry_name(&raw).map_err(|why| {
+            self.err(&shown, format!("entry name {why}; refusing to write outside the root"))
+        })?;
+        if rel.is_empty() {
+            // The root itself (`./`): only its metadata; keep the root's own.
+            return Ok(());
+        }
+        let (parent_rel, name) = match rel.rsplit_once('/') {
+            Some((p, n)) => (p.to_owned(), n.to_owned()),
+            None => (String::new(), rel.clone()),
+        };
+        let parent =
+            rootpath::resolve(self.root, Path::new(&parent_rel), true).map_err(self.io(&rel))?;
+        if self.opts.whiteouts && name.starts_with(".wh.") {
+            return self.whiteout(&rel, &parent_rel, &parent, &name);
+        }
+        // Parents missing from the archive are created (0755), as Docker does.
+        if !parent.is_dir() {
+            if parent.symlink_metadata().is_ok() {
+                fs::remove_file(&parent).map_err(self.io(&rel))?;
+            }
+            fs::create_dir_all(&parent).map_err(self.io(&rel))?;
+        }
+        let target = parent.join(&name);
+        let header = entry.header().clone();
+        let kind = header.entry_type();
+        let mode = header.mode().unwrap_or(0o644) & 0o7777;
+        let uid = header.uid().unwrap_or(0) as u32;
+        let gid = header.gid().unwrap_or(0) as u32;
+        let mtime = filetime::FileTime::from_unix_time(header.mtime().unwrap_or(0) as i64, 0);
+        let xattrs = pax_xattrs(entry);
+        let existing = target.symlink_metadata().ok();
+        let replace = |this: &Self, keep_dir: bool| -> Result<(), FsError> {
+            match &existing {
+                Some(m) if m.is_dir() && keep_dir => Ok(()),
+                Some(m) if m.is_dir() => fs::remove_dir_all(&target).map_err(this.io(&rel)),
+                Some(_) => fs::remove_file(&target).map_err(this.io(&rel)),
+                None => Ok(()),
+            }
+        };
+        match kind {
+            tar::EntryType::Directory => {
+                replace(self, true)?;
+                if existing.as_ref().is_none_or(|m| !m.is_dir()) {
+                    fs::create_dir(&target).map_err(self.io(&rel))?;
+                }
+                self.owner(&target, uid, gid, true, &rel)?;
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode))
+                    .map_err(self.io(&rel))?;
+                self.xattrs(&target, &xattrs, &rel);
+                self.dir_times.push((target.clone(), mtime));
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                let tmp = parent.join(format!(".kiln-tmp.{}.{name}", std::process::id()));
+                let result = (|| -> io::Result<()> {
+                    let mut f = fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode_private()
+                        .open(&tmp)?;
+                    io::copy(entry, &mut f)?;
+                    Ok(())
+                })();
+                if let Err(e) = result {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(self.err(&rel, format!("writing the file: {e}")));
+                }
+                self.owner(&tmp, uid, gid, true, &rel)?;
+                fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
+                    .map_err(self.io(&rel))?;
+                self.xattrs(&tmp, &xattrs, &rel);
+                let _ = filetime::set_file_mtime(&tmp, mtime);
+                if let Some(m) = &existing
+                    && m.is_dir()
+                {
+                    fs::remove_dir_all(&target).map_err(self.io(&rel))?;
+                }
+                fs::rename(&tmp, &target).map_err(|e| {
+                    let _ = fs::remove_file(&tmp);
+                    self.err(&rel, format!("moving the file into place: {e}"))
+                })?;
+            }
+            tar::EntryType::Symlink => {
+                let link = entry
+                    .link_name()
+                    .map_err(|e| self.err(&rel, format!("bad link target: {e}")))?
+                    .ok_or_else(|| self.err(&rel, "symlink without a target"))?
+                    .into_owned();
+                replace(self, false)?;
+                std::os::unix::fs::symlink(&link, &target).map_err(self.io(&rel))?;
+                self.owner(&target, uid, gid, false, &rel)?;
+                let _ = filetime::set_symlink_file_times(&target, mtime, mtime);
+            }
+            tar::EntryType::Link => {
+                let link = entry
+                    .link_name()
+                    .map_err(|e| self.err(&rel, format!("bad link target: {e}")))?
+                    .ok_or_else(|| self.err(&rel, "hardlink without a target"))?
+                    .into_owned();
+                let link_rel = clean_entry_name(&link).map_err(|why| {
+                    self.err(
+                        &rel,
+                        format!("hardlink target {why}; refusing to link outside the root"),
+                    )
+                })?;
+                let source = rootpath::resolve(self.root, Path::new(&link_rel), false)
+                    .map_err(self.io(&rel))?;
+                let meta = source.symlink_metadata().map_err(|_| {
+                    self.err(&rel, format!("hardlink target `{link_rel}` does not exist"))
+                })?;
+                if meta.is_dir() {
+                    return Err(
+                        self.err(&rel, format!("hardlink target `{link_rel}` is a directory"))
+                    );
+                }
+                if source == target {
+                    return Ok(());
+                }
+                replace(self, false)?;
+                fs::hard_link(&source, &target).map_err(self.io(&rel))?;
+            }
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+                replace(self, false)?;
+                let ft = match kind {
+                    tar::EntryType::Char => rustix::fs::FileType::CharacterDevice,
+                    tar::EntryType::Block => rustix::fs::FileType::BlockDevice,
+                    _ => rustix::fs::FileType::Fifo,
+                };
+                let dev = rustix::fs::makedev(
+                    header.device_major().ok().flatten().unwrap_or(0),
+                    header.device_minor().ok().flatten().unwrap_or(0),
+                );
+                match rustix::fs::mknodat(
+                    rustix::fs::CWD,
+                    &target,
+                    ft,
+                    rustix::fs::Mode::from_raw_mode(mode),
+                    dev,
+                ) {
+                    Ok(()) => {
+                        self.owner(&target, uid, gid, true, &rel)?;
+                        let _ = filetime::set_file_mtime(&target, mtime);
+                    }
+                    Err(e) => {
+                        self.warn(format!("skipped special file /{rel}: {}", io::Error::from(e)));
+                        return Ok(());
+                    }
+                }
+            }
+            tar::EntryType::XGlobalHeader
+            | tar::EntryType::XHeader
+            | tar::EntryType::GNULongName
+            | tar::EntryType::GNULongLink => {
+                return Ok(());
+            }
+            other => {
+                self.warn(format!("skipped /{rel}: unsupported tar entry type {other:?}"));
+                return Ok(());
+            }
+        }
+        self.written.insert(rel.clone());
+        self.outcome.written.push(rel);
+        Ok(())
+    }
+
+    fn whiteout(
+        &mut self,
+        rel: &str,
+        parent_rel: &str,
+        parent: &Path,
+        name: &str,
+    ) -> Result<(), FsError> {
+        if name == ".wh..wh..opq" {
+            // Hide what lower layers had in the directory; keep what this layer wrote.
+            let Ok(entries) = fs::read_dir(parent) else { return Ok(()) };
+            for e in entries.flatten() {
+                let child_name = e.file_name().to_string_lossy().into_owned();
+                let child_rel = if parent_rel.is_empty() {
+                    child_name
+                } else {
+                    format!("{parent_rel}/{child_name}")
+                };
+                if self.written.contains(&child_rel) {
+                    continue;
+                }
+                let p = e.path();
+                let r = match p.symlink_metadata() {
+                    Ok(m) if m.is_dir() => fs::remove_dir_all(&p),
+                    Ok(_) => fs::remove_file(&p),
+                    Err(_) => Ok(()),
+                };
+                r.map_err(self.io(rel))?;
+            }
+            return Ok(());
+        }
+        let victim_name = &name[4..];
+        if victim_name.is_empty() || victim_name == "." || victim_name == ".." {
+            return Err(self.err(rel, "whiteout of an invalid name"));
+        }
+        let victim = parent.join(victim_name);
+        match victim.symlink_metadata() {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&victim).map_err(self.io(rel))?,
+            Ok(_) => fs::remove_file(&victim).map_err(self.io(rel))?,
+            Err(_) => {}
+        }
+        Ok(())
+    }
+
+    fn owner(
+        &mut self,
+        path: &Path,
+        uid: u32,
+        gid: u32,
+        follow: bool,
+        rel: &str,
+    ) -> Result<(), FsError> {
+        if !self.opts.chown {
+            return Ok(());
+        }
+        let r = if follow {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        } else {
+            std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+        };
+        match r {
+            Ok(()) => Ok(()),
+            Err(e)
+                if e.raw_os_error() == Some(libc::EPERM)
+                    || e.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                if !self.chown_warned {
+                    self.chown_warned = true;
+                    self.warn(format!(
+                        "cannot set owners (first: /{rel} to {uid}:{gid}: {e}); files keep kiln's user"
+                    ));
+                }
+                Ok(())
+            }
+            Err(e) => Err(self.err(rel, format!("setting the owner: {e}"))),
+        }
+    }
+
+    fn xattrs(&mut self, path: &Path, xattrs: &[(String, Vec<u8>)], rel: &str) {
+        for (k, v) in xattrs {
+            if let Err(e) = xattr::set(path, k, v) {
+                self.warn(format!("skipped xattr {k} on /{rel}: {e}"));
+            }
+        }
+    }
+}
+
+/// `SCHILY.xattr.*` PAX records of an entry.
+fn pax_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    if let Ok(Some(exts)) = entry.pax_extensions() {
+        for ext in exts.flatten() {
+            if let Ok(key) = ext.key()
+                && let Some(name) = key.strip_prefix("SCHILY.xattr.")
+            {
+                out.push((name.to_owned(), ext.value_bytes().to_vec()));
+            }
+        }
+    }
+    out
+}
+
+/// `OpenOptions::mode(0o600)` for temporaries before their real mode is set.
+trait ModePrivate {
+    fn mode_private(&mut self) -> &mut Self;
+}
+
+impl ModePrivate for fs::OpenOptions {
+    fn mode_private(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.mode(0o600)
+    }
+}

@@ -1,0 +1,355 @@
+//! Writing layers: the given paths of a root (and whiteouts for deleted ones) as a
+//! deterministic tar, compressed, in one streaming pass that yields the diffID (sha256 of the
+//! tar), the digest and the size of the compressed blob. The blob is spooled to a file in the
+//! blob directory and renamed to its digest; nothing is held in memory.
+//!
+//! Determinism: entries in the order given (callers pass parents before children, sorted),
+//! numeric owners only, no user/group names, PAX records for long names and xattrs (sorted),
+//! hardlinks within the layer written as links to the first path, and with a reproducible
+//! epoch every mtime clamped to it.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, BufWriter, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use kiln_oci::{Digest, DigestHasher};
+
+use crate::FsError;
+
+/// Layer compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Gzip { level: u32 },
+    Zstd { level: i32 },
+    None,
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        // Level 6 is what `gzip`, pigz and BuildKit default to: comparable sizes.
+        Compression::Gzip { level: 6 }
+    }
+}
+
+/// Options of a layer write.
+#[derive(Debug, Clone, Default)]
+pub struct WriteOptions {
+    pub compression: Compression,
+    /// Clamp every mtime to this (seconds since the epoch) for reproducible layers.
+    pub epoch: Option<i64>,
+}
+
+/// A layer written to disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrittenLayer {
+    pub path: PathBuf,
+    pub digest: Digest,
+    pub diff_id: Digest,
+    pub size: u64,
+    /// Entries in the tar.
+    pub entries: usize,
+}
+
+/// A writer that hashes what passes through it.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: DigestHasher,
+    count: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The compressor between the tar and the blob file.
+enum Encoder<W: Write> {
+    Gzip(flate2::write::GzEncoder<W>),
+    Zstd(zstd::stream::write::Encoder<'static, W>),
+    Plain(W),
+}
+
+impl<W: Write> Write for Encoder<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Encoder::Gzip(e) => e.write(buf),
+            Encoder::Zstd(e) => e.write(buf),
+            Encoder::Plain(w) => w.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Encoder::Gzip(e) => e.flush(),
+            Encoder::Zstd(e) => e.flush(),
+            Encoder::Plain(w) => w.flush(),
+        }
+    }
+}
+
+impl<W: Write> Encoder<W> {
+    fn finish(self) -> io::Result<W> {
+        match self {
+            Encoder::Gzip(e) => e.finish(),
+            Encoder::Zstd(e) => e.finish(),
+            Encoder::Plain(w) => Ok(w),
+        }
+    }
+}
+
+/// One entry of a layer: a path of the root to store, or a whiteout for a deleted one.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LayerEntry {
+    /// `rel` (relative to the root, `/`-separated) with its current content and metadata.
+    Path(String),
+    /// `rel` was deleted: an OCI whiteout `.wh.<name>`.
+    Whiteout(String),
+    /// Everything below the directory `rel` from lower layers is hidden (`.wh..wh..opq`).
+    Opaque(String),
+}
+
+impl LayerEntry {
+    fn sort_key(&self) -> (&str, u8) {
+        match self {
+            LayerEntry::Path(p) => (p, 1),
+            LayerEntry::Whiteout(p) => (p, 0),
+            LayerEntry::Opaque(p) => (p, 2),
+        }
+    }
+}
+
+/// Writes `entries` of `root` as a layer blob in `blob_dir`.
+pub fn write_layer(
+    root: &Path,
+    entries: &[LayerEntry],
+    blob_dir: &Path,
+    opts: &WriteOptions,
+) -> Result<WrittenLayer, FsError> {
+    let io_err = |error: io::Error| FsError::Io { path: blob_dir.to_path_buf(), error };
+    fs::create_dir_all(blob_dir).map_err(io_err)?;
+    let spool = tempfile::Builder::new().prefix(".layer-").tempfile_in(blob_dir).map_err(io_err)?;
+    let file = spool.as_file().try_clone().map_err(io_err)?;
+    let blob = HashingWriter {
+        inner: BufWriter::with_capacity(1 << 20, file),
+        hasher: DigestHasher::sha256(),
+        count: 0,
+    };
+    let encoder = match opts.compression {
+        Compression::Gzip { level } => Encoder::Gzip(flate2::write::GzEncoder::new(
+            blob,
+            flate2::Compression::new(level.min(9)),
+        )),
+        Compression::Zstd { level } => {
+            let mut e = zstd::stream::write::Encoder::new(blob, level).map_err(io_err)?;
+            // Use both cores: zstd's own worker threads.
+            let _ = e.multithread(2);
+            Encoder::Zstd(e)
+        }
+        Compression::None => Encoder::Plain(blob),
+    };
+    let tar_out = HashingWriter { inner: encoder, hasher: DigestHasher::sha256(), count: 0 };
+    let mut builder = tar::Builder::new(tar_out);
+    builder.follow_symlinks(false);
+
+    let mut sorted: Vec<&LayerEntry> = entries.iter().collect();
+    sorted.sort_by(|a, b| a.sort_key().cmp(&b.sort_key()));
+    sorted.dedup();
+    let mut links: HashMap<(u64, u64), String> = HashMap::new();
+    let mut count = 0;
+    for entry in sorted {
+        match entry {
+            LayerEntry::Path(rel) => {
+                append_path(&mut builder, root, rel, opts, &mut links)?;
+            }
+            LayerEntry::Whiteout(rel) => {
+                let (dir, name) = split(rel);
+                append_marker(&mut builder, &join(dir, &format!(".wh.{name}")))
+                    .map_err(|e| FsError::Io { path: PathBuf::from(rel), error: e })?;
+            }
+            LayerEntry::Opaque(rel) => {
+                append_marker(&mut builder, &join(rel, ".wh..wh..opq"))
+                    .map_err(|e| FsError::Io { path: PathBuf::from(rel), error: e })?;
+            }
+        }
+        count += 1;
+    }
+    let tar_out = builder.into_inner().map_err(io_err)?;
+    let diff_id = tar_out.hasher.finish();
+    let mut blob = tar_out.inner.finish().map_err(io_err)?;
+    blob.flush().map_err(io_err)?;
+    let HashingWriter { inner, hasher, count: size } = blob;
+    inner.into_inner().map_err(|e| io_err(e.into_error()))?;
+    let digest = hasher.finish();
+    let path = blob_dir.join(digest.hex());
+    spool.persist(&path).map_err(|e| io_err(e.error))?;
+    Ok(WrittenLayer { path, digest, diff_id, size, entries: count })
+}
+
+fn split(rel: &str) -> (&str, &str) {
+    match rel.rsplit_once('/') {
+        Some((d, n)) => (d, n),
+        None => ("", rel),
+    }
+}
+
+fn join(dir: &str, name: &str) -> String {
+    if dir.is_empty() { name.to_owned() } else { format!("{dir}/{name}") }
+}
+
+fn append_marker<W: Write>(b: &mut tar::Builder<W>, name: &str) -> io::Result<()> {
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(0);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    append_with_name(b, h, name, io::empty(), &[])
+}
+
+/// Appends a header (with PAX records for a long name, long link name and xattrs) and data.
+fn append_with_name<W: Write, R: io::Read>(
+    b: &mut tar::Builder<W>,
+    mut h: tar::Header,
+    name: &str,
+    data: R,
+    pax: &[(String, Vec<u8>)],
+) -> io::Result<()> {
+    let mut records: Vec<(String, Vec<u8>)> = pax.to_vec();
+    if h.set_path(name).is_err() {
+        records.push(("path".into(), name.as_bytes().to_vec()));
+        // A truncated name in the header for readers without PAX.
+        let short: String =
+            name.chars().rev().take(90).collect::<Vec<_>>().into_iter().rev().collect();
+        let _ = h.set_path(short.trim_start_matches('/'));
+    }
+    if !records.is_empty() {
+        records.sort();
+        b.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+    }
+    h.set_cksum();
+    b.append(&h, data)
+}
+
+fn append_path<W: Write>(
+    b: &mut tar::Builder<W>,
+    root: &Path,
+    rel: &str,
+    opts: &WriteOptions,
+    links: &mut HashMap<(u64, u64), String>,
+) -> Result<(), FsError> {
+    let host = root.join(rel);
+    let err = |error: io::Error| FsError::Io { path: host.clone(), error };
+    let meta = match host.symlink_metadata() {
+        Ok(m) => m,
+        // Gone since the diff (a racing process): nothing to store.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(err(e)),
+    };
+    let ft = meta.file_type();
+    let mut h = tar::Header::new_ustar();
+    h.set_mode(meta.mode() & 0o7777);
+    h.set_uid(u64::from(meta.uid()));
+    h.set_gid(u64::from(meta.gid()));
+    let mtime = match opts.epoch {
+        Some(epoch) => meta.mtime().min(epoch).max(0),
+        None => meta.mtime().max(0),
+    };
+    h.set_mtime(mtime as u64);
+    let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
+    if let Ok(names) = xattr::list(&host) {
+        for n in names {
+            if let Ok(Some(v)) = xattr::get(&host, &n) {
+                let key = format!("SCHILY.xattr.{}", n.to_string_lossy());
+                pax.push((key, v));
+            }
+        }
+    }
+    let name = if ft.is_dir() { format!("{rel}/") } else { rel.to_owned() };
+    if ft.is_file() && meta.nlink() > 1 {
+        let key = (meta.dev(), meta.ino());
+        if let Some(first) = links.get(&key) {
+            h.set_entry_type(tar::EntryType::Link);
+            h.set_size(0);
+            if h.set_link_name(first).is_err() {
+                pax.push(("linkpath".into(), first.as_bytes().to_vec()));
+            }
+            return append_with_name(b, h, &name, io::empty(), &pax).map_err(err);
+        }
+        links.insert(key, rel.to_owned());
+    }
+    if ft.is_dir() {
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_size(0);
+        append_with_name(b, h, &name, io::empty(), &pax).map_err(err)
+    } else if ft.is_file() {
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(meta.len());
+        let f = fs::File::open(&host).map_err(err)?;
+        // If the file changed size since lstat, the tar would be corrupt: read exactly len.
+        let limited = io::Read::take(f, meta.len());
+        append_with_name(b, h, &name, PadTo { inner: limited, remaining: meta.len() }, &pax)
+            .map_err(err)
+    } else if ft.is_symlink() {
+        let target = fs::read_link(&host).map_err(err)?;
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        let t = target.as_os_str().as_bytes();
+        if h.set_link_name_literal(t).is_err() {
+            pax.push(("linkpath".into(), t.to_vec()));
+        }
+        append_with_name(b, h, &name, io::empty(), &pax).map_err(err)
+    } else {
+        let kind = if ft.is_fifo() {
+            tar::EntryType::Fifo
+        } else if ft.is_char_device() {
+            tar::EntryType::Char
+        } else if ft.is_block_device() {
+            tar::EntryType::Block
+        } else {
+            // Sockets are not stored (as Docker and BuildKit).
+            return Ok(());
+        };
+        h.set_entry_type(kind);
+        h.set_size(0);
+        let rdev = meta.rdev();
+        let _ = h.set_device_major(rustix::fs::major(rdev));
+        let _ = h.set_device_minor(rustix::fs::minor(rdev));
+        append_with_name(b, h, &name, io::empty(), &pax).map_err(err)
+    }
+}
+
+/// Reads exactly `remaining` bytes, padding with zeros if the file shrank under us.
+struct PadTo<R> {
+    inner: R,
+    remaining: u64,
+}
+
+impl<R: io::Read> io::Read for PadTo<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.remaining == 0 {
+            return Ok(0);
+        }
+        let want = buf.len().min(self.remaining as usize);
+        let n = self.inner.read(&mut buf[..want])?;
+        let n = if n == 0 {
+            buf[..want].fill(0);
+            want
+        } else {
+            n
+        };
+        self.remaining -= n as u64;
+        Ok(n)
+    }
+}

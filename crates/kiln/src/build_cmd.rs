@@ -1,0 +1,446 @@
+//! `kiln build`: `docker buildx build` conventions on top of the engine.
+//!
+//! Reads the Dockerfile and `.dockerignore`, turns the flags into a
+//! [`kiln_build::engine::BuildRequest`], runs the engine with the chosen isolation and progress
+//! renderer, then exports the image to every destination (`-t` pushes, `--output` layouts and
+//! archives; an OCI layout in `./kiln-out` when none is given) and writes the digest files.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use kiln_build::options::{Isolation, Output, SecretSpec, parse_build_arg};
+use kiln_dockerfile::dockerignore::{DockerIgnore, IgnoreFileLocation, ignore_file_candidates};
+use kiln_dockerfile::plan::Platform;
+
+use crate::diagnostic::Hinted;
+use crate::progress::ProgressMode;
+
+/// `kiln build` flags.
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    /// The Dockerfile (default: `CONTEXT/Dockerfile`).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Push the image to this reference (repeatable).
+    #[arg(short = 't', long = "tag", value_name = "REF")]
+    pub tags: Vec<String>,
+    /// A build argument, `KEY=VALUE` (or `KEY` to take the value from the environment).
+    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+    pub build_args: Vec<String>,
+    /// The stage to build (default: the last one).
+    #[arg(long, value_name = "STAGE")]
+    pub target: Option<String>,
+    /// The platform to build for, e.g. `linux/arm64` (default: this machine's).
+    #[arg(long, value_name = "PLATFORM")]
+    pub platform: Option<String>,
+    /// A secret for `RUN --mount=type=secret`: `id=ID,src=FILE` or `id=ID,env=VARIABLE`.
+    #[arg(long = "secret", value_name = "SPEC")]
+    pub secrets: Vec<String>,
+    /// How RUN steps are isolated: auto, rootless, chroot or in-place.
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    pub isolation: String,
+    /// Where the image goes besides `-t`: `type=oci,dest=DIR`, `type=oci,dest=FILE.tar`,
+    /// `type=docker,dest=FILE.tar[,name=REF]` (repeatable).
+    #[arg(short = 'o', long = "output", value_name = "SPEC")]
+    pub outputs: Vec<String>,
+    /// How progress is shown.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+    /// A label added to the image, `KEY=VALUE` (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Reproducible output: timestamps from `SOURCE_DATE_EPOCH`, or 0.
+    #[arg(long)]
+    pub reproducible: bool,
+    /// Write the image digest to this file.
+    #[arg(long, value_name = "FILE")]
+    pub digest_file: Option<PathBuf>,
+    /// Write `REF@DIGEST` for every pushed reference to this file.
+    #[arg(long, value_name = "FILE")]
+    pub image_name_with_digest_file: Option<PathBuf>,
+    /// Write build metadata (digest, size, per-step timings) as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub metadata_file: Option<PathBuf>,
+    /// A registry to reach over plain HTTP or without TLS verification (repeatable).
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registries: Vec<String>,
+    /// kiln's working directory for stage roots and blobs (default: a temporary directory).
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+    /// Where `RUN --mount=type=cache` directories persist (default: ~/.cache/kiln/mounts).
+    #[arg(long, value_name = "DIR")]
+    pub cache_mounts_dir: Option<PathBuf>,
+    /// Take a base image from a local OCI layout instead of a registry: `REF=DIR[:TAG]`, where
+    /// REF is the name as written after FROM (repeatable).
+    #[arg(long = "base-layout", value_name = "REF=DIR[:TAG]")]
+    pub base_layouts: Vec<String>,
+    /// Build the built-in example (a multi-stage `FROM scratch` image, no network needed).
+    #[arg(long, conflicts_with_all = ["file", "context"])]
+    pub example: bool,
+    /// The build context directory.
+    #[arg(value_name = "CONTEXT")]
+    pub context: Option<PathBuf>,
+}
+
+/// Everything `kiln build` resolved from its flags before building.
+#[derive(Debug)]
+pub struct Resolved {
+    pub request: kiln_build::engine::BuildRequest,
+    pub outputs: Vec<Output>,
+    pub isolation: Isolation,
+    /// The work directory, and whether kiln made it (then it is removed afterwards).
+    pub work_dir: PathBuf,
+    pub owns_work_dir: bool,
+    pub digest_file: Option<PathBuf>,
+    pub image_name_with_digest_file: Option<PathBuf>,
+    pub metadata_file: Option<PathBuf>,
+    pub layouts: kiln_build::layout_source::LayoutImages,
+}
+
+/// The example `kiln build --example` builds (the repository's `examples/hello`, embedded).
+pub const EXAMPLE: &str = include_str!("../../../examples/hello/Dockerfile");
+const EXAMPLE_FILES: [(&str, &str); 1] =
+    [("hello.txt", include_str!("../../../examples/hello/hello.txt"))];
+
+/// Resolves the flags: reads the Dockerfile and ignore file, parses every option value.
+pub fn resolve(args: &BuildArgs) -> anyhow::Result<Resolved> {
+    let (context, dockerfile_name, dockerfile) = if args.example {
+        let ctx = tempfile::Builder::new().prefix("kiln-example-").tempdir()?.keep();
+        for (name, content) in EXAMPLE_FILES {
+            std::fs::write(ctx.join(name), content)
+                .with_context(|| format!("cannot write the example's {name}"))?;
+        }
+        (ctx, "examples/hello/Dockerfile".to_owned(), EXAMPLE.to_owned())
+    } else {
+        let context = args.context.clone().unwrap_or_else(|| PathBuf::from("."));
+        if !context.is_dir() {
+            return Err(Hinted::error(
+                format!("the build context `{}` is not a directory", context.display()),
+                "pass the directory with your sources as the last argument (e.g. `kiln build .`)",
+                None,
+            ));
+        }
+        let file = args.file.clone().unwrap_or_else(|| context.join("Dockerfile"));
+        let text = std::fs::read_to_string(&file).map_err(|e| {
+            Hinted::error(
+                format!("cannot read the Dockerfile `{}`", file.display()),
+                "pass its path with `-f FILE`, or the build context as the last argument",
+                Some(e.into()),
+            )
+        })?;
+        (context, file.display().to_string(), text)
+    };
+    let ignore = if args.example { None } else { read_ignore(&context, args.file.as_deref())? };
+
+    let mut build_args = Vec::new();
+    for spec in &args.build_args {
+        if let Some(kv) = parse_build_arg(spec)? {
+            build_args.push(kv);
+        }
+    }
+    let platform = args
+        .platform
+        .as_deref()
+        .map(|p| {
+            Platform::parse(p).map_err(|e| {
+                Hinted::error(
+                    format!("invalid `--platform {p}`"),
+                    "platforms look like `linux/amd64`, `linux/arm64` or `linux/arm/v7`",
+                    Some(e.into()),
+                )
+            })
+        })
+        .transpose()?;
+    let secrets =
+        args.secrets.iter().map(|s| SecretSpec::parse(s)).collect::<Result<Vec<_>, _>>()?;
+    let mut labels = Vec::new();
+    for l in &args.labels {
+        let (k, v) = l.split_once('=').ok_or_else(|| {
+            Hinted::error(format!("invalid `--label {l}`"), "write `--label KEY=VALUE`", None)
+        })?;
+        labels.push((k.to_owned(), v.to_owned()));
+    }
+    let isolation = Isolation::parse(&args.isolation)?;
+    let mut layouts = kiln_build::layout_source::LayoutImages::default();
+    for spec in &args.base_layouts {
+        layouts.add_spec(spec).map_err(|e| {
+            Hinted::error(e.message.clone(), e.hint.clone().unwrap_or_default(), None)
+        })?;
+    }
+    let mut outputs: Vec<Output> =
+        args.outputs.iter().map(|o| Output::parse(o)).collect::<Result<_, _>>()?;
+    outputs.extend(args.tags.iter().map(|t| Output::Registry { reference: t.clone() }));
+    if outputs.is_empty() {
+        outputs
+            .push(Output::OciDir { dest: PathBuf::from("kiln-out"), tag: Some("latest".into()) });
+    }
+    let epoch = match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) if !v.trim().is_empty() => Some(v.trim().parse::<i64>().map_err(|_| {
+            Hinted::error(
+                format!("SOURCE_DATE_EPOCH=`{v}` is not a number of seconds"),
+                "set it to a Unix time, e.g. `SOURCE_DATE_EPOCH=$(git log -1 --format=%ct)`",
+                None,
+            )
+        })?),
+        _ if args.reproducible => Some(0),
+        _ => None,
+    };
+    let (work_dir, owns_work_dir) = match &args.work_dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            tempfile::Builder::new()
+                .prefix("kiln-build-")
+                .tempdir()
+                .context("cannot create a work directory")?
+                .keep(),
+            true,
+        ),
+    };
+    let cache_mounts = args.cache_mounts_dir.clone().unwrap_or_else(default_cache_mounts);
+    Ok(Resolved {
+        request: kiln_build::engine::BuildRequest {
+            dockerfile_name,
+            dockerfile,
+            context,
+            ignore,
+            build_args,
+            target: args.target.clone(),
+            platform,
+            secrets,
+            labels,
+            epoch,
+            work_dir: work_dir.clone(),
+            cache_mounts,
+        },
+        outputs,
+        isolation,
+        work_dir,
+        owns_work_dir,
+        digest_file: args.digest_file.clone(),
+        image_name_with_digest_file: args.image_name_with_digest_file.clone(),
+        metadata_file: args.metadata_file.clone(),
+        layouts,
+    })
+}
+
+fn default_cache_mounts() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("kiln").join("mounts")
+}
+
+/// The `.dockerignore` that applies (`<Dockerfile>.dockerignore` first, then the context's).
+fn read_ignore(context: &Path, dockerfile: Option<&Path>) -> anyhow::Result<Option<DockerIgnore>> {
+    let df = dockerfile.map_or_else(|| context.join("Dockerfile"), Path::to_path_buf);
+    for cand in ignore_file_candidates(&df.to_string_lossy()) {
+        let path = match &cand {
+            IgnoreFileLocation::BesideDockerfile(p) => PathBuf::from(p),
+            _ => context.join(cand.path()),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                return DockerIgnore::parse(&text)
+                    .map(Some)
+                    .with_context(|| format!("invalid ignore file `{}`", path.display()));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot read `{}`", path.display())),
+        }
+    }
+    Ok(None)
+}
+
+/// Where base images come from: `--base-layout` mappings; other references need a registry
+/// client, which this build of kiln does not have yet, and are refused with a clear message.
+struct BaseImages<'a> {
+    layouts: &'a kiln_build::layout_source::LayoutImages,
+}
+
+impl kiln_build::image::ImageSource for BaseImages<'_> {
+    fn resolve(
+        &self,
+        reference: &str,
+        platform: &Platform,
+    ) -> Result<kiln_build::image::BaseImage, kiln_build::image::SeamError> {
+        if self.layouts.has(reference) {
+            return self.layouts.resolve(reference, platform);
+        }
+        Err(kiln_build::image::SeamError::new(format!(
+            "cannot pull `{reference}`: this build of kiln has no registry client"
+        ))
+        .with_hint(format!(
+            "build FROM scratch, or give a local copy with `--base-layout {reference}=DIR[:TAG]`"
+        )))
+    }
+
+    fn ensure_blob(
+        &self,
+        image: &kiln_build::image::BaseImage,
+        layer: &kiln_build::image::LayerBlob,
+    ) -> Result<(), kiln_build::image::SeamError> {
+        self.layouts.ensure_blob(image, layer)
+    }
+}
+
+/// `kiln build`.
+pub fn run(args: &BuildArgs) -> anyhow::Result<String> {
+    let resolved = resolve(args)?;
+    let progress = crate::progress::renderer(args.progress);
+    let result = build_and_export(&resolved, progress.as_ref());
+    if resolved.owns_work_dir {
+        let _ = std::fs::remove_dir_all(&resolved.work_dir);
+    }
+    if args.example {
+        let _ = std::fs::remove_dir_all(&resolved.request.context);
+    }
+    result
+}
+
+fn sandbox_for(
+    isolation: Isolation,
+    progress: &dyn kiln_build::progress::Progress,
+) -> anyhow::Result<kiln_sandbox::Sandbox> {
+    use kiln_build::progress::Event;
+    use kiln_sandbox::{Mode, Sandbox};
+    let sandbox = match isolation {
+        Isolation::Auto => match Sandbox::auto() {
+            Ok((sandbox, choice)) => {
+                progress.event(Event::Isolation {
+                    mode: choice.mode.to_string(),
+                    reason: choice.reason,
+                });
+                return Ok(sandbox);
+            }
+            // A build without RUN steps needs no sandbox; one with RUN steps fails there with
+            // the sandbox's own explanation.
+            Err(e) => {
+                progress.event(Event::Warning {
+                    message: format!(
+                        "no isolation mode works here ({e}); RUN steps will fail. Run kiln as root (e.g. in a pod) or enable unprivileged user namespaces"
+                    ),
+                });
+                return Ok(Sandbox::new(Mode::Rootless));
+            }
+        },
+        Isolation::Rootless => Sandbox::new(Mode::Rootless),
+        Isolation::Chroot => Sandbox::new(Mode::Chroot),
+        Isolation::InPlace => {
+            return Err(Hinted::error(
+                "`kiln build --isolation in-place` is not available",
+                "in-place builds rewrite `/`; use chroot or rootless isolation",
+                None,
+            ));
+        }
+    };
+    progress
+        .event(Event::Isolation { mode: sandbox.mode().to_string(), reason: "asked for".into() });
+    Ok(sandbox)
+}
+
+fn build_and_export(
+    resolved: &Resolved,
+    progress: &dyn kiln_build::progress::Progress,
+) -> anyhow::Result<String> {
+    use kiln_build::export;
+    use kiln_build::progress::Event;
+    let sandbox = sandbox_for(resolved.isolation, progress)?;
+    let layers =
+        kiln_build::fs_layers::FsLayers { epoch: resolved.request.epoch, ..Default::default() };
+    let images = BaseImages { layouts: &resolved.layouts };
+    let engine = kiln_build::engine::Engine {
+        images: &images,
+        layers: &layers,
+        sandbox: &sandbox,
+        progress,
+    };
+    let req = &resolved.request;
+    let image = engine.build(req).map_err(|e| build_error(req, e))?;
+    let mut digest = String::new();
+    let mut summary = String::new();
+    let pushed: Vec<String> = Vec::new();
+    for output in &resolved.outputs {
+        let (dest, assembled) = match output {
+            Output::OciDir { dest, tag } => (
+                dest.display().to_string(),
+                export::write_oci_layout(&image, dest, tag.as_deref())?,
+            ),
+            Output::OciTar { dest, tag } => {
+                (dest.display().to_string(), export::write_oci_tar(&image, dest, tag.as_deref())?)
+            }
+            Output::DockerArchive { dest, tags } => {
+                (dest.display().to_string(), export::write_docker_archive(&image, dest, tags)?)
+            }
+            Output::Registry { reference } => {
+                return Err(Hinted::error(
+                    format!(
+                        "cannot push to `{reference}`: this build of kiln has no registry client"
+                    ),
+                    "write the image with `--output type=oci,dest=DIR` and push it with skopeo",
+                    None,
+                ));
+            }
+        };
+        progress.event(Event::Exported {
+            destination: dest.clone(),
+            digest: assembled.manifest_digest.clone(),
+        });
+        summary.push_str(&format!("{dest}: {}\n", assembled.manifest_digest));
+        digest = assembled.manifest_digest;
+    }
+    if let Some(f) = &resolved.digest_file {
+        write_atomically(f, digest.as_bytes())?;
+    }
+    if let Some(f) = &resolved.image_name_with_digest_file {
+        write_atomically(f, pushed.join("\n").as_bytes())?;
+    }
+    if let Some(f) = &resolved.metadata_file {
+        let steps: Vec<serde_json::Value> = image
+            .steps
+            .iter()
+            .map(|s| serde_json::json!({"stage": s.stage, "line": s.line, "step": s.text, "seconds": s.seconds}))
+            .collect();
+        let size: u64 = image.layers.iter().map(|l| l.size).sum();
+        let meta = serde_json::json!({
+            "containerimage.digest": digest,
+            "image.size": size,
+            "layers": image.layers.len(),
+            "steps": steps,
+        });
+        write_atomically(f, serde_json::to_string_pretty(&meta).unwrap_or_default().as_bytes())?;
+    }
+    Ok(summary)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write `{}`", path.display()))?;
+    std::io::Write::write_all(&mut tmp, bytes)?;
+    tmp.persist(path).with_context(|| format!("cannot write `{}`", path.display()))?;
+    Ok(())
+}
+
+/// A build error with the Dockerfile's lines when it has them.
+fn build_error(
+    req: &kiln_build::engine::BuildRequest,
+    e: kiln_build::engine::BuildError,
+) -> anyhow::Error {
+    let hint = e.hint();
+    match e.span() {
+        Some(span) => anyhow::Error::new(crate::diagnostic::SourceError {
+            file: req.dockerfile_name.clone(),
+            start_line: span.start_line,
+            end_line: span.end_line,
+            text: req.dockerfile.clone(),
+            hint,
+            source: anyhow::Error::new(e),
+        }),
+        None => match hint {
+            Some(h) => Hinted::error(e.to_string(), h, None),
+            None => anyhow::Error::new(e),
+        },
+    }
+}

@@ -1,0 +1,420 @@
+//! `kiln build` end to end: real Dockerfiles built on a busybox base image made from the
+//! Debian `busybox-static` binary (scripts/base-images.sh, cached), results checked with
+//! independent tools: `umoci unpack` for the filesystem, `skopeo inspect` for the config,
+//! `runc run` for behaviour (entrypoint, cmd, user, env), `podman load` for docker-archives.
+//!
+//! RUN steps need a sandbox; these tests run as root (CI does), and skip loudly otherwise.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::io::Read as _;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!(
+                "SKIPPED: this test runs RUN steps and checks owners; run it as root (CI does)"
+            );
+            return;
+        }
+    };
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The busybox layout (built once, cached by the script).
+fn busybox() -> &'static str {
+    static LAYOUT: OnceLock<String> = OnceLock::new();
+    LAYOUT.get_or_init(|| {
+        let o = Command::new(repo().join("scripts/base-images.sh"))
+            .args(["--only", "busybox", "--layouts"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let line = String::from_utf8(o.stdout).unwrap();
+        let dir = line.trim().split_once('=').unwrap().1.to_owned();
+        format!("busybox={dir}:img")
+    })
+}
+
+struct Build {
+    dir: tempfile::TempDir,
+}
+
+impl Build {
+    fn new(dockerfile: &str) -> Build {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("ctx")).unwrap();
+        fs::write(dir.path().join("ctx/Dockerfile"), dockerfile).unwrap();
+        Build { dir }
+    }
+
+    fn file(&self, rel: &str, content: &str) -> &Build {
+        let p = self.ctx().join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, content).unwrap();
+        self
+    }
+
+    fn ctx(&self) -> PathBuf {
+        self.dir.path().join("ctx")
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// `kiln build` with the busybox base, writing an OCI layout to `out`.
+    fn run(&self, extra: &[&str]) -> Output {
+        let out = self.path("out");
+        let mounts = self.path("mounts");
+        let mut args: Vec<String> = vec![
+            "build".into(),
+            "--progress".into(),
+            "plain".into(),
+            "--base-layout".into(),
+            busybox().into(),
+            "--cache-mounts-dir".into(),
+            mounts.display().to_string(),
+            "-o".into(),
+            format!("type=oci,dest={}", out.display()),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args.push(self.ctx().display().to_string());
+        Command::new(env!("CARGO_BIN_EXE_kiln")).args(&args).output().unwrap()
+    }
+
+    fn ok(&self, extra: &[&str]) -> String {
+        let o = self.run(extra);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "kiln build failed:\n{err}");
+        err
+    }
+
+    /// Unpacks the result with umoci; returns the bundle (rootfs + config.json).
+    fn unpack(&self) -> PathBuf {
+        let bundle = self.path("bundle");
+        let _ = fs::remove_dir_all(&bundle);
+        let o = Command::new("umoci")
+            .args(["unpack", "--image"])
+            .arg(format!("{}:latest", self.path("out").display()))
+            .arg(&bundle)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "umoci unpack: {}", String::from_utf8_lossy(&o.stderr));
+        bundle
+    }
+
+    /// The image config, as skopeo reads it.
+    fn config(&self) -> serde_json::Value {
+        let o = Command::new("skopeo")
+            .args(["inspect", "--config"])
+            .arg(format!("oci:{}:latest", self.path("out").display()))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "skopeo: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+
+    /// Runs the unpacked image with runc and returns its stdout.
+    fn runc(&self, bundle: &Path) -> String {
+        let cfg_path = bundle.join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_slice(&fs::read(&cfg_path).unwrap()).unwrap();
+        cfg["process"]["terminal"] = serde_json::Value::Bool(false);
+        fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+        let id = format!("kiln-test-{}-{}", std::process::id(), rand_suffix());
+        let o = Command::new("runc").args(["run", "-b"]).arg(bundle).arg(&id).output().unwrap();
+        let _ = Command::new("runc").args(["delete", "-f", &id]).output();
+        assert!(o.status.success(), "runc: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos()
+        as u64
+}
+
+fn history(config: &serde_json::Value) -> Vec<String> {
+    config["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["created_by"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+#[test]
+fn instructions_users_and_whiteouts() {
+    require_root!();
+    let b = Build::new(
+        r#"FROM busybox
+ARG APP_UID=1000
+RUN echo hi > /hello && echo "app:x:${APP_UID}:${APP_UID}::/home/app:/bin/sh" >> /etc/passwd \
+ && echo "app:x:${APP_UID}:" >> /etc/group && rm -f /bin/vi && mkdir -p /replace/me && ln /hello /hello-link
+RUN rm -rf /replace && echo file > /replace
+USER app
+WORKDIR /home/app/work
+RUN touch mine && id -u > /tmp/id.txt
+ENV GREETING="hello world" DEST=/opt/dest
+COPY --chown=app:app --chmod=640 a.txt ${DEST}/
+LABEL org.example.k=v
+EXPOSE 8080 53/udp
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["sh", "-c"]
+CMD ["cat /hello; id -u; echo $GREETING"]
+"#,
+    );
+    b.file("a.txt", "A");
+    b.ok(&[]);
+    let bundle = b.unpack();
+    let root = bundle.join("rootfs");
+    assert_eq!(fs::read_to_string(root.join("hello")).unwrap(), "hi\n");
+    assert!(!root.join("bin/vi").exists(), "a file deleted by RUN is whited out");
+    assert!(root.join("bin/sh").exists());
+    assert_eq!(
+        fs::read_to_string(root.join("replace")).unwrap(),
+        "file\n",
+        "a directory replaced by a file"
+    );
+    assert_eq!(
+        fs::metadata(root.join("hello")).unwrap().ino(),
+        fs::metadata(root.join("hello-link")).unwrap().ino()
+    );
+    let work = fs::metadata(root.join("home/app/work")).unwrap();
+    assert_eq!((work.uid(), work.gid()), (1000, 1000), "WORKDIR is created for USER");
+    let mine = fs::metadata(root.join("home/app/work/mine")).unwrap();
+    assert_eq!(mine.uid(), 1000, "RUN after USER runs as that user");
+    let a = fs::metadata(root.join("opt/dest/a.txt")).unwrap();
+    assert_eq!((a.uid(), a.gid(), a.mode() & 0o777), (1000, 1000, 0o640));
+
+    let cfg = b.config();
+    assert_eq!(cfg["config"]["User"], "app");
+    assert_eq!(cfg["config"]["WorkingDir"], "/home/app/work");
+    assert_eq!(cfg["config"]["Labels"]["org.example.k"], "v");
+    assert!(cfg["config"]["ExposedPorts"]["8080/tcp"].is_object());
+    assert!(cfg["config"]["ExposedPorts"]["53/udp"].is_object());
+    assert_eq!(cfg["config"]["StopSignal"], "SIGTERM");
+    let env: Vec<&str> =
+        cfg["config"]["Env"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(env.contains(&"GREETING=hello world") && env.contains(&"DEST=/opt/dest"), "{env:?}");
+    let h = history(&cfg);
+    assert!(h.iter().any(|l| l.starts_with("RUN |1 APP_UID=1000 /bin/sh -c echo hi")), "{h:?}");
+    assert!(h.iter().any(|l| l == "ARG APP_UID=1000"), "{h:?}");
+    assert!(
+        h.iter().any(|l| l == "COPY --chown=app:app --chmod=640 a.txt /opt/dest/ # buildkit"),
+        "{h:?}"
+    );
+
+    let out = b.runc(&bundle);
+    assert_eq!(out, "hi\n1000\nhello world\n");
+}
+
+#[test]
+fn multistage_args_targets_and_copy_from() {
+    require_root!();
+    let b = Build::new(
+        r#"ARG VERSION=1.0
+FROM busybox AS build
+ARG VERSION
+RUN mkdir -p /out && echo "v${VERSION}" > /out/version && echo tool > /out/tool && chmod 755 /out/tool
+
+FROM busybox AS unused
+RUN exit 1
+
+FROM build AS test
+RUN test "$(cat /out/version)" = "v${VERSION:-unset}" || echo "ARG is not inherited: ${VERSION:-unset}" > /out/note
+
+FROM scratch
+COPY --from=build /out/ /app/
+COPY --from=test /out/note* /app/
+COPY --from=0 /out/version /app/version-from-index
+"#,
+    );
+    b.ok(&["--build-arg", "VERSION=2.5"]);
+    let root = b.unpack().join("rootfs");
+    assert_eq!(fs::read_to_string(root.join("app/version")).unwrap(), "v2.5\n");
+    assert_eq!(fs::read_to_string(root.join("app/version-from-index")).unwrap(), "v2.5\n");
+    assert_eq!(fs::metadata(root.join("app/tool")).unwrap().mode() & 0o777, 0o755);
+    // ARG values do not cross into a stage that does not declare them.
+    assert_eq!(fs::read_to_string(root.join("app/note")).unwrap(), "ARG is not inherited: unset\n");
+
+    // --target builds only what the target needs.
+    b.ok(&["--target", "build"]);
+    let root = b.unpack().join("rootfs");
+    assert!(root.join("out/version").exists() && root.join("bin/sh").exists());
+}
+
+#[test]
+fn cache_mounts_persist_and_secrets_stay_out_of_layers() {
+    require_root!();
+    let b = Build::new(
+        r#"FROM busybox
+RUN --mount=type=cache,target=/cache,id=c1 echo x >> /cache/runs && wc -l < /cache/runs > /runs
+RUN --mount=type=secret,id=token,required sha256sum /run/secrets/token | cut -c1-16 > /token-hash && test ! -e /token-copy
+RUN --mount=type=secret,id=token,env=TOKEN test -n "$TOKEN" && echo ok > /env-ok
+"#,
+    );
+    let secret = b.path("token.txt");
+    fs::write(&secret, "super-secret-value-42").unwrap();
+    let spec = format!("id=token,src={}", secret.display());
+    b.ok(&["--secret", &spec]);
+    b.ok(&["--secret", &spec]);
+    let root = b.unpack().join("rootfs");
+    assert_eq!(
+        fs::read_to_string(root.join("runs")).unwrap().trim(),
+        "2",
+        "the cache mount persists between builds"
+    );
+    assert!(!root.join("cache").join("runs").exists(), "cache contents never reach the image");
+    assert_eq!(fs::read_to_string(root.join("env-ok")).unwrap(), "ok\n");
+    assert!(!root.join("run/secrets/token").exists());
+    // The secret's bytes are in no blob of the result (layers decompressed, config, history).
+    let blobs = b.path("out/blobs/sha256");
+    for entry in fs::read_dir(&blobs).unwrap() {
+        let path = entry.unwrap().path();
+        let raw = fs::read(&path).unwrap();
+        let mut text = Vec::new();
+        if raw.starts_with(&[0x1f, 0x8b]) {
+            flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut text).unwrap();
+        } else {
+            text = raw;
+        }
+        let needle = b"super-secret-value-42";
+        assert!(
+            !text.windows(needle.len()).any(|w| w == needle),
+            "secret found in {}",
+            path.display()
+        );
+    }
+    // A required secret that was not given is an error naming it.
+    let o = b.run(&[]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("token") && err.contains("--secret id=token"), "{err}");
+}
+
+#[test]
+fn heredocs_shell_and_failures() {
+    require_root!();
+    let b = Build::new(
+        r#"FROM busybox
+SHELL ["/bin/sh", "-e", "-c"]
+RUN <<EOF
+echo one > /one
+echo two >> /one
+EOF
+RUN <<'SCRIPT'
+#!/bin/sh
+echo "script:$0" > /script
+SCRIPT
+RUN cat <<A > /a && cat <<B > /b
+alpha
+A
+beta
+B
+COPY <<EOF /inline.txt
+inline ${HOME}
+EOF
+"#,
+    );
+    b.ok(&[]);
+    let root = b.unpack().join("rootfs");
+    assert_eq!(fs::read_to_string(root.join("one")).unwrap(), "one\ntwo\n");
+    assert_eq!(fs::read_to_string(root.join("script")).unwrap(), "script:/dev/pipes/SCRIPT\n");
+    assert!(!root.join("dev/pipes/SCRIPT").exists());
+    assert_eq!(fs::read_to_string(root.join("a")).unwrap(), "alpha\n");
+    assert_eq!(fs::read_to_string(root.join("b")).unwrap(), "beta\n");
+    assert!(root.join("inline.txt").exists());
+
+    let bad = Build::new("FROM busybox\nRUN echo before && false\n");
+    let o = bad.run(&[]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("Dockerfile:2"), "{err}");
+    assert!(err.contains("exit code 1"), "{err}");
+    assert!(err.contains("before"), "the output's last lines are shown: {err}");
+    assert!(!bad.path("out").exists(), "no image is written for a failed build");
+}
+
+#[test]
+fn missing_copy_source_names_the_file_and_dockerignore() {
+    let b = Build::new("FROM scratch\nCOPY secret.env /\n");
+    b.file("secret.env", "X=1");
+    b.file(".dockerignore", "*.env\n");
+    let o = b.run(&[]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("secret.env"), "{err}");
+    assert!(err.contains(".dockerignore"), "{err}");
+}
+
+#[test]
+fn reproducible_builds_give_the_same_digest_and_archives_load_in_podman() {
+    require_root!();
+    let b =
+        Build::new("FROM busybox\nRUN echo stable > /stable && mkdir -p /d/e\nCOPY a.txt /d/\n");
+    b.file("a.txt", "A");
+    b.ok(&["--reproducible", "--digest-file", &b.path("d1").display().to_string()]);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    b.ok(&["--reproducible", "--digest-file", &b.path("d2").display().to_string()]);
+    let d1 = fs::read_to_string(b.path("d1")).unwrap();
+    assert!(d1.starts_with("sha256:"));
+    assert_eq!(d1, fs::read_to_string(b.path("d2")).unwrap());
+
+    let archive = b.path("img.tar");
+    b.ok(&[
+        "-o",
+        &format!("type=docker,dest={},name=localhost/kiln-test:repro", archive.display()),
+    ]);
+    let store = b.path("podman");
+    let podman = |args: &[&str]| {
+        Command::new("podman")
+            .arg("--root")
+            .arg(store.join("root"))
+            .arg("--runroot")
+            .arg(store.join("run"))
+            .args([
+                "--storage-driver",
+                "vfs",
+                "--cgroup-manager",
+                "cgroupfs",
+                "--events-backend",
+                "none",
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = podman(&["load", "-i", &archive.display().to_string()]);
+    assert!(o.status.success(), "podman load: {}", String::from_utf8_lossy(&o.stderr));
+    let o = podman(&[
+        "--runtime",
+        "runc",
+        "run",
+        "--rm",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        "--network",
+        "none",
+        "localhost/kiln-test:repro",
+        "cat",
+        "/stable",
+        "/d/a.txt",
+    ]);
+    assert!(o.status.success(), "podman run: {}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "stable\nA");
+}
