@@ -12,6 +12,7 @@
 //! - [`VerifyingReader`]: a reader that fails when content does not match its descriptor.
 //! - [`Image`]: the read-only image interface (manifest, config, blobs as streams) every source
 //!   implements and every store consumes; [`ImageBuilder`] makes one from layer files.
+//! - [`validate::image`]: checks every invariant of an image (digests, sizes, diff_ids).
 //! - Stores: [`layout`] (OCI image layout directories) and [`archive`] (docker-archive tarballs,
 //!   what `docker save` writes and `podman load`/`docker load` read).
 //!
@@ -30,6 +31,7 @@ pub mod layout;
 pub mod manifest;
 pub mod media_type;
 pub mod platform;
+pub mod validate;
 pub mod verify;
 
 pub use archive::{ArchiveImage, DockerArchive, DockerArchiveWriter};

@@ -81,6 +81,7 @@ fn kiln_reads_a_docker_archive_written_by_skopeo() {
     ]));
 
     let read = DockerArchive::open(&archive).unwrap().image(Some(TAG)).unwrap();
+    kiln_oci::validate::image(&read).unwrap();
     assert_eq!(read.repo_tags(), [TAG]);
     let config = read.config().unwrap();
     assert_eq!(config.rootfs.diff_ids, image.config().unwrap().rootfs.diff_ids);
@@ -105,6 +106,7 @@ fn kiln_archive_round_trips_through_kiln() {
     let archive = dir.path().join("image.tar");
     write_docker_archive(&archive, &image, &[TAG]).unwrap();
     let read = DockerArchive::open(&archive).unwrap().image(None).unwrap();
+    kiln_oci::validate::image(&read).unwrap();
     // Same config, same blobs and media types: the synthesised Docker manifest equals the
     // original one, so the image digest survives the trip.
     assert_eq!(read.raw_config(), image.raw_config());

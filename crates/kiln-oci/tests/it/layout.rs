@@ -58,6 +58,8 @@ fn skopeo_inspects_a_kiln_layout_with_several_images() {
 fn umoci_unpacks_a_kiln_layout() {
     let dir = tempfile::tempdir().unwrap();
     let image = busybox_image(dir.path(), ManifestFormat::Oci);
+    let report = kiln_oci::validate::image(&image).unwrap();
+    assert_eq!(report.layers_checked, 2);
     let root = dir.path().join("layout");
     OciLayout::create(&root).unwrap().write_image(&image, Some("latest")).unwrap();
 
@@ -100,6 +102,7 @@ fn skopeo_copies_a_kiln_layout_and_kiln_reads_the_copy() {
     let layout = OciLayout::open(&dst).unwrap();
     assert_eq!(layout.tags().unwrap(), ["copied"]);
     let copy = layout.image(Some("copied"), &host()).unwrap();
+    kiln_oci::validate::image(&copy).unwrap();
     assert_eq!(copy.raw_config(), image.raw_config());
     // skopeo keeps the gzip layer and compresses the uncompressed one
     assert_eq!(copy.manifest().layers[0], image.manifest().layers[0]);
@@ -126,6 +129,7 @@ fn kiln_reads_a_layout_skopeo_converted_from_a_docker_archive() {
 
     let layout = OciLayout::open(&root).unwrap();
     let read = layout.image(Some("converted"), &host()).unwrap();
+    kiln_oci::validate::image(&read).unwrap();
     assert_eq!(read.manifest().media_type(), media_type::OCI_MANIFEST);
     let config = read.config().unwrap();
     assert_eq!(config.rootfs.diff_ids, image.config().unwrap().rootfs.diff_ids);
@@ -186,6 +190,7 @@ fn skopeo_resolves_a_kiln_multi_platform_index() {
     let copy = OciLayout::open(&dst).unwrap();
     for (platform, _, config) in &children {
         let image = copy.image(Some("multi"), &PlatformMatcher::only(platform)).unwrap();
+        kiln_oci::validate::image(&image).unwrap();
         assert_eq!(image.manifest().config.digest, *config, "{platform}");
         assert!(image.config().unwrap().platform().same_as(platform));
     }
