@@ -22,6 +22,36 @@
 //! [`OciLayout::write_image`] / [`archive::DockerArchiveWriter::add_image`], which stream every
 //! blob through a verifier into a temporary file renamed into place.
 
+//!
+//! ```
+//! use kiln_oci::archive::{DockerArchive, write_docker_archive};
+//! use kiln_oci::{Descriptor, Digest, Image, ImageBuilder, ImageConfig, OciLayout};
+//! use kiln_oci::{Platform, PlatformMatcher, media_type};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! // A layer the build spooled to disk (an empty tar here: two zero blocks).
+//! let tar = vec![0u8; 1024];
+//! std::fs::write(dir.path().join("layer.tar"), &tar)?;
+//! let layer = Descriptor::of_bytes(media_type::OCI_LAYER_TAR, &tar);
+//!
+//! let mut config = ImageConfig::default();
+//! config.set_platform(&Platform::host());
+//! config.rootfs.diff_ids.push(Digest::sha256_of(&tar));
+//! let image = ImageBuilder::new(config).layer(layer, dir.path().join("layer.tar")).build()?;
+//!
+//! // Into an OCI layout (`oci:DIR:v1`) and a docker-archive (`podman load -i image.tar`).
+//! let layout = OciLayout::create(dir.path().join("layout"))?;
+//! layout.write_image(&image, Some("v1"))?;
+//! write_docker_archive(&dir.path().join("image.tar"), &image, &["example.com/app:v1"])?;
+//!
+//! // And back: both stores hand out `impl Image`, verified and validated.
+//! let from_layout = layout.image(Some("v1"), &PlatformMatcher::only(&Platform::host()))?;
+//! assert_eq!(from_layout.digest(), image.digest());
+//! let from_archive = DockerArchive::open(dir.path().join("image.tar"))?.image(None)?;
+//! kiln_oci::validate::image(&from_archive)?;
+//! # Ok(()) }
+//! ```
+
 pub mod archive;
 pub mod config;
 pub mod descriptor;
