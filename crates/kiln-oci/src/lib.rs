@@ -21,7 +21,6 @@
 //! read through a [`VerifyingReader`]. Writing: build or pull → `impl Image` →
 //! [`OciLayout::write_image`] / [`archive::DockerArchiveWriter::add_image`], which stream every
 //! blob through a verifier into a temporary file renamed into place.
-
 //!
 //! ```
 //! use kiln_oci::archive::{DockerArchive, write_docker_archive};
