@@ -1,8 +1,14 @@
-//! docker-archive tarballs (`docker save` / `docker load`, `podman load`, kaniko's `--tar-path`):
-//! [`DockerArchiveWriter`] writes one, [`DockerArchive`] reads one and hands out
-//! [`ArchiveImage`]s.
+//! Images in one tar file.
 //!
-//! Layout written (the shape go-containerregistry's `tarball.Write` gives kaniko users):
+//! - docker-archive (`docker save` / `docker load`, `podman load`, kaniko's `--tar-path`):
+//!   [`DockerArchiveWriter`] writes one, [`DockerArchive`] reads one.
+//! - oci-archive (an OCI image layout as a tar, skopeo's `oci-archive:`): [`OciArchiveWriter`]
+//!   and [`OciArchive`].
+//!
+//! Both readers hand out [`ArchiveImage`]s whose layers stream from the tar.
+//!
+//! docker-archive layout written (the shape go-containerregistry's `tarball.Write` gives kaniko
+//! users):
 //!
 //! ```text
 //! <config-hex>.json            the config blob, byte for byte
@@ -103,6 +109,23 @@ pub enum ArchiveError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "`{path}` is not an oci-archive: it has no `oci-layout`; hint: create one with `skopeo copy ... oci-archive:FILE` or kiln"
+    )]
+    NotOciArchive { path: PathBuf },
+    #[error("archive `{path}`: blob {digest}: {source}")]
+    Manifest {
+        path: PathBuf,
+        digest: Digest,
+        #[source]
+        source: ManifestError,
+    },
+    #[error(
+        "archive `{path}`: index {digest} has no manifest for platform {platform}; available: {available}; hint: pick one with --platform"
+    )]
+    NoPlatform { path: PathBuf, digest: Digest, platform: String, available: String },
+    #[error("archive `{path}`: indexes nested too deeply at {digest}")]
+    TooDeep { path: PathBuf, digest: Digest },
     #[error("docker-archive `{path}`: blob {digest} does not match its descriptor: {source}")]
     Verify {
         path: PathBuf,
@@ -160,10 +183,68 @@ fn split_tag(tag: &str) -> (&str, &str) {
     }
 }
 
+type TarBuilder = tar::Builder<BufWriter<tempfile::NamedTempFile>>;
+
+/// A tar builder writing to a temporary file next to `path`.
+fn temp_tar(path: &Path) -> Result<TarBuilder> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix(".kiln-tmp-")
+        .permissions(fs::Permissions::from_mode(0o644))
+        .tempfile_in(&dir)
+        .map_err(io_err("cannot create a temporary file in", &dir))?;
+    let mut builder = tar::Builder::new(BufWriter::with_capacity(COPY_BUFFER, tmp));
+    builder.mode(tar::HeaderMode::Deterministic);
+    Ok(builder)
+}
+
+/// Ends the tar and renames the temporary file to `path`.
+fn finish_tar(builder: TarBuilder, path: &Path) -> Result<()> {
+    let writer = builder.into_inner().map_err(io_err("cannot finish", path))?;
+    let tmp = writer.into_inner().map_err(|e| ArchiveError::Io {
+        action: "cannot write",
+        path: path.to_owned(),
+        source: e.into_error(),
+    })?;
+    tmp.persist(path).map_err(|e| ArchiveError::Io {
+        action: "cannot move the finished archive to",
+        path: path.to_owned(),
+        source: e.error,
+    })?;
+    Ok(())
+}
+
+/// Appends a blob streamed from `reader`, verified against `descriptor`.
+fn append_verified(
+    builder: &mut TarBuilder,
+    archive: &Path,
+    name: &str,
+    descriptor: &Descriptor,
+    reader: impl Read,
+) -> Result<()> {
+    let verifying = VerifyingReader::new(reader, descriptor.digest.clone(), descriptor.size);
+    let mut h = header(descriptor.size);
+    builder.append_data(&mut h, name, verifying).map_err(|e| match verify_error(&e) {
+        Some(v) => ArchiveError::Verify {
+            path: archive.to_owned(),
+            digest: descriptor.digest.clone(),
+            source: v.clone(),
+        },
+        None => ArchiveError::Source {
+            path: archive.to_owned(),
+            digest: descriptor.digest.clone(),
+            source: e,
+        },
+    })
+}
+
 /// Writes a docker-archive (see the module docs).
 pub struct DockerArchiveWriter {
     path: PathBuf,
-    builder: tar::Builder<BufWriter<tempfile::NamedTempFile>>,
+    builder: TarBuilder,
     written: HashSet<String>,
     entries: Vec<ArchiveManifestEntry>,
     repositories: BTreeMap<String, BTreeMap<String, String>>,
@@ -184,17 +265,7 @@ impl DockerArchiveWriter {
     /// Starts an archive that [`DockerArchiveWriter::finish`] will move to `path`.
     pub fn create(path: impl Into<PathBuf>) -> Result<DockerArchiveWriter> {
         let path = path.into();
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-            _ => PathBuf::from("."),
-        };
-        let tmp = tempfile::Builder::new()
-            .prefix(".kiln-tmp-")
-            .permissions(fs::Permissions::from_mode(0o644))
-            .tempfile_in(&dir)
-            .map_err(io_err("cannot create a temporary file in", &dir))?;
-        let mut builder = tar::Builder::new(BufWriter::with_capacity(COPY_BUFFER, tmp));
-        builder.mode(tar::HeaderMode::Deterministic);
+        let builder = temp_tar(&path)?;
         Ok(DockerArchiveWriter {
             path,
             builder,
@@ -283,20 +354,7 @@ impl DockerArchiveWriter {
             digest: layer.digest.clone(),
             source,
         })?;
-        let verifying = VerifyingReader::new(reader, layer.digest.clone(), layer.size);
-        let mut h = header(layer.size);
-        self.builder.append_data(&mut h, name, verifying).map_err(|e| match verify_error(&e) {
-            Some(v) => ArchiveError::Verify {
-                path: self.path.clone(),
-                digest: layer.digest.clone(),
-                source: v.clone(),
-            },
-            None => ArchiveError::Source {
-                path: self.path.clone(),
-                digest: layer.digest.clone(),
-                source: e,
-            },
-        })
+        append_verified(&mut self.builder, &self.path, name, layer, reader)
     }
 
     /// Writes `manifest.json` and `repositories`, and moves the archive into place.
@@ -307,18 +365,8 @@ impl DockerArchiveWriter {
             let repositories = serde_json::to_vec(&self.repositories).unwrap_or_default();
             self.append_bytes("repositories", &repositories)?;
         }
+        finish_tar(self.builder, &self.path)?;
         let path = self.path;
-        let writer = self.builder.into_inner().map_err(io_err("cannot finish", &path))?;
-        let tmp = writer.into_inner().map_err(|e| ArchiveError::Io {
-            action: "cannot write",
-            path: path.clone(),
-            source: e.into_error(),
-        })?;
-        tmp.persist(&path).map_err(|e| ArchiveError::Io {
-            action: "cannot move the finished archive to",
-            path: path.clone(),
-            source: e.error,
-        })?;
         Ok(path)
     }
 }
@@ -341,9 +389,16 @@ struct Span {
 /// A docker-archive opened for reading (see the module docs).
 #[derive(Debug)]
 pub struct DockerArchive {
+    tar: TarIndex,
+    path: PathBuf,
+    manifest: Vec<ArchiveManifestEntry>,
+}
+
+/// The regular files of a plain tar (links resolved), by cleaned name.
+#[derive(Debug)]
+struct TarIndex {
     path: PathBuf,
     files: HashMap<String, Span>,
-    manifest: Vec<ArchiveManifestEntry>,
 }
 
 /// `./a/../b/c` → `b/c`.
@@ -361,10 +416,8 @@ fn clean(name: &str) -> String {
     parts.join("/")
 }
 
-impl DockerArchive {
-    /// Indexes the archive at `path` and reads its `manifest.json`.
-    pub fn open(path: impl Into<PathBuf>) -> Result<DockerArchive> {
-        let path = path.into();
+impl TarIndex {
+    fn open(path: PathBuf) -> Result<TarIndex> {
         let mut file = File::open(&path).map_err(io_err("cannot open", &path))?;
         let mut magic = [0u8; 4];
         let n = file.read(&mut magic).map_err(io_err("cannot read", &path))?;
@@ -404,26 +457,7 @@ impl DockerArchive {
                 }
             }
         }
-        let mut archive = DockerArchive { path, files, manifest: Vec::new() };
-        let raw = archive.read_small("manifest.json").map_err(|e| match e {
-            ArchiveError::MissingEntry { path, .. } => ArchiveError::NoManifest { path },
-            e => e,
-        })?;
-        archive.manifest = serde_json::from_slice(&raw).map_err(|source| ArchiveError::Json {
-            path: archive.path.clone(),
-            file: "manifest.json".to_owned(),
-            source,
-        })?;
-        Ok(archive)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The entries of `manifest.json`.
-    pub fn manifest(&self) -> &[ArchiveManifestEntry] {
-        &self.manifest
+        Ok(TarIndex { path, files })
     }
 
     fn span(&self, name: &str) -> Result<Span> {
@@ -454,6 +488,34 @@ impl DockerArchive {
             .and_then(|mut r| r.read_to_end(&mut out))
             .map_err(io_err("cannot read", &self.path))?;
         Ok(out)
+    }
+}
+
+impl DockerArchive {
+    /// Indexes the archive at `path` and reads its `manifest.json`.
+    pub fn open(path: impl Into<PathBuf>) -> Result<DockerArchive> {
+        let path = path.into();
+        let tar = TarIndex::open(path.clone())?;
+        let mut archive = DockerArchive { tar, path, manifest: Vec::new() };
+        let raw = archive.tar.read_small("manifest.json").map_err(|e| match e {
+            ArchiveError::MissingEntry { path, .. } => ArchiveError::NoManifest { path },
+            e => e,
+        })?;
+        archive.manifest = serde_json::from_slice(&raw).map_err(|source| ArchiveError::Json {
+            path: archive.path.clone(),
+            file: "manifest.json".to_owned(),
+            source,
+        })?;
+        Ok(archive)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The entries of `manifest.json`.
+    pub fn manifest(&self) -> &[ArchiveManifestEntry] {
+        &self.manifest
     }
 
     /// The image tagged `tag` (`name:tag`, `:latest` implied); without a tag, the only image.
@@ -496,7 +558,7 @@ impl DockerArchive {
         let Some(entry) = self.manifest.get(index) else {
             return Err(ArchiveError::Empty { path: self.path.clone() });
         };
-        let raw_config = self.read_small(&entry.config)?;
+        let raw_config = self.tar.read_small(&entry.config)?;
         let config = ImageConfig::from_slice(&raw_config).map_err(|source| {
             ArchiveError::Config { path: self.path.clone(), file: entry.config.clone(), source }
         })?;
@@ -512,8 +574,8 @@ impl DockerArchive {
         let mut layers = Vec::with_capacity(entry.layers.len());
         let mut blobs = HashMap::new();
         for (name, diff_id) in entry.layers.iter().zip(diff_ids) {
-            let span = self.span(name)?;
-            let mut reader = self.open_span(span).map_err(io_err("cannot read", &self.path))?;
+            let span = self.tar.span(name)?;
+            let mut reader = self.tar.open_span(span).map_err(io_err("cannot read", &self.path))?;
             let mut prefix = [0u8; 4];
             let n =
                 read_prefix(&mut reader, &mut prefix).map_err(io_err("cannot read", &self.path))?;
@@ -618,6 +680,286 @@ impl Image for ArchiveImage {
         file.seek(SeekFrom::Start(span.offset))?;
         Ok(Box::new(BufReader::with_capacity(COPY_BUFFER, file.take(span.size))))
     }
+}
+
+/// Writes an oci-archive: an OCI image layout as one tar (`oci-archive:FILE[:tag]` in skopeo),
+/// with `oci-layout` first, each blob once under `blobs/<alg>/<hex>`, and `index.json` last.
+/// Deterministic headers and the temporary-file-then-rename rule as for docker-archives.
+pub struct OciArchiveWriter {
+    path: PathBuf,
+    builder: TarBuilder,
+    written: HashSet<Digest>,
+    dirs: HashSet<&'static str>,
+    index: crate::manifest::ImageIndex,
+}
+
+impl OciArchiveWriter {
+    pub fn create(path: impl Into<PathBuf>) -> Result<OciArchiveWriter> {
+        let path = path.into();
+        let mut w = OciArchiveWriter {
+            builder: temp_tar(&path)?,
+            path,
+            written: HashSet::new(),
+            dirs: HashSet::new(),
+            index: crate::manifest::ImageIndex::new_oci(),
+        };
+        let marker = format!(r#"{{"imageLayoutVersion":"{}"}}"#, crate::layout::LAYOUT_VERSION);
+        w.append_bytes("oci-layout", marker.as_bytes())?;
+        w.append_dir("blobs/")?;
+        Ok(w)
+    }
+
+    fn append_bytes(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        let mut h = header(bytes.len() as u64);
+        self.builder
+            .append_data(&mut h, name, bytes)
+            .map_err(io_err("cannot write to the temporary file for", &self.path))
+    }
+
+    fn append_dir(&mut self, name: &str) -> Result<()> {
+        let mut h = header(0);
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        self.builder
+            .append_data(&mut h, name, io::empty())
+            .map_err(io_err("cannot write to the temporary file for", &self.path))
+    }
+
+    fn blob_name(&mut self, digest: &Digest) -> Result<String> {
+        let alg = digest.algorithm().as_str();
+        if self.dirs.insert(alg) {
+            self.append_dir(&format!("blobs/{alg}/"))?;
+        }
+        Ok(format!("blobs/{alg}/{}", digest.hex()))
+    }
+
+    fn append_blob(&mut self, descriptor: &Descriptor, reader: impl Read) -> Result<()> {
+        if self.written.contains(&descriptor.digest) {
+            return Ok(());
+        }
+        let name = self.blob_name(&descriptor.digest)?;
+        append_verified(&mut self.builder, &self.path, &name, descriptor, reader)?;
+        self.written.insert(descriptor.digest.clone());
+        Ok(())
+    }
+
+    /// Adds an image (layers streamed and verified; non-distributable layers the source lacks
+    /// are left out) and an `index.json` entry, tagged when `tag` is given (a later image with
+    /// the same tag replaces the entry). Returns the manifest descriptor.
+    pub fn add_image(&mut self, image: &dyn Image, tag: Option<&str>) -> Result<Descriptor> {
+        if let Some(tag) = tag {
+            crate::layout::validate_tag(tag)
+                .map_err(|_| ArchiveError::InvalidTag { tag: tag.to_owned() })?;
+        }
+        let manifest = image.manifest();
+        for layer in &manifest.layers {
+            if self.written.contains(&layer.digest) {
+                continue;
+            }
+            match image.open_blob(layer) {
+                Ok(reader) => self.append_blob(layer, reader)?,
+                Err(e)
+                    if e.kind() == io::ErrorKind::NotFound
+                        && media_type::is_non_distributable(&layer.media_type) => {}
+                Err(source) => {
+                    return Err(ArchiveError::Source {
+                        path: self.path.clone(),
+                        digest: layer.digest.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        self.append_blob(&manifest.config, image.raw_config())?;
+        let mut descriptor = image.descriptor();
+        self.append_blob(&descriptor, image.raw_manifest())?;
+        if let Ok(config) = image.config() {
+            let platform = config.platform();
+            if !platform.os.is_empty() && !platform.architecture.is_empty() {
+                descriptor.platform = Some(platform);
+            }
+        }
+        match tag {
+            Some(tag) => {
+                self.index.manifests.retain(|d| d.ref_name() != Some(tag));
+                self.index.manifests.push(
+                    descriptor.clone().with_annotation(crate::descriptor::ANNOTATION_REF_NAME, tag),
+                );
+            }
+            None => self.index.manifests.push(descriptor.clone()),
+        }
+        Ok(descriptor)
+    }
+
+    /// Writes `index.json` and moves the archive into place.
+    pub fn finish(mut self) -> Result<PathBuf> {
+        let index = self.index.to_json();
+        self.append_bytes("index.json", &index)?;
+        finish_tar(self.builder, &self.path)?;
+        Ok(self.path)
+    }
+}
+
+/// An oci-archive opened for reading: the tar is indexed once, blobs stream from it.
+#[derive(Debug)]
+pub struct OciArchive {
+    tar: TarIndex,
+    index: crate::manifest::ImageIndex,
+}
+
+impl OciArchive {
+    pub fn open(path: impl Into<PathBuf>) -> Result<OciArchive> {
+        let path = path.into();
+        let tar = TarIndex::open(path.clone())?;
+        if tar.span("oci-layout").is_err() {
+            return Err(ArchiveError::NotOciArchive { path });
+        }
+        let raw = tar.read_small("index.json")?;
+        let index = serde_json::from_slice(&raw).map_err(|source| ArchiveError::Json {
+            path,
+            file: "index.json".to_owned(),
+            source,
+        })?;
+        Ok(OciArchive { tar, index })
+    }
+
+    /// The archive's `index.json`.
+    pub fn index(&self) -> &crate::manifest::ImageIndex {
+        &self.index
+    }
+
+    fn blob_span(&self, d: &Descriptor) -> Result<Span> {
+        let name = format!("blobs/{}/{}", d.digest.algorithm().as_str(), d.digest.hex());
+        self.tar.span(&name)
+    }
+
+    fn read_blob(&self, d: &Descriptor, limit: u64) -> Result<Vec<u8>> {
+        let span = self.blob_span(d)?;
+        let file = format!("blobs/{}/{}", d.digest.algorithm().as_str(), d.digest.hex());
+        if span.size > limit {
+            return Err(ArchiveError::TooLarge {
+                path: self.tar.path.clone(),
+                file,
+                size: span.size,
+                limit,
+            });
+        }
+        let reader = self.tar.open_span(span).map_err(io_err("cannot read", &self.tar.path))?;
+        let mut out = Vec::new();
+        VerifyingReader::new(reader, d.digest.clone(), d.size).read_to_end(&mut out).map_err(
+            |e| match verify_error(&e) {
+                Some(v) => ArchiveError::Verify {
+                    path: self.tar.path.clone(),
+                    digest: d.digest.clone(),
+                    source: v.clone(),
+                },
+                None => ArchiveError::Io {
+                    action: "cannot read",
+                    path: self.tar.path.clone(),
+                    source: e,
+                },
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// The image tagged `tag` (without a tag, the only entry), resolved for `platform` when it
+    /// is an index.
+    pub fn image(
+        &self,
+        tag: Option<&str>,
+        platform: &crate::platform::PlatformMatcher,
+    ) -> Result<ArchiveImage> {
+        let path = &self.tar.path;
+        let available = || {
+            let tags: Vec<&str> =
+                self.index.manifests.iter().filter_map(Descriptor::ref_name).collect();
+            if tags.is_empty() { "none".to_owned() } else { tags.join(", ") }
+        };
+        let mut current = match tag {
+            Some(tag) => self
+                .index
+                .manifests
+                .iter()
+                .rev()
+                .find(|d| d.ref_name() == Some(tag))
+                .cloned()
+                .ok_or_else(|| ArchiveError::TagNotFound {
+                    path: path.clone(),
+                    tag: tag.to_owned(),
+                    available: available(),
+                })?,
+            None => match self.index.manifests.as_slice() {
+                [one] => one.clone(),
+                [] => return Err(ArchiveError::Empty { path: path.clone() }),
+                many => {
+                    return Err(ArchiveError::Ambiguous {
+                        path: path.clone(),
+                        count: many.len(),
+                        available: available(),
+                    });
+                }
+            },
+        };
+        for _ in 0..4 {
+            let raw = self.read_blob(&current, crate::layout::MAX_MANIFEST_SIZE)?;
+            let parsed = crate::manifest::Manifest::from_slice(&raw, Some(&current.media_type))
+                .map_err(|source| ArchiveError::Manifest {
+                    path: path.clone(),
+                    digest: current.digest.clone(),
+                    source,
+                })?;
+            match parsed {
+                crate::manifest::Manifest::Image(manifest) => {
+                    let raw_config =
+                        self.read_blob(&manifest.config, crate::layout::MAX_CONFIG_SIZE)?;
+                    let mut blobs = HashMap::new();
+                    for layer in &manifest.layers {
+                        if let Ok(span) = self.blob_span(layer) {
+                            blobs.insert(layer.digest.clone(), span);
+                        }
+                    }
+                    return Ok(ArchiveImage {
+                        path: path.clone(),
+                        raw_manifest: raw,
+                        manifest,
+                        raw_config,
+                        repo_tags: current.ref_name().map(str::to_owned).into_iter().collect(),
+                        blobs,
+                    });
+                }
+                crate::manifest::Manifest::Index(index) => {
+                    let Some(next) = platform.select(&index.manifests) else {
+                        let available: Vec<String> = index
+                            .manifests
+                            .iter()
+                            .filter_map(|d| d.platform.as_ref().map(ToString::to_string))
+                            .collect();
+                        return Err(ArchiveError::NoPlatform {
+                            path: path.clone(),
+                            digest: current.digest.clone(),
+                            platform: platform
+                                .accepted()
+                                .first()
+                                .map(ToString::to_string)
+                                .unwrap_or_default(),
+                            available: available.join(", "),
+                        });
+                    };
+                    current = next.clone();
+                }
+            }
+        }
+        Err(ArchiveError::TooDeep { path: path.clone(), digest: current.digest })
+    }
+}
+
+/// Writes one image to an oci-archive at `path`, tagged `tag`.
+pub fn write_oci_archive(path: &Path, image: &dyn Image, tag: Option<&str>) -> Result<()> {
+    let mut w = OciArchiveWriter::create(path)?;
+    w.add_image(image, tag)?;
+    w.finish()?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -800,6 +1142,35 @@ mod tests {
         assert_eq!(img.manifest().layers[0].media_type, media_type::DOCKER_LAYER_TAR);
         assert_eq!(img.manifest().layers[0].digest, diff_id);
         assert_eq!(img.config().unwrap().platform().to_string(), "linux/arm64");
+    }
+
+    #[test]
+    fn oci_archive_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = image(dir.path(), &[b"base"]);
+        let two = image(dir.path(), &[b"base", b"top"]);
+        let path = dir.path().join("oci.tar");
+        let mut w = OciArchiveWriter::create(&path).unwrap();
+        w.add_image(&one, Some("one")).unwrap();
+        w.add_image(&two, Some("two")).unwrap();
+        w.add_image(&two, Some("one")).unwrap();
+        w.finish().unwrap();
+        let archive = OciArchive::open(&path).unwrap();
+        assert_eq!(archive.index().manifests.len(), 2, "`one` was retagged, not duplicated");
+        let host = crate::platform::PlatformMatcher::only(&crate::Platform::host());
+        let read = archive.image(Some("one"), &host).unwrap();
+        assert_eq!(read.digest(), two.digest());
+        assert_eq!(read.raw_manifest(), two.raw_manifest());
+        crate::validate::image(&read).unwrap();
+        let err = archive.image(None, &host).unwrap_err();
+        assert!(matches!(err, ArchiveError::Ambiguous { .. }), "{err}");
+        assert!(matches!(
+            OciArchive::open(dir.path().join("oci.tar").with_extension("missing")),
+            Err(ArchiveError::Io { .. })
+        ));
+        let docker = dir.path().join("d.tar");
+        write_docker_archive(&docker, &one, &["a:1"]).unwrap();
+        assert!(matches!(OciArchive::open(&docker), Err(ArchiveError::NotOciArchive { .. })));
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //!   implements and every store consumes; [`ImageBuilder`] makes one from layer files.
 //! - [`validate::image`]: checks every invariant of an image (digests, sizes, diff_ids).
 //! - Stores: [`layout`] (OCI image layout directories) and [`archive`] (docker-archive tarballs,
-//!   what `docker save` writes and `podman load`/`docker load` read).
+//!   what `docker save` writes and `podman load`/`docker load` read; and oci-archive, an OCI
+//!   layout in one tar).
 //!
 //! Data flow: a store or registry hands out raw manifest bytes → [`Manifest::from_slice`] →
 //! (index → [`PlatformMatcher::select`] → manifest) → config and layer [`Descriptor`]s → blobs
@@ -63,7 +64,7 @@ pub mod platform;
 pub mod validate;
 pub mod verify;
 
-pub use archive::{ArchiveImage, DockerArchive, DockerArchiveWriter};
+pub use archive::{ArchiveImage, DockerArchive, DockerArchiveWriter, OciArchive, OciArchiveWriter};
 pub use config::{ContainerConfig, Healthcheck, History, ImageConfig, RootFs};
 pub use descriptor::Descriptor;
 pub use digest::{Algorithm, Digest, DigestError, DigestHasher};

@@ -1,7 +1,9 @@
 //! docker-archive interop: podman loads and skopeo inspects what kiln writes; kiln reads what
 //! skopeo writes.
 
-use kiln_oci::archive::{DockerArchive, DockerArchiveWriter, write_docker_archive};
+use kiln_oci::archive::{
+    DockerArchive, DockerArchiveWriter, OciArchive, write_docker_archive, write_oci_archive,
+};
 use kiln_oci::{Image, ManifestFormat, OciLayout, Platform, PlatformMatcher, media_type};
 
 use crate::fixture::{busybox_image, podman, run, run_json, skopeo};
@@ -112,4 +114,32 @@ fn kiln_archive_round_trips_through_kiln() {
     assert_eq!(read.raw_config(), image.raw_config());
     assert_eq!(read.manifest(), image.manifest());
     assert_eq!(read.digest(), image.digest());
+}
+
+#[test]
+fn skopeo_reads_a_kiln_oci_archive_and_kiln_reads_skopeos() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = busybox_image(dir.path(), ManifestFormat::Oci);
+    let archive = dir.path().join("oci.tar");
+    write_oci_archive(&archive, &image, Some("v1")).unwrap();
+    let target = format!("oci-archive:{}:v1", archive.display());
+    let info = run_json(skopeo().args(["inspect", &target]));
+    assert_eq!(info["Digest"], image.digest().to_string(), "{info}");
+
+    // skopeo writes one from a kiln layout; kiln reads and validates it
+    let layout = dir.path().join("layout");
+    OciLayout::create(&layout).unwrap().write_image(&image, Some("v1")).unwrap();
+    let theirs = dir.path().join("skopeo-oci.tar");
+    run(skopeo().args([
+        "copy",
+        "--quiet",
+        &format!("oci:{}:v1", layout.display()),
+        &format!("oci-archive:{}:copied", theirs.display()),
+    ]));
+    let read = OciArchive::open(&theirs)
+        .unwrap()
+        .image(Some("copied"), &PlatformMatcher::only(&Platform::host()))
+        .unwrap();
+    kiln_oci::validate::image(&read).unwrap();
+    assert_eq!(read.raw_config(), image.raw_config());
 }
