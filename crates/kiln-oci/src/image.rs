@@ -49,20 +49,36 @@ pub trait Image: Send + Sync {
     }
 }
 
-impl<T: Image + ?Sized> Image for &T {
-    fn raw_manifest(&self) -> &[u8] {
-        (**self).raw_manifest()
-    }
-    fn manifest(&self) -> &ImageManifest {
-        (**self).manifest()
-    }
-    fn raw_config(&self) -> &[u8] {
-        (**self).raw_config()
-    }
-    fn open_blob(&self, descriptor: &Descriptor) -> io::Result<Box<dyn Read + Send + '_>> {
-        (**self).open_blob(descriptor)
-    }
+/// Forwards every method (including the provided ones, which implementations may override).
+macro_rules! forward_image {
+    ($($ty:ty),*) => {$(
+        impl<T: Image + ?Sized> Image for $ty {
+            fn raw_manifest(&self) -> &[u8] {
+                (**self).raw_manifest()
+            }
+            fn manifest(&self) -> &ImageManifest {
+                (**self).manifest()
+            }
+            fn raw_config(&self) -> &[u8] {
+                (**self).raw_config()
+            }
+            fn open_blob(&self, descriptor: &Descriptor) -> io::Result<Box<dyn Read + Send + '_>> {
+                (**self).open_blob(descriptor)
+            }
+            fn descriptor(&self) -> Descriptor {
+                (**self).descriptor()
+            }
+            fn digest(&self) -> Digest {
+                (**self).digest()
+            }
+            fn config(&self) -> Result<ImageConfig, ManifestError> {
+                (**self).config()
+            }
+        }
+    )*};
 }
+
+forward_image!(&T, Box<T>, std::sync::Arc<T>);
 
 /// Why an image cannot be assembled.
 #[derive(Debug, thiserror::Error)]
