@@ -382,12 +382,10 @@ fn build_and_export(
                 ));
             }
         };
-        progress.event(Event::Exported {
-            destination: dest.clone(),
-            digest: assembled.manifest_digest.clone(),
-        });
-        summary.push_str(&format!("{dest}: {}\n", assembled.manifest_digest));
-        digest = assembled.manifest_digest;
+        progress
+            .event(Event::Exported { destination: dest.clone(), digest: assembled.to_string() });
+        summary.push_str(&format!("{dest}: {}\n", assembled));
+        digest = assembled.to_string();
     }
     if let Some(f) = &resolved.digest_file {
         write_atomically(f, digest.as_bytes())?;
