@@ -75,7 +75,7 @@ impl<W: Write> Write for HashingWriter<W> {
 
 /// The compressor between the tar and the blob file.
 enum Encoder<W: Write> {
-    Gzip(flate2::write::GzEncoder<W>),
+    Gzip(ParallelGzip<W>),
     Zstd(zstd::stream::write::Encoder<'static, W>),
     Plain(W),
 }
@@ -146,10 +146,10 @@ pub fn write_layer(
         count: 0,
     };
     let encoder = match opts.compression {
-        Compression::Gzip { level } => Encoder::Gzip(flate2::write::GzEncoder::new(
-            blob,
-            flate2::Compression::new(level.min(9)),
-        )),
+        Compression::Gzip { level } => {
+            let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+            Encoder::Gzip(ParallelGzip::new(blob, level, threads).map_err(io_err)?)
+        }
         Compression::Zstd { level } => {
             let mut e = zstd::stream::write::Encoder::new(blob, level).map_err(io_err)?;
             // Use both cores: zstd's own worker threads.
@@ -193,6 +193,9 @@ pub fn write_layer(
     let digest = hasher.finish();
     let path = blob_dir.join(digest.hex());
     spool.persist(&path).map_err(|e| io_err(e.error))?;
+    // Blobs are content, readable like any layout blob.
+    fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .map_err(io_err)?;
     Ok(WrittenLayer { path, digest, diff_id, size, entries: count })
 }
 
@@ -351,5 +354,157 @@ impl<R: io::Read> io::Read for PadTo<R> {
         };
         self.remaining -= n as u64;
         Ok(n)
+    }
+}
+
+/// pigz-style parallel gzip: the stream is cut into 1 MiB chunks, each deflated on its own
+/// thread (raw deflate ending in a sync flush, the last one finished), and the pieces are
+/// written in order between one gzip header and one trailer (CRC32 and size of the whole
+/// input). The result is a single ordinary gzip member; memory stays at a few chunks.
+pub struct ParallelGzip<W: Write> {
+    out: W,
+    level: u32,
+    buf: Vec<u8>,
+    crc: crc32fast::Hasher,
+    total: u64,
+    next_seq: u64,
+    written_seq: u64,
+    jobs: Option<std::sync::mpsc::SyncSender<(u64, Vec<u8>, bool)>>,
+    results: std::sync::mpsc::Receiver<(u64, io::Result<Vec<u8>>)>,
+    pending: std::collections::BTreeMap<u64, Vec<u8>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+const CHUNK: usize = 1 << 20;
+
+fn deflate_chunk(level: u32, data: &[u8], finish: bool) -> io::Result<Vec<u8>> {
+    use flate2::{Compress, FlushCompress, Status};
+    let mut c = Compress::new(flate2::Compression::new(level), false);
+    let mut out = Vec::with_capacity(data.len() / 2 + 4096);
+    let flush = if finish { FlushCompress::Finish } else { FlushCompress::Sync };
+    loop {
+        if out.capacity() - out.len() < 32 * 1024 {
+            out.reserve(256 * 1024);
+        }
+        let consumed = usize::try_from(c.total_in()).unwrap_or(usize::MAX).min(data.len());
+        let status =
+            c.compress_vec(&data[consumed..], &mut out, flush).map_err(io::Error::other)?;
+        let all_in = usize::try_from(c.total_in()).is_ok_and(|n| n == data.len());
+        match status {
+            Status::StreamEnd => break,
+            // A sync flush is complete once all input is in and the output was not full.
+            _ if !finish && all_in && out.len() < out.capacity() => break,
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+impl<W: Write> ParallelGzip<W> {
+    /// Starts a gzip stream on `out` compressed at `level` by `threads` workers.
+    pub fn new(mut out: W, level: u32, threads: usize) -> io::Result<ParallelGzip<W>> {
+        // Header: magic, deflate, no flags, mtime 0, no extra flags, OS unknown (255).
+        out.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255])?;
+        let threads = threads.max(1);
+        let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>, bool)>(threads * 2);
+        let (res_tx, res_rx) = std::sync::mpsc::channel();
+        let job_rx = std::sync::Arc::new(std::sync::Mutex::new(job_rx));
+        let level = level.min(9);
+        let workers = (0..threads)
+            .map(|_| {
+                let rx = std::sync::Arc::clone(&job_rx);
+                let tx = res_tx.clone();
+                std::thread::spawn(move || {
+                    loop {
+                        let job = match rx.lock() {
+                            Ok(guard) => guard.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok((seq, data, finish)) = job else { return };
+                        if tx.send((seq, deflate_chunk(level, &data, finish))).is_err() {
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Ok(ParallelGzip {
+            out,
+            level,
+            buf: Vec::with_capacity(CHUNK),
+            crc: crc32fast::Hasher::new(),
+            total: 0,
+            next_seq: 0,
+            written_seq: 0,
+            jobs: Some(job_tx),
+            results: res_rx,
+            pending: std::collections::BTreeMap::new(),
+            workers,
+        })
+    }
+
+    fn submit(&mut self, finish: bool) -> io::Result<()> {
+        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.crc.update(&data);
+        self.total += data.len() as u64;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let jobs =
+            self.jobs.as_ref().ok_or_else(|| io::Error::other("gzip stream already finished"))?;
+        jobs.send((seq, data, finish)).map_err(|_| io::Error::other("a gzip worker stopped"))?;
+        self.drain(false)
+    }
+
+    /// Writes finished chunks in order; with `wait`, blocks until all submitted are written.
+    fn drain(&mut self, wait: bool) -> io::Result<()> {
+        loop {
+            while let Some(bytes) = self.pending.remove(&self.written_seq) {
+                self.out.write_all(&bytes)?;
+                self.written_seq += 1;
+            }
+            if self.written_seq == self.next_seq {
+                return Ok(());
+            }
+            let next = if wait {
+                self.results.recv().map_err(|_| io::Error::other("a gzip worker stopped"))?
+            } else {
+                match self.results.try_recv() {
+                    Ok(r) => r,
+                    Err(_) => return Ok(()),
+                }
+            };
+            self.pending.insert(next.0, next.1?);
+        }
+    }
+
+    /// Compresses what is left, writes the trailer and returns the output.
+    pub fn finish(mut self) -> io::Result<W> {
+        self.submit(true)?;
+        self.jobs = None;
+        self.drain(true)?;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        let crc = self.crc.clone().finalize();
+        self.out.write_all(&crc.to_le_bytes())?;
+        self.out.write_all(&((self.total & 0xffff_ffff) as u32).to_le_bytes())?;
+        let _ = self.level;
+        Ok(self.out)
+    }
+}
+
+impl<W: Write> Write for ParallelGzip<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = CHUNK - self.buf.len();
+        let n = room.min(data.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK {
+            self.submit(false)?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
