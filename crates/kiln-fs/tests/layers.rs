@@ -478,3 +478,28 @@ fn snapshot_ignores_paths_and_reports_only_changes() {
     );
     let _ = PathBuf::new();
 }
+
+#[test]
+fn parallel_gzip_is_one_valid_gzip_member() {
+    use std::io::Read as _;
+    for size in [0usize, 1, 1 << 20, (1 << 20) + 1, 3 * (1 << 20) + 12345] {
+        let input: Vec<u8> = (0..size).map(|i| ((i * 7919) % 251) as u8).collect();
+        let mut gz = kiln_fs::writer::ParallelGzip::new(Vec::new(), 6, 3).unwrap();
+        gz.write_all(&input).unwrap();
+        let out = gz.finish().unwrap();
+        // A single-member decoder must read all of it (one header, one trailer).
+        let mut back = Vec::new();
+        flate2::read::GzDecoder::new(&out[..]).read_to_end(&mut back).unwrap();
+        assert_eq!(back, input, "size {size}");
+        let gz_tool = std::process::Command::new("gzip")
+            .args(["-t"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                c.stdin.take().unwrap().write_all(&out)?;
+                c.wait()
+            })
+            .unwrap();
+        assert!(gz_tool.success(), "gzip -t accepts size {size}");
+    }
+}
