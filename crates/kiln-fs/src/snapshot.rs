@@ -344,3 +344,47 @@ fn read_dir(
     }
     Ok(())
 }
+
+/// The layer entries of an overlayfs upper directory: O(changes), no comparison needed.
+/// Overlay whiteouts (character devices 0/0) become OCI whiteouts, directories marked opaque
+/// (`trusted.overlay.opaque` or, with `userxattr`, `user.overlay.opaque` = `y`) become opaque
+/// markers, and everything else is a changed path. Paths in `ignore` are skipped. Write the
+/// layer from `upper` (it holds the new content), e.g. `write_layer(upper, &entries, ..)`.
+pub fn overlay_changes(upper: &Path, ignore: &[String]) -> Result<Vec<LayerEntry>, FsError> {
+    use std::os::unix::fs::FileTypeExt;
+    let ignore: BTreeSet<&str> = ignore.iter().map(|s| s.trim_matches('/')).collect();
+    let mut out = Vec::new();
+    let mut stack = vec![String::new()];
+    while let Some(dir) = stack.pop() {
+        let host = if dir.is_empty() { upper.to_path_buf() } else { upper.join(&dir) };
+        let entries =
+            fs::read_dir(&host).map_err(|e| FsError::Io { path: host.clone(), error: e })?;
+        for entry in entries {
+            let entry = entry.map_err(|e| FsError::Io { path: host.clone(), error: e })?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let rel = if dir.is_empty() { name } else { format!("{dir}/{name}") };
+            if ignore.contains(rel.as_str()) {
+                continue;
+            }
+            let meta =
+                entry.metadata().map_err(|e| FsError::Io { path: entry.path(), error: e })?;
+            let ft = meta.file_type();
+            if ft.is_char_device() && meta.rdev() == 0 {
+                out.push(LayerEntry::Whiteout(rel));
+                continue;
+            }
+            if ft.is_dir() {
+                let opaque = ["trusted.overlay.opaque", "user.overlay.opaque"]
+                    .iter()
+                    .any(|k| matches!(xattr::get(entry.path(), k), Ok(Some(v)) if v == b"y"));
+                if opaque {
+                    out.push(LayerEntry::Opaque(rel.clone()));
+                }
+                stack.push(rel.clone());
+            }
+            out.push(LayerEntry::Path(rel));
+        }
+    }
+    out.sort();
+    Ok(out)
+}

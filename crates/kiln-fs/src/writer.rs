@@ -273,8 +273,13 @@ fn append_path<W: Write>(
     let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
     if let Ok(names) = xattr::list(&host) {
         for n in names {
+            let name = n.to_string_lossy();
+            // overlayfs bookkeeping (opaque markers, redirects) is not content.
+            if name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.") {
+                continue;
+            }
             if let Ok(Some(v)) = xattr::get(&host, &n) {
-                let key = format!("SCHILY.xattr.{}", n.to_string_lossy());
+                let key = format!("SCHILY.xattr.{name}");
                 pax.push((key, v));
             }
         }

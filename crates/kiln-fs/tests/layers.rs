@@ -503,3 +503,43 @@ fn parallel_gzip_is_one_valid_gzip_member() {
         assert!(gz_tool.success(), "gzip -t accepts size {size}");
     }
 }
+
+#[test]
+fn overlay_upper_dirs_translate_to_oci_whiteouts() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED: creating overlay whiteouts (0/0 devices, trusted xattrs) needs root");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    // A lower tree, and an upper dir as overlayfs leaves it after: delete `gone`, replace
+    // `dir` by a new opaque dir with one file, add `new`.
+    let lower = t.path().join("lower");
+    fs::create_dir_all(lower.join("dir/old")).unwrap();
+    fs::write(lower.join("gone"), "x").unwrap();
+    fs::write(lower.join("keep"), "k").unwrap();
+    let upper = t.path().join("upper");
+    fs::create_dir_all(upper.join("dir")).unwrap();
+    fs::write(upper.join("dir/fresh"), "f").unwrap();
+    fs::write(upper.join("new"), "n").unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        upper.join("gone"),
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::from_raw_mode(0),
+        0,
+    )
+    .unwrap();
+    xattr::set(upper.join("dir"), "trusted.overlay.opaque", b"y").unwrap();
+    let entries = kiln_fs::snapshot::overlay_changes(&upper, &[]).unwrap();
+    assert!(entries.contains(&LayerEntry::Whiteout("gone".into())), "{entries:?}");
+    assert!(entries.contains(&LayerEntry::Opaque("dir".into())), "{entries:?}");
+    assert!(entries.contains(&LayerEntry::Path("dir/fresh".into())), "{entries:?}");
+    // Applying the layer to the lower tree gives what the overlay showed.
+    let blobs = t.path().join("blobs");
+    let layer = writer::write_layer(&upper, &entries, &blobs, &WriteOptions::default()).unwrap();
+    apply::apply_file(&layer.path, &lower, &ApplyOptions::default()).unwrap();
+    assert!(!lower.join("gone").exists() && !lower.join("dir/old").exists());
+    assert_eq!(fs::read_to_string(lower.join("dir/fresh")).unwrap(), "f");
+    assert_eq!(fs::read_to_string(lower.join("new")).unwrap(), "n");
+    assert_eq!(fs::read_to_string(lower.join("keep")).unwrap(), "k");
+}
