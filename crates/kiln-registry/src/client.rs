@@ -1,0 +1,794 @@
+//! The distribution API client ([`RegistryClient`]): authentication, manifests, blobs, uploads.
+//!
+//! Authentication follows the registry's challenge: a request goes out with what is cached
+//! for its registry and scope (a bearer token, or basic credentials); on `401` the
+//! `WWW-Authenticate` header says `Basic` (send the credentials) or `Bearer realm=…,service=…,
+//! scope=…` (fetch a token from the realm, with the credentials if any, read `token` or
+//! `access_token`, cache it per scope) and the request is sent again once.
+//!
+//! Transient failures (connection errors, `5xx`, `429` honouring `Retry-After`) are retried
+//! with exponential backoff. Blobs stream to a temporary file in the destination directory,
+//! verified against their digest and size, then renamed: nothing half-written is left.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kiln_oci::{Descriptor, Digest, Manifest, VerifyingReader, media_type};
+use kiln_reference::Reference;
+use reqwest::StatusCode;
+use reqwest::blocking::{Body, Client, RequestBuilder, Response};
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE,
+};
+
+use crate::credentials::{Credential, Credentials};
+
+/// How to reach registries.
+#[derive(Debug, Clone)]
+pub struct RegistryOptions {
+    /// Registries (`host[:port]`) reached over plain HTTP (kaniko's `--insecure`).
+    pub insecure: Vec<String>,
+    /// Registries whose TLS certificate is not verified (`--skip-tls-verify`).
+    pub skip_tls_verify: Vec<String>,
+    /// Attempts for a transient failure (1 = no retry).
+    pub attempts: u32,
+    /// Blobs larger than this are uploaded in chunks.
+    pub chunk_size: u64,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        RegistryOptions {
+            insecure: Vec::new(),
+            skip_tls_verify: Vec::new(),
+            attempts: 4,
+            chunk_size: 64 << 20,
+        }
+    }
+}
+
+/// A registry failure, naming the reference and what to check.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    #[error("{reference}: authentication required ({detail})")]
+    Unauthorized { reference: String, detail: String, hint: String },
+    #[error("{reference}: access denied ({detail})")]
+    Denied { reference: String, detail: String, hint: String },
+    #[error("{reference}: not found")]
+    NotFound { reference: String },
+    #[error("{reference}: the registry answered {status}: {detail}")]
+    Status { reference: String, status: u16, detail: String },
+    #[error("{reference}: cannot reach the registry: {detail}")]
+    Unreachable { reference: String, detail: String, hint: String },
+    #[error("{reference}: {detail}")]
+    Invalid { reference: String, detail: String },
+    #[error("{reference}: {source}")]
+    Credentials { reference: String, source: crate::credentials::CredentialError },
+    #[error("{reference}: writing {}: {error}", path.display())]
+    Io { reference: String, path: PathBuf, error: io::Error },
+}
+
+impl RegistryError {
+    /// Advice on what to check.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            RegistryError::Unauthorized { hint, .. }
+            | RegistryError::Denied { hint, .. }
+            | RegistryError::Unreachable { hint, .. } => Some(hint.clone()),
+            RegistryError::NotFound { .. } => {
+                Some("check the name and tag; private images need credentials".into())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A resolved image: its manifest, config and layer descriptors.
+#[derive(Debug, Clone)]
+pub struct PulledManifest {
+    pub reference: Reference,
+    pub manifest: Vec<u8>,
+    pub media_type: String,
+    pub digest: Digest,
+    pub config: Vec<u8>,
+    pub config_descriptor: Descriptor,
+    pub layers: Vec<Descriptor>,
+}
+
+/// A distribution API client shared by a whole build.
+pub struct RegistryClient {
+    http: Client,
+    http_insecure: Client,
+    options: RegistryOptions,
+    credentials: Credentials,
+    /// Bearer tokens per (registry, scope).
+    tokens: Mutex<HashMap<(String, String), String>>,
+    /// Registries that asked for basic auth, with the credential to send up front.
+    basic: Mutex<HashMap<String, Credential>>,
+}
+
+impl std::fmt::Debug for RegistryClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryClient").field("options", &self.options).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Challenge {
+    Basic,
+    Bearer { realm: String, service: Option<String>, scope: Option<String> },
+}
+
+fn parse_challenge(header: &str) -> Option<Challenge> {
+    let (scheme, rest) = header.trim().split_once(' ').unwrap_or((header.trim(), ""));
+    if scheme.eq_ignore_ascii_case("basic") {
+        return Some(Challenge::Basic);
+    }
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut params = HashMap::new();
+    // key="value" pairs separated by commas; values may contain commas inside quotes.
+    let mut rest = rest.trim();
+    while !rest.is_empty() {
+        let Some((key, after)) = rest.split_once('=') else { break };
+        let key = key.trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let after = after.trim_start();
+        let (value, next) = if let Some(q) = after.strip_prefix('"') {
+            match q.find('"') {
+                Some(end) => (q[..end].to_owned(), &q[end + 1..]),
+                None => (q.to_owned(), ""),
+            }
+        } else {
+            match after.find(',') {
+                Some(end) => (after[..end].trim().to_owned(), &after[end..]),
+                None => (after.trim().to_owned(), ""),
+            }
+        };
+        params.insert(key, value);
+        rest = next.trim_start().trim_start_matches(',').trim_start();
+    }
+    Some(Challenge::Bearer {
+        realm: params.remove("realm")?,
+        service: params.remove("service"),
+        scope: params.remove("scope"),
+    })
+}
+
+impl RegistryClient {
+    /// A client with `credentials` (see [`Credentials::load`]).
+    pub fn new(
+        options: RegistryOptions,
+        credentials: Credentials,
+    ) -> Result<RegistryClient, RegistryError> {
+        let build = |insecure: bool| {
+            Client::builder()
+                .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(Duration::from_secs(30))
+                .timeout(None)
+                .danger_accept_invalid_certs(insecure)
+                .build()
+                .map_err(|e| RegistryError::Unreachable {
+                    reference: String::new(),
+                    detail: e.to_string(),
+                    hint: "the TLS stack could not start".into(),
+                })
+        };
+        Ok(RegistryClient {
+            http: build(false)?,
+            http_insecure: build(true)?,
+            options,
+            credentials,
+            tokens: Mutex::new(HashMap::new()),
+            basic: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn is_insecure(&self, registry: &str) -> bool {
+        self.options.insecure.iter().any(|r| r == registry)
+    }
+
+    fn client_for(&self, registry: &str) -> &Client {
+        if self.options.skip_tls_verify.iter().any(|r| r == registry) {
+            &self.http_insecure
+        } else {
+            &self.http
+        }
+    }
+
+    fn base(&self, r: &Reference) -> String {
+        let scheme = if self.is_insecure(&r.registry) { "http" } else { "https" };
+        format!("{scheme}://{}/v2/{}", r.api_host(), r.repository)
+    }
+
+    fn credential(&self, r: &Reference) -> Result<Option<Credential>, RegistryError> {
+        self.credentials
+            .get(&r.registry)
+            .map_err(|source| RegistryError::Credentials { reference: r.to_string(), source })
+    }
+
+    fn cached_token(&self, registry: &str, scope: &str) -> Option<String> {
+        self.tokens.lock().ok()?.get(&(registry.to_owned(), scope.to_owned())).cloned()
+    }
+
+    /// Fetches a bearer token for a challenge.
+    fn fetch_token(
+        &self,
+        r: &Reference,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<String, RegistryError> {
+        let cred = self.credential(r)?;
+        let mut query: Vec<(&str, &str)> = Vec::new();
+        if let Some(s) = service {
+            query.push(("service", s));
+        }
+        if !scope.is_empty() {
+            query.push(("scope", scope));
+        }
+        let client = self.client_for(&r.registry);
+        let response = match &cred {
+            // An identity token is exchanged with the OAuth2 refresh-token grant.
+            Some(Credential::IdentityToken { token, .. }) => {
+                let mut form = vec![
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", token.as_str()),
+                    ("client_id", "kiln"),
+                ];
+                if let Some(s) = service {
+                    form.push(("service", s));
+                }
+                if !scope.is_empty() {
+                    form.push(("scope", scope));
+                }
+                client.post(realm).form(&form).send()
+            }
+            Some(Credential::Basic { username, password, .. }) => {
+                client.get(realm).query(&query).basic_auth(username, Some(password)).send()
+            }
+            None => client.get(realm).query(&query).send(),
+        }
+        .map_err(|e| self.unreachable(r, &e))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(self.auth_error(
+                r,
+                status,
+                &cred,
+                "the token service refused the credentials",
+            ));
+        }
+        let text = response.text().unwrap_or_default();
+        let body: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| RegistryError::Invalid {
+                reference: r.to_string(),
+                detail: format!("the token service answered something that is not JSON: {e}"),
+            })?;
+        let token = body
+            .get("token")
+            .or_else(|| body.get("access_token"))
+            .and_then(|t| t.as_str())
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| RegistryError::Invalid {
+                reference: r.to_string(),
+                detail: "the token service answered without a token".into(),
+            })?
+            .to_owned();
+        if let Ok(mut t) = self.tokens.lock() {
+            t.insert((r.registry.clone(), scope.to_owned()), token.clone());
+        }
+        Ok(token)
+    }
+
+    fn unreachable(&self, r: &Reference, e: &reqwest::Error) -> RegistryError {
+        let detail = error_chain(e);
+        let hint = if detail.contains("certificate")
+            || detail.contains("tls")
+            || detail.contains("TLS")
+        {
+            format!(
+                "the TLS certificate of {} is not trusted: add its CA, or use --skip-tls-verify for a test registry",
+                r.registry
+            )
+        } else if self.is_insecure(&r.registry) {
+            format!("is a registry running at http://{}?", r.registry)
+        } else {
+            format!(
+                "check that {} is reachable; a registry without TLS needs --insecure-registry {}",
+                r.registry, r.registry
+            )
+        };
+        RegistryError::Unreachable { reference: r.to_string(), detail, hint }
+    }
+
+    fn auth_error(
+        &self,
+        r: &Reference,
+        status: StatusCode,
+        cred: &Option<Credential>,
+        detail: &str,
+    ) -> RegistryError {
+        let hint = match cred {
+            Some(c) => format!("the credentials from {} were rejected; check them", c.source()),
+            None => match self.credentials.file() {
+                Some(f) => format!(
+                    "no credentials for {} in {}; add them (e.g. `docker login {}`)",
+                    r.registry,
+                    f.display(),
+                    r.registry
+                ),
+                None => format!(
+                    "no Docker config.json found; create one with credentials for {} (DOCKER_CONFIG, ~/.docker, /kaniko/.docker)",
+                    r.registry
+                ),
+            },
+        };
+        if status == StatusCode::FORBIDDEN {
+            RegistryError::Denied { reference: r.to_string(), detail: detail.to_owned(), hint }
+        } else {
+            RegistryError::Unauthorized {
+                reference: r.to_string(),
+                detail: detail.to_owned(),
+                hint,
+            }
+        }
+    }
+
+    /// Sends a request built by `make` with authentication and retries. `scope` is the token
+    /// scope (`repository:org/app:pull`). Body-carrying requests must be re-buildable: `make`
+    /// is called again for every attempt.
+    fn send(
+        &self,
+        r: &Reference,
+        scope: &str,
+        make: &dyn Fn(&Client) -> Result<RequestBuilder, RegistryError>,
+    ) -> Result<Response, RegistryError> {
+        let client = self.client_for(&r.registry);
+        let mut attempt = 0;
+        let mut authed_once = false;
+        loop {
+            attempt += 1;
+            let mut req = make(client)?;
+            if let Some(token) = self.cached_token(&r.registry, scope) {
+                req = req.header(AUTHORIZATION, format!("Bearer {token}"));
+            } else if let Some(Credential::Basic { username, password, .. }) = self.basic_hint(r) {
+                req = req.basic_auth(username, Some(password));
+            }
+            let result = req.send();
+            let response = match result {
+                Ok(resp) => resp,
+                Err(e)
+                    if attempt < self.options.attempts
+                        && (e.is_connect() || e.is_timeout() || e.is_request()) =>
+                {
+                    std::thread::sleep(backoff(attempt, None));
+                    continue;
+                }
+                Err(e) => return Err(self.unreachable(r, &e)),
+            };
+            let status = response.status();
+            if status == StatusCode::UNAUTHORIZED && !authed_once {
+                authed_once = true;
+                let challenge = response
+                    .headers()
+                    .get(WWW_AUTHENTICATE)
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(parse_challenge);
+                match challenge {
+                    Some(Challenge::Bearer { realm, service, scope: chal_scope }) => {
+                        let want = if scope.is_empty() {
+                            chal_scope.unwrap_or_default()
+                        } else {
+                            scope.to_owned()
+                        };
+                        let token = self.fetch_token(r, &realm, service.as_deref(), &want)?;
+                        if let Ok(mut t) = self.tokens.lock() {
+                            t.insert((r.registry.clone(), scope.to_owned()), token);
+                        }
+                        continue;
+                    }
+                    Some(Challenge::Basic) => {
+                        if let Some(c @ Credential::Basic { .. }) = self.credential(r)? {
+                            if let Ok(mut b) = self.basic.lock() {
+                                b.insert(r.registry.clone(), c);
+                            }
+                            continue;
+                        }
+                        return Err(self.auth_error(
+                            r,
+                            status,
+                            &None,
+                            "the registry wants a user name and password",
+                        ));
+                    }
+                    None => {}
+                }
+            }
+            if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                let cred = self.credential(r)?;
+                let detail = error_detail(response);
+                return Err(self.auth_error(r, status, &cred, &detail));
+            }
+            if (status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS)
+                && attempt < self.options.attempts
+            {
+                let retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                std::thread::sleep(backoff(attempt, retry_after));
+                continue;
+            }
+            return Ok(response);
+        }
+    }
+
+    fn basic_hint(&self, r: &Reference) -> Option<Credential> {
+        self.basic.lock().ok()?.get(&r.registry).cloned()
+    }
+}
+
+fn backoff(attempt: u32, retry_after: Option<u64>) -> Duration {
+    match retry_after {
+        Some(s) => Duration::from_secs(s.min(60)),
+        None => Duration::from_millis(200u64 << attempt.min(6)),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+/// The registry's error message (`{"errors":[{"code","message"}]}`), or the status.
+fn error_detail(response: Response) -> String {
+    let status = response.status();
+    let body = response.text().unwrap_or_default();
+    let parsed: Option<String> =
+        serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| {
+            v.get("errors")?.as_array()?.first().map(|e| {
+                format!(
+                    "{}: {}",
+                    e.get("code").and_then(|c| c.as_str()).unwrap_or(""),
+                    e.get("message").and_then(|c| c.as_str()).unwrap_or("")
+                )
+            })
+        });
+    parsed.unwrap_or_else(|| format!("{status}"))
+}
+
+fn pull_scope(r: &Reference) -> String {
+    format!("repository:{}:pull", r.repository)
+}
+
+fn push_scope(r: &Reference) -> String {
+    format!("repository:{}:pull,push", r.repository)
+}
+
+impl RegistryClient {
+    /// Fetches a manifest (or index) by tag or digest: bytes, media type, digest.
+    pub fn get_manifest(&self, r: &Reference) -> Result<(Vec<u8>, String, Digest), RegistryError> {
+        let url = format!("{}/manifests/{}", self.base(r), r.object());
+        let accept = media_type::MANIFEST_ACCEPT.join(", ");
+        let resp =
+            self.send(r, &pull_scope(r), &|c| Ok(c.get(&url).header(ACCEPT, accept.as_str())))?;
+        let status = resp.status();
+        if status == StatusCode::NOT_FOUND {
+            return Err(RegistryError::NotFound { reference: r.to_string() });
+        }
+        if !status.is_success() {
+            return Err(RegistryError::Status {
+                reference: r.to_string(),
+                status: status.as_u16(),
+                detail: error_detail(resp),
+            });
+        }
+        let media_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let bytes = read_limited(resp, 8 << 20)
+            .map_err(|e| RegistryError::Invalid { reference: r.to_string(), detail: e })?;
+        let digest = Digest::sha256_of(&bytes);
+        if let Some(d) = &r.digest
+            && d != &digest.to_string()
+        {
+            return Err(RegistryError::Invalid {
+                reference: r.to_string(),
+                detail: format!("the manifest's digest is {digest}, not the one asked for"),
+            });
+        }
+        Ok((bytes, media_type, digest))
+    }
+
+    /// Resolves `r` to one image for `platform` (an index is narrowed to its best match) and
+    /// fetches its config.
+    pub fn pull_manifest(
+        &self,
+        r: &Reference,
+        platform: &kiln_oci::Platform,
+    ) -> Result<PulledManifest, RegistryError> {
+        let invalid = |detail: String| RegistryError::Invalid { reference: r.to_string(), detail };
+        let (mut bytes, mut mt, mut digest) = self.get_manifest(r)?;
+        for _ in 0..3 {
+            match Manifest::from_slice(&bytes, Some(&mt)).map_err(|e| invalid(e.to_string()))? {
+                Manifest::Index(index) => {
+                    let chosen = kiln_oci::PlatformMatcher::only(platform)
+                        .select(&index.manifests)
+                        .ok_or_else(|| {
+                            let available: Vec<String> = index
+                                .manifests
+                                .iter()
+                                .filter_map(|m| m.platform.as_ref().map(|p| p.to_string()))
+                                .collect();
+                            invalid(format!(
+                                "no image for {platform}; available: {}",
+                                available.join(", ")
+                            ))
+                        })?;
+                    let pinned = r.with_digest(&chosen.digest.to_string());
+                    (bytes, mt, digest) = self.get_manifest(&pinned)?;
+                }
+                Manifest::Image(m) => {
+                    let mut config = Vec::new();
+                    let resp = self.blob_response(r, &m.config)?;
+                    VerifyingReader::new(resp, m.config.digest.clone(), m.config.size)
+                        .take(16 << 20)
+                        .read_to_end(&mut config)
+                        .map_err(|e| invalid(format!("reading the config: {e}")))?;
+                    return Ok(PulledManifest {
+                        reference: r.clone(),
+                        manifest: bytes,
+                        media_type: m.media_type().to_owned(),
+                        digest,
+                        config,
+                        config_descriptor: m.config.clone(),
+                        layers: m.layers.clone(),
+                    });
+                }
+            }
+        }
+        Err(invalid("an index points to another index too many times".into()))
+    }
+
+    fn blob_response(&self, r: &Reference, d: &Descriptor) -> Result<Response, RegistryError> {
+        let url = format!("{}/blobs/{}", self.base(r), d.digest);
+        let resp = self.send(r, &pull_scope(r), &|c| Ok(c.get(&url)))?;
+        let status = resp.status();
+        if status == StatusCode::NOT_FOUND {
+            return Err(RegistryError::NotFound {
+                reference: format!("{}@{}", r.name(), d.digest),
+            });
+        }
+        if !status.is_success() {
+            return Err(RegistryError::Status {
+                reference: r.to_string(),
+                status: status.as_u16(),
+                detail: error_detail(resp),
+            });
+        }
+        Ok(resp)
+    }
+
+    /// Downloads a blob to `dest`, verified; written to a temporary file first.
+    pub fn get_blob(
+        &self,
+        r: &Reference,
+        d: &Descriptor,
+        dest: &Path,
+    ) -> Result<(), RegistryError> {
+        let dir = dest.parent().unwrap_or(Path::new("."));
+        let io = |error: io::Error| RegistryError::Io {
+            reference: r.to_string(),
+            path: dest.to_path_buf(),
+            error,
+        };
+        fs::create_dir_all(dir).map_err(io)?;
+        let mut last = None;
+        for attempt in 1..=self.options.attempts {
+            let resp = self.blob_response(r, d)?;
+            let mut tmp =
+                tempfile::Builder::new().prefix(".download-").tempfile_in(dir).map_err(io)?;
+            let mut reader = VerifyingReader::new(resp, d.digest.clone(), d.size);
+            match io::copy(&mut reader, tmp.as_file_mut()) {
+                Ok(_) => {
+                    tmp.persist(dest).map_err(|e| io(e.error))?;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    return Err(RegistryError::Invalid {
+                        reference: format!("{}@{}", r.name(), d.digest),
+                        detail: e.to_string(),
+                    });
+                }
+                // A dropped connection: start again.
+                Err(e) => {
+                    last = Some(e);
+                    std::thread::sleep(backoff(attempt, None));
+                }
+            }
+        }
+        Err(RegistryError::Unreachable {
+            reference: format!("{}@{}", r.name(), d.digest),
+            detail: last.map(|e| e.to_string()).unwrap_or_default(),
+            hint: "the download kept failing; check the network".into(),
+        })
+    }
+
+    /// Whether the repository has a blob.
+    pub fn has_blob(&self, r: &Reference, digest: &Digest) -> Result<bool, RegistryError> {
+        let url = format!("{}/blobs/{digest}", self.base(r));
+        let resp = self.send(r, &push_scope(r), &|c| Ok(c.head(&url)))?;
+        Ok(resp.status().is_success())
+    }
+
+    /// Tries a cross-repository mount of `digest` from `from` (same registry); true when the
+    /// registry mounted it.
+    pub fn mount_blob(
+        &self,
+        r: &Reference,
+        digest: &Digest,
+        from: &str,
+    ) -> Result<bool, RegistryError> {
+        let url = format!("{}/blobs/uploads/?mount={digest}&from={from}", self.base(r));
+        let resp =
+            self.send(r, &push_scope(r), &|c| Ok(c.post(&url).header(CONTENT_LENGTH, "0")))?;
+        Ok(resp.status() == StatusCode::CREATED)
+    }
+
+    fn upload_location(&self, r: &Reference, resp: &Response) -> Result<String, RegistryError> {
+        let loc = resp.headers().get(LOCATION).and_then(|v| v.to_str().ok()).ok_or_else(|| {
+            RegistryError::Invalid {
+                reference: r.to_string(),
+                detail: "the upload answer has no Location".into(),
+            }
+        })?;
+        Ok(if loc.starts_with("http://") || loc.starts_with("https://") {
+            loc.to_owned()
+        } else {
+            let scheme = if self.is_insecure(&r.registry) { "http" } else { "https" };
+            format!("{scheme}://{}{loc}", r.api_host())
+        })
+    }
+
+    /// Uploads the blob in `path` (skipped when the registry has it).
+    pub fn push_blob(
+        &self,
+        r: &Reference,
+        d: &Descriptor,
+        path: &Path,
+    ) -> Result<(), RegistryError> {
+        if self.has_blob(r, &d.digest)? {
+            return Ok(());
+        }
+        let start_url = format!("{}/blobs/uploads/", self.base(r));
+        let resp =
+            self.send(r, &push_scope(r), &|c| Ok(c.post(&start_url).header(CONTENT_LENGTH, "0")))?;
+        if !resp.status().is_success() {
+            return Err(RegistryError::Status {
+                reference: r.to_string(),
+                status: resp.status().as_u16(),
+                detail: error_detail(resp),
+            });
+        }
+        let mut location = self.upload_location(r, &resp)?;
+        let io = |error: io::Error| RegistryError::Io {
+            reference: r.to_string(),
+            path: path.to_path_buf(),
+            error,
+        };
+        let sep = |loc: &str| if loc.contains('?') { '&' } else { '?' };
+        if d.size <= self.options.chunk_size {
+            let url = format!("{location}{}digest={}", sep(&location), d.digest);
+            let resp = self.send(r, &push_scope(r), &|c| {
+                let file = fs::File::open(path).map_err(io)?;
+                Ok(c.put(&url)
+                    .header(CONTENT_TYPE, "application/octet-stream")
+                    .header(CONTENT_LENGTH, d.size)
+                    .body(Body::sized(file, d.size)))
+            })?;
+            return check_created(r, resp);
+        }
+        // Chunked: PATCH ranges, then PUT with the digest.
+        let mut offset = 0u64;
+        while offset < d.size {
+            let len = self.options.chunk_size.min(d.size - offset);
+            let url = location.clone();
+            let resp = self.send(r, &push_scope(r), &|c| {
+                let mut file = fs::File::open(path).map_err(io)?;
+                io::Seek::seek(&mut file, io::SeekFrom::Start(offset)).map_err(io)?;
+                Ok(c.patch(&url)
+                    .header(CONTENT_TYPE, "application/octet-stream")
+                    .header("Content-Range", format!("{offset}-{}", offset + len - 1))
+                    .header(CONTENT_LENGTH, len)
+                    .body(Body::sized(file.take(len), len)))
+            })?;
+            if resp.status() != StatusCode::ACCEPTED {
+                return Err(RegistryError::Status {
+                    reference: r.to_string(),
+                    status: resp.status().as_u16(),
+                    detail: error_detail(resp),
+                });
+            }
+            location = self.upload_location(r, &resp)?;
+            offset += len;
+        }
+        let url = format!("{location}{}digest={}", sep(&location), d.digest);
+        let resp =
+            self.send(r, &push_scope(r), &|c| Ok(c.put(&url).header(CONTENT_LENGTH, "0")))?;
+        check_created(r, resp)
+    }
+
+    /// Uploads a manifest under `r`'s tag (or digest).
+    pub fn put_manifest(
+        &self,
+        r: &Reference,
+        bytes: &[u8],
+        media_type: &str,
+    ) -> Result<Digest, RegistryError> {
+        let url = format!("{}/manifests/{}", self.base(r), r.object());
+        let body = bytes.to_vec();
+        let resp = self.send(r, &push_scope(r), &|c| {
+            Ok(c.put(&url).header(CONTENT_TYPE, media_type).body(body.clone()))
+        })?;
+        check_created(r, resp)?;
+        Ok(Digest::sha256_of(bytes))
+    }
+}
+
+fn check_created(r: &Reference, resp: Response) -> Result<(), RegistryError> {
+    if resp.status().is_success() {
+        Ok(())
+    } else {
+        Err(RegistryError::Status {
+            reference: r.to_string(),
+            status: resp.status().as_u16(),
+            detail: error_detail(resp),
+        })
+    }
+}
+
+fn read_limited(resp: Response, limit: u64) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    resp.take(limit + 1).read_to_end(&mut out).map_err(|e| e.to_string())?;
+    if out.len() as u64 > limit {
+        return Err(format!("the manifest is larger than {limit} bytes"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges() {
+        assert_eq!(parse_challenge("Basic realm=\"Registry\""), Some(Challenge::Basic));
+        assert_eq!(
+            parse_challenge(
+                r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#
+            ),
+            Some(Challenge::Bearer {
+                realm: "https://auth.example/token".into(),
+                service: Some("registry.example".into()),
+                scope: Some("repository:a/b:pull,push".into()),
+            })
+        );
+        assert_eq!(parse_challenge("Negotiate"), None);
+    }
+}
