@@ -1,0 +1,104 @@
+//! The client against the real distribution registry: pulls of what skopeo pushed, pushes
+//! skopeo can read (monolithic and chunked uploads, cross-repository mounts), basic auth with
+//! the errors a user sees.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+use kiln_oci::Platform;
+use kiln_reference::Reference;
+use kiln_registry::{Credentials, RegistryClient, RegistryError, RegistryOptions};
+use kiln_testutil::Registry;
+
+fn client(reg: &Registry, credentials: Credentials, chunk: u64) -> RegistryClient {
+    let options = RegistryOptions {
+        insecure: vec![reg.host.clone()],
+        chunk_size: chunk,
+        ..RegistryOptions::default()
+    };
+    RegistryClient::new(options, credentials).unwrap()
+}
+
+fn r(s: &str) -> Reference {
+    Reference::parse(s).unwrap()
+}
+
+#[test]
+fn pull_what_skopeo_pushed_and_push_what_skopeo_reads() {
+    let reg = Registry::start();
+    reg.push_bases(false);
+    let c = client(&reg, Credentials::anonymous(), 256 * 1024);
+    let src = r(&format!("{}/library/busybox:latest", reg.host));
+    let pulled = c.pull_manifest(&src, &Platform::host()).unwrap();
+    assert_eq!(pulled.layers.len(), 1);
+    let dir = tempfile::tempdir().unwrap();
+    let layer = &pulled.layers[0];
+    let path = dir.path().join("layer");
+    c.get_blob(&src, layer, &path).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), layer.size);
+
+    // Push to another repository: the layer (>256 KiB: chunked), the config, the manifest.
+    let dst = r(&format!("{}/copies/bb:v1", reg.host));
+    c.push_blob(&dst, layer, &path).unwrap();
+    let config_path = dir.path().join("config");
+    std::fs::write(&config_path, &pulled.config).unwrap();
+    c.push_blob(&dst, &pulled.config_descriptor, &config_path).unwrap();
+    let digest = c.put_manifest(&dst, &pulled.manifest, &pulled.media_type).unwrap();
+    assert_eq!(digest, pulled.digest);
+    let out = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", &format!("docker://{}/copies/bb:v1", reg.host)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["Digest"], digest.to_string());
+
+    // A third repository gets the layer by mount, without upload.
+    let third = r(&format!("{}/mounted/bb:v1", reg.host));
+    assert!(c.mount_blob(&third, &layer.digest, "copies/bb").unwrap());
+    assert!(c.has_blob(&third, &layer.digest).unwrap());
+
+    // Not found is named.
+    let missing = c
+        .pull_manifest(&r(&format!("{}/nothing/here:v0", reg.host)), &Platform::host())
+        .unwrap_err();
+    assert!(matches!(missing, RegistryError::NotFound { .. }), "{missing}");
+    assert!(missing.to_string().contains("nothing/here"));
+}
+
+#[test]
+fn basic_auth_with_config_json_and_clear_errors() {
+    let reg = Registry::start_with_basic_auth("kiln", "hunter2");
+    let image = r(&format!("{}/private/app:1", reg.host));
+    // Anonymous: 401, and the hint says where credentials would come from.
+    let anon = client(&reg, Credentials::anonymous(), 64 << 20);
+    let err = anon.get_manifest(&image).unwrap_err();
+    assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err}");
+    assert!(err.hint().unwrap().contains(&reg.host), "{:?}", err.hint());
+    // Wrong password: rejected, naming the file the credentials came from, never the password.
+    let wrong = tempfile::tempdir().unwrap();
+    let auth = "a2lsbjp3cm9uZw=="; // kiln:wrong
+    std::fs::write(
+        wrong.path().join("config.json"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, reg.host),
+    )
+    .unwrap();
+    let c =
+        client(&reg, Credentials::from_file(&wrong.path().join("config.json")).unwrap(), 64 << 20);
+    let err = c.get_manifest(&image).unwrap_err();
+    let text = format!("{err} {:?}", err.hint());
+    assert!(text.contains("config.json"), "{text}");
+    assert!(!text.contains("wrong"), "the password is never printed: {text}");
+    // Right credentials: a push and a pull work.
+    let conf = reg.docker_config();
+    let c =
+        client(&reg, Credentials::from_file(&conf.path().join("config.json")).unwrap(), 64 << 20);
+    let dir = tempfile::tempdir().unwrap();
+    let blob = dir.path().join("b");
+    std::fs::write(&blob, b"{}").unwrap();
+    let d = kiln_oci::Descriptor::of_bytes("application/vnd.oci.image.config.v1+json", b"{}");
+    c.push_blob(&image, &d, &blob).unwrap();
+    assert!(c.has_blob(&image, &d.digest).unwrap());
+    c.get_blob(&image, &d, &dir.path().join("back")).unwrap();
+    assert_eq!(std::fs::read(dir.path().join("back")).unwrap(), b"{}");
+}
