@@ -25,4 +25,5 @@ pub mod mounts;
 pub mod options;
 pub mod owner;
 pub mod progress;
+pub mod registry_source;
 pub mod run;

@@ -95,6 +95,7 @@ pub struct Resolved {
     pub image_name_with_digest_file: Option<PathBuf>,
     pub metadata_file: Option<PathBuf>,
     pub layouts: kiln_build::layout_source::LayoutImages,
+    pub insecure_registries: Vec<String>,
 }
 
 /// The example `kiln build --example` builds (the repository's `examples/hello`, embedded).
@@ -220,6 +221,7 @@ pub fn resolve(args: &BuildArgs) -> anyhow::Result<Resolved> {
         image_name_with_digest_file: args.image_name_with_digest_file.clone(),
         metadata_file: args.metadata_file.clone(),
         layouts,
+        insecure_registries: args.insecure_registries.clone(),
     })
 }
 
@@ -252,10 +254,10 @@ fn read_ignore(context: &Path, dockerfile: Option<&Path>) -> anyhow::Result<Opti
     Ok(None)
 }
 
-/// Where base images come from: `--base-layout` mappings; other references need a registry
-/// client, which this build of kiln does not have yet, and are refused with a clear message.
+/// Where base images come from: `--base-layout` mappings first, then registries.
 struct BaseImages<'a> {
     layouts: &'a kiln_build::layout_source::LayoutImages,
+    registry: kiln_build::registry_source::RegistryImages<'a>,
 }
 
 impl kiln_build::image::ImageSource for BaseImages<'_> {
@@ -267,12 +269,7 @@ impl kiln_build::image::ImageSource for BaseImages<'_> {
         if self.layouts.has(reference) {
             return self.layouts.resolve(reference, platform);
         }
-        Err(kiln_build::image::SeamError::new(format!(
-            "cannot pull `{reference}`: this build of kiln has no registry client"
-        ))
-        .with_hint(format!(
-            "build FROM scratch, or give a local copy with `--base-layout {reference}=DIR[:TAG]`"
-        )))
+        self.registry.resolve(reference, platform)
     }
 
     fn ensure_blob(
@@ -280,7 +277,10 @@ impl kiln_build::image::ImageSource for BaseImages<'_> {
         image: &kiln_build::image::BaseImage,
         layer: &kiln_build::image::LayerBlob,
     ) -> Result<(), kiln_build::image::SeamError> {
-        self.layouts.ensure_blob(image, layer)
+        if layer.path.is_file() {
+            return Ok(());
+        }
+        self.registry.ensure_blob(image, layer)
     }
 }
 
@@ -348,7 +348,26 @@ fn build_and_export(
     let sandbox = sandbox_for(resolved.isolation, progress)?;
     let layers =
         kiln_build::fs_layers::FsLayers { epoch: resolved.request.epoch, ..Default::default() };
-    let images = BaseImages { layouts: &resolved.layouts };
+    let credentials = kiln_registry::Credentials::load().map_err(|e| {
+        Hinted::error(
+            e.to_string(),
+            "fix or remove the Docker config file (DOCKER_CONFIG, ~/.docker/config.json)",
+            None,
+        )
+    })?;
+    let options = kiln_registry::RegistryOptions {
+        insecure: resolved.insecure_registries.clone(),
+        skip_tls_verify: resolved.insecure_registries.clone(),
+        ..Default::default()
+    };
+    let client = kiln_registry::RegistryClient::new(options, credentials)?;
+    let images = BaseImages {
+        layouts: &resolved.layouts,
+        registry: kiln_build::registry_source::RegistryImages {
+            client: &client,
+            blob_dir: resolved.work_dir.join("base-blobs"),
+        },
+    };
     let engine = kiln_build::engine::Engine {
         images: &images,
         layers: &layers,
@@ -359,7 +378,7 @@ fn build_and_export(
     let image = engine.build(req).map_err(|e| build_error(req, e))?;
     let mut digest = String::new();
     let mut summary = String::new();
-    let pushed: Vec<String> = Vec::new();
+    let mut pushed: Vec<String> = Vec::new();
     for output in &resolved.outputs {
         let (dest, assembled) = match output {
             Output::OciDir { dest, tag } => (
@@ -373,13 +392,18 @@ fn build_and_export(
                 (dest.display().to_string(), export::write_docker_archive(&image, dest, tags)?)
             }
             Output::Registry { reference } => {
-                return Err(Hinted::error(
-                    format!(
-                        "cannot push to `{reference}`: this build of kiln has no registry client"
-                    ),
-                    "write the image with `--output type=oci,dest=DIR` and push it with skopeo",
-                    None,
-                ));
+                let d =
+                    kiln_build::registry_source::push(&client, &image, reference).map_err(|e| {
+                        Hinted::error(
+                            format!("cannot push to `{reference}`: {}", e.message),
+                            e.hint.clone().unwrap_or_else(|| {
+                                "check the registry and your credentials".into()
+                            }),
+                            None,
+                        )
+                    })?;
+                pushed.push(format!("{reference}@{d}"));
+                (reference.clone(), d)
             }
         };
         progress

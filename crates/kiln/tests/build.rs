@@ -418,3 +418,75 @@ fn reproducible_builds_give_the_same_digest_and_archives_load_in_podman() {
     assert!(o.status.success(), "podman run: {}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "stable\nA");
 }
+
+#[test]
+fn pull_base_from_a_registry_and_push_with_credentials() {
+    require_root!();
+    // Bases on an open registry, the result pushed to one that needs a password.
+    let bases = kiln_testutil::Registry::start();
+    bases.push_bases(false);
+    let private = kiln_testutil::Registry::start_with_basic_auth("ci", "s3cret-pass");
+    let config = private.docker_config();
+    let b = Build::new(&format!(
+        "FROM {}/library/busybox:latest\nRUN echo pushed > /pushed\nCMD [\"cat\", \"/pushed\"]\n",
+        bases.host
+    ));
+    let dest = format!("{}/team/app:1", private.host);
+    let digest_file = b.path("digest");
+    let names = b.path("names");
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .env("DOCKER_CONFIG", config.path())
+        .args([
+            "build",
+            "--progress",
+            "plain",
+            "--insecure-registry",
+            &bases.host,
+            "--insecure-registry",
+            &private.host,
+        ])
+        .args(["-t", &dest, "--digest-file", &digest_file.display().to_string()])
+        .args(["--image-name-with-digest-file", &names.display().to_string()])
+        .arg(b.ctx())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("s3cret-pass"), "credentials never appear in output");
+    let digest = fs::read_to_string(&digest_file).unwrap();
+    assert_eq!(fs::read_to_string(&names).unwrap(), format!("{dest}@{digest}"));
+    // skopeo reads it with the same credentials and sees the same digest.
+    let o = Command::new("skopeo")
+        .args([
+            "inspect",
+            "--tls-verify=false",
+            "--creds",
+            "ci:s3cret-pass",
+            &format!("docker://{dest}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["Digest"].as_str().unwrap(), digest);
+    // Without credentials the push fails with a hint that names the registry.
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .env("DOCKER_CONFIG", b.path("no-config"))
+        .args([
+            "build",
+            "--progress",
+            "quiet",
+            "--insecure-registry",
+            &bases.host,
+            "--insecure-registry",
+            &private.host,
+            "-t",
+            &dest,
+        ])
+        .arg(b.ctx())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("authentication required") && err.contains(&private.host), "{err}");
+}
