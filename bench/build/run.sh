@@ -91,19 +91,12 @@ measure() {
 
 median() { sort -n | awk '{a[NR]=$1} END { if (NR==0) {print "-"} else if (a[1]=="fail") {print "fail"} else {print a[int((NR+1)/2)]} }'; }
 
-# Until kiln has its registry client, it takes the same base images from their local OCI
-# layouts (--base-layout) and writes an OCI layout instead of pushing: the table says so.
-kiln_bases=()
-while IFS='=' read -r name dir; do
-  kiln_bases+=(--base-layout "$reg/$name=$dir:img")
-done < <("$repo/scripts/base-images.sh" --layouts)
-
 run_kiln() {
   local suite="$1" ctx="$2" out="$3"
-  local wd="$work/kiln-$suite"; rm -rf "$wd" "$work/kiln-out"
-  measure "$out" "$KILN" build --progress plain --work-dir "$wd" "${kiln_bases[@]}" \
+  local wd="$work/kiln-$suite"; rm -rf "$wd"
+  measure "$out" "$KILN" build --progress plain --work-dir "$wd" --insecure-registry "$reg" \
     -f "$suites_dir/$suite/Dockerfile" --build-arg "REGISTRY=$reg" \
-    -o "type=oci,dest=$work/kiln-out" "$ctx"
+    -t "$reg/bench/$suite:kiln" "$ctx"
 }
 
 run_buildah() {
