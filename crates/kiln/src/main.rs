@@ -6,6 +6,7 @@
 
 mod build_cmd;
 mod diagnostic;
+mod image_cmd;
 mod plan_cmd;
 mod progress;
 
@@ -27,6 +28,9 @@ struct Cli {
 enum Command {
     /// Build an image from a Dockerfile.
     Build(Box<build_cmd::BuildArgs>),
+    /// Copy and inspect images: registries, OCI layouts, docker-archives.
+    #[command(subcommand)]
+    Image(image_cmd::ImageCommand),
     /// Show the stages and steps a build would run, after ARG expansion, without building.
     Plan(PlanArgs),
     /// Developer tools.
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Build(args) => build_cmd::run(&args),
+        Command::Image(cmd) => image_cmd::run(&cmd),
         Command::Plan(args) => plan_cmd::run(&args),
         Command::Debug(DebugCommand::DumpAst { file }) => plan_cmd::dump_ast(&file),
     };
