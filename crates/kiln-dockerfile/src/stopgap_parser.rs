@@ -126,15 +126,10 @@ fn parse_line(
                 }
             }
         }
-        "RUN" | "CMD" | "ENTRYPOINT" | "SHELL" | "VOLUME" | "HEALTHCHECK" | "COPY" | "ADD"
-            if rest.starts_with('[') =>
+        "RUN" | "CMD" | "ENTRYPOINT" | "SHELL" | "VOLUME" | "COPY" | "ADD"
+            if json_array(&rest).is_some() =>
         {
-            let inner = rest.trim().trim_start_matches('[').trim_end_matches(']');
-            n.args = inner
-                .split(',')
-                .map(|s| s.trim().trim_matches('"').to_string())
-                .filter(|s| !s.is_empty())
-                .collect();
+            n.args = json_array(&rest).unwrap_or_default();
             n.json = true;
         }
         "RUN" | "CMD" | "ENTRYPOINT" | "SHELL" => {
@@ -142,21 +137,71 @@ fn parse_line(
                 n.args = vec![rest.clone()];
             }
         }
-        "HEALTHCHECK" => {
+        "HEALTHCHECK" if !rest.is_empty() => {
             let (t, r) = rest.split_once(char::is_whitespace).unwrap_or((&rest, ""));
             n.args = vec![t.to_string()];
             let r = r.trim();
-            if r.starts_with('[') {
+            if let Some(v) = json_array(r) {
                 n.json = true;
-                let inner = r.trim_start_matches('[').trim_end_matches(']');
-                n.args.extend(inner.split(',').map(|s| s.trim().trim_matches('"').to_string()));
+                n.args.extend(v);
             } else if !r.is_empty() {
                 n.args.push(r.to_string());
             }
         }
+        "HEALTHCHECK" => {}
         _ => n.args = split_words(&rest),
     }
     Ok(n)
+}
+
+/// The line without its continuation marker: an escape character at the end (trailing
+/// blanks allowed) that is not itself escaped, as BuildKit's `lineContinuationRegex`.
+fn continued(line: &str) -> Option<&str> {
+    let t = line.trim_end_matches([' ', '\t']);
+    let before = t.strip_suffix('\\')?;
+    if before.ends_with('\\') { None } else { Some(before) }
+}
+
+/// Go's `strconv.Quote`.
+fn go_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\u{7}' => out.push_str("\\a"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{b}' => out.push_str("\\v"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c if c.is_control() => {
+                if (c as u32) < 0x10000 {
+                    out.push_str(&format!("\\u{:04x}", c as u32));
+                } else {
+                    out.push_str(&format!("\\U{:08x}", c as u32));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The exec form: a JSON array of strings (anything else falls back to the shell form, as in
+/// BuildKit).
+fn json_array(s: &str) -> Option<Vec<String>> {
+    let t = s.trim();
+    if !t.starts_with('[') {
+        return None;
+    }
+    serde_json::from_str::<Vec<String>>(t).ok()
 }
 
 pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
@@ -175,9 +220,16 @@ pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
         loop {
             let l = lines[i];
             raw.push_str(l);
-            if let Some(s) = l.strip_suffix('\\') {
+            if let Some(s) = continued(l) {
                 full.push_str(s);
                 i += 1;
+                // Comment and empty lines inside a continuation are dropped (BuildKit).
+                while i < lines.len() && {
+                    let t = lines[i].trim();
+                    t.is_empty() || t.starts_with('#')
+                } {
+                    i += 1;
+                }
                 if i >= lines.len() {
                     break;
                 }
@@ -237,11 +289,12 @@ impl Dockerfile {
             s.push_str(&n.keyword.to_ascii_lowercase());
             if !n.flags.is_empty() {
                 s.push_str(" [");
-                s.push_str(&n.flags.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>().join(" "));
+                s.push_str(&n.flags.iter().map(|f| go_quote(f)).collect::<Vec<_>>().join(" "));
                 s.push(']');
             }
             for a in &n.args {
-                s.push_str(&format!(" {a:?}"));
+                s.push(' ');
+                s.push_str(&go_quote(a));
             }
             s.push_str(")\n");
         }
