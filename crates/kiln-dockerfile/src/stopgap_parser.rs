@@ -43,12 +43,26 @@ impl std::fmt::Display for ParseError {
 }
 impl std::error::Error for ParseError {}
 
-fn split_words(s: &str) -> Vec<String> {
+fn split_words(s: &str, escape: char) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut q: Option<char> = None;
     let mut any = false;
+    let mut escaped = false;
     for c in s.chars() {
+        // The escape character keeps the next one literal (both stay in the word), except
+        // inside single quotes.
+        if escaped {
+            cur.push(c);
+            escaped = false;
+            continue;
+        }
+        if c == escape && q != Some('\'') {
+            cur.push(c);
+            escaped = true;
+            any = true;
+            continue;
+        }
         match q {
             Some(qc) => {
                 cur.push(c);
@@ -84,6 +98,7 @@ fn parse_line(
     line: usize,
     end: usize,
     original: &str,
+    escape: char,
 ) -> Result<Node, ParseError> {
     let mut n = Node {
         keyword: kw.to_string(),
@@ -96,7 +111,7 @@ fn parse_line(
     let upper = kw.to_ascii_uppercase();
     if upper == "ONBUILD" {
         let (k, r) = rest.split_once(char::is_whitespace).unwrap_or((&rest, ""));
-        let child = parse_line(k, r, line, end, rest.as_str())?;
+        let child = parse_line(k, r, line, end, rest.as_str(), escape)?;
         n.args = vec![child.keyword.clone()];
         n.args.extend(child.args.clone());
         n.child = Some(Box::new(child));
@@ -113,11 +128,31 @@ fn parse_line(
             break;
         }
     }
+    if matches!(
+        upper.as_str(),
+        "RUN" | "CMD" | "ENTRYPOINT" | "SHELL" | "VOLUME" | "COPY" | "ADD" | "HEALTHCHECK"
+    ) && json_not_strings(
+        rest.split_once(char::is_whitespace)
+            .filter(|_| upper == "HEALTHCHECK")
+            .map_or(rest.as_str(), |(_, r)| r),
+    ) {
+        return Err(ParseError {
+            line,
+            message: "when using JSON array syntax, arrays must be comprised of strings only"
+                .into(),
+        });
+    }
     match upper.as_str() {
         "ENV" | "LABEL" => {
-            let words = split_words(&rest);
+            let words = split_words(&rest, escape);
             if words.first().is_some_and(|w| !w.contains('=')) {
                 let (k, v) = rest.split_once(char::is_whitespace).unwrap_or((&rest, ""));
+                if v.trim().is_empty() {
+                    return Err(ParseError {
+                        line,
+                        message: format!("{upper} must have two arguments"),
+                    });
+                }
                 n.args = vec![k.to_string(), v.trim().to_string(), String::new()];
             } else {
                 for w in words {
@@ -149,17 +184,45 @@ fn parse_line(
             }
         }
         "HEALTHCHECK" => {}
-        _ => n.args = split_words(&rest),
+        // ARG words may be quoted (`ARG A="x y"`); other instructions split on whitespace only.
+        "ARG" => n.args = split_words(&rest, escape),
+        _ => n.args = rest.split_whitespace().map(str::to_owned).collect(),
     }
     Ok(n)
 }
 
 /// The line without its continuation marker: an escape character at the end (trailing
 /// blanks allowed) that is not itself escaped, as BuildKit's `lineContinuationRegex`.
-fn continued(line: &str) -> Option<&str> {
+fn continued(line: &str, escape: char) -> Option<&str> {
     let t = line.trim_end_matches([' ', '\t']);
-    let before = t.strip_suffix('\\')?;
-    if before.ends_with('\\') { None } else { Some(before) }
+    let before = t.strip_suffix(escape)?;
+    if before.ends_with(escape) { None } else { Some(before) }
+}
+
+/// Parser directives (`# escape=`, `# syntax=`, `# check=`) at the top of the file: returns
+/// the escape character and the number of lines they use.
+fn directives(lines: &[&str]) -> (char, usize) {
+    let mut escape = '\\';
+    let mut seen = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let t = l.trim();
+        let Some(body) = t.strip_prefix('#') else { return (escape, i) };
+        let Some((key, value)) = body.split_once('=') else { return (escape, i) };
+        let key = key.trim().to_ascii_lowercase();
+        if key.is_empty() || key.contains(char::is_whitespace) || seen.contains(&key) {
+            return (escape, i);
+        }
+        if key == "escape" {
+            let v = value.trim();
+            if v == "`" {
+                escape = '`';
+            } else if v == "\\" {
+                escape = '\\';
+            }
+        }
+        seen.push(key);
+    }
+    (escape, lines.len())
 }
 
 /// Go's `strconv.Quote`.
@@ -204,10 +267,19 @@ fn json_array(s: &str) -> Option<Vec<String>> {
     serde_json::from_str::<Vec<String>>(t).ok()
 }
 
+/// Valid JSON that is not an array of strings is an error (BuildKit does not fall back then).
+fn json_not_strings(s: &str) -> bool {
+    let t = s.trim();
+    t.starts_with('[')
+        && serde_json::from_str::<Vec<serde_json::Value>>(t)
+            .is_ok_and(|v| v.iter().any(|x| !x.is_string()))
+}
+
 pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
     let lines: Vec<&str> = text.lines().collect();
+    let (escape, first) = directives(&lines);
     let mut nodes = Vec::new();
-    let mut i = 0;
+    let mut i = first;
     while i < lines.len() {
         let t = lines[i].trim();
         if t.is_empty() || t.starts_with('#') {
@@ -220,7 +292,7 @@ pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
         loop {
             let l = lines[i];
             raw.push_str(l);
-            if let Some(s) = continued(l) {
+            if let Some(s) = continued(l, escape) {
                 full.push_str(s);
                 i += 1;
                 // Comment and empty lines inside a continuation are dropped (BuildKit).
@@ -242,7 +314,7 @@ pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
         let end = i + 1;
         i += 1;
         let (kw, rest) = full.trim().split_once(char::is_whitespace).unwrap_or((full.trim(), ""));
-        let mut node = parse_line(kw, rest, start, end, raw.trim())?;
+        let mut node = parse_line(kw, rest, start, end, raw.trim(), escape)?;
         // heredocs
         let mut hd = Vec::new();
         for w in full.split_whitespace() {
@@ -278,13 +350,24 @@ pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
     if nodes.is_empty() {
         return Err(ParseError { line: 0, message: "file with no instructions".into() });
     }
-    Ok(Dockerfile { nodes, escape: '\\' })
+    Ok(Dockerfile { nodes, escape })
 }
 
 impl Dockerfile {
     pub fn dump(&self) -> String {
         let mut s = String::new();
         for n in &self.nodes {
+            dump_node(n, &mut s);
+            s.push('\n');
+        }
+        s
+    }
+}
+
+/// One node as `(keyword ["flags"] "args"…)`; ONBUILD's trigger nested in parentheses.
+fn dump_node(n: &Node, s: &mut String) {
+    {
+        {
             s.push('(');
             s.push_str(&n.keyword.to_ascii_lowercase());
             if !n.flags.is_empty() {
@@ -292,12 +375,16 @@ impl Dockerfile {
                 s.push_str(&n.flags.iter().map(|f| go_quote(f)).collect::<Vec<_>>().join(" "));
                 s.push(']');
             }
-            for a in &n.args {
+            if let Some(child) = &n.child {
                 s.push(' ');
-                s.push_str(&go_quote(a));
+                dump_node(child, s);
+            } else {
+                for a in &n.args {
+                    s.push(' ');
+                    s.push_str(&go_quote(a));
+                }
             }
-            s.push_str(")\n");
+            s.push(')');
         }
-        s
     }
 }
