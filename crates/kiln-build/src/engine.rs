@@ -907,6 +907,17 @@ impl StageBuild<'_, '_> {
             .map_err(io_err("creating inline files"))?;
         let mut names = Vec::new();
         for f in spec.inline {
+            // The delimiter names a file in a scratch directory: it must not leave it.
+            if f.name.is_empty() || f.name.contains('/') || f.name == "." || f.name == ".." {
+                return Err(self.step_err(
+                    line,
+                    format!("heredoc name {:?} cannot be used as a file name", f.name),
+                    Some(
+                        "use a plain name such as <<EOF, and give the path as the destination"
+                            .into(),
+                    ),
+                ));
+            }
             let path = scratch.path().join(&f.name);
             fs::write(&path, &f.content).map_err(io_err("writing an inline file"))?;
             use std::os::unix::fs::PermissionsExt;

@@ -6,9 +6,6 @@
 //! graph, target; words expanded by `words`). [`parse_instructions`] and [`plan_dockerfile`]
 //! run the chain; their [`Error`] carries the lines and a hint for every stage's failures.
 //!
-//! The BuildKit-conformant parser and word expansion come from another branch; until it is
-//! merged, the private `stopgap_parser` and `stopgap_shell` modules stand in (see their docs for
-//! what they do not cover).
 //!
 //! Modules:
 //! - [`instructions`]: AST nodes to typed instructions with validated flags.
@@ -18,9 +15,9 @@
 
 pub mod dockerignore;
 pub mod instructions;
+mod parser;
 pub mod plan;
-mod stopgap_parser;
-mod stopgap_shell;
+pub mod shell;
 mod suggest;
 mod words;
 
@@ -69,14 +66,14 @@ fn parse_error_hint(_e: &ParseError) -> Option<String> {
 
 /// Parses a Dockerfile and converts it to typed instructions.
 pub fn parse_instructions(text: &str) -> Result<Instructions, Error> {
-    let ast = stopgap_parser::parse(text).map_err(ParseError)?;
+    let ast = parser::parse(text).map_err(ParseError)?;
     Ok(instructions::from_ast(&ast)?)
 }
 
 /// A parse error of the Dockerfile text itself.
 #[derive(Debug, thiserror::Error)]
 #[error(transparent)]
-pub struct ParseError(#[from] stopgap_parser::ParseError);
+pub struct ParseError(#[from] parser::ParseError);
 
 /// Parses, converts and plans a Dockerfile. The escape character comes from the Dockerfile's
 /// `# escape=` directive; `opts.escape` is ignored.
@@ -88,5 +85,5 @@ pub fn plan_dockerfile(text: &str, opts: &PlanOptions<'_>) -> Result<Plan, Error
 
 /// The AST of a Dockerfile in BuildKit's dump format.
 pub fn dump_ast(text: &str) -> Result<String, Error> {
-    Ok(stopgap_parser::parse(text).map_err(ParseError)?.dump())
+    Ok(parser::parse(text).map_err(ParseError)?.dump())
 }

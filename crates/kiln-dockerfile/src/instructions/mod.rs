@@ -711,16 +711,14 @@ pub struct Instructions {
 }
 
 /// Converts a parsed Dockerfile to typed instructions; the first invalid instruction is an error.
-pub(crate) fn from_ast(
-    ast: &crate::stopgap_parser::Dockerfile,
-) -> Result<Instructions, InstructionError> {
+pub(crate) fn from_ast(ast: &crate::parser::Dockerfile) -> Result<Instructions, InstructionError> {
     let instructions =
         ast.nodes.iter().map(|n| Located::from_raw(&raw_from_node(n))).collect::<Result<_, _>>()?;
     Ok(Instructions { instructions, escape: ast.escape })
 }
 
 /// The parser's node in the parser-independent [`RawInstruction`] shape.
-fn raw_from_node(node: &crate::stopgap_parser::Node) -> RawInstruction {
+fn raw_from_node(node: &crate::parser::Node) -> RawInstruction {
     RawInstruction {
         keyword: node.keyword.clone(),
         flags: node.flags.clone(),

@@ -930,7 +930,23 @@ fn expand_instruction(
     let ex_sources = |s: &Sources, env: &Env| -> Result<Sources, PlanError> {
         Ok(Sources {
             paths: ex_all(&s.paths, env)?,
-            inline: s.inline.clone(),
+            inline: s
+                .inline
+                .iter()
+                .map(|f| {
+                    if !f.expand {
+                        return Ok(f.clone());
+                    }
+                    let content =
+                        crate::words::expand_heredoc(&f.content, env).map_err(|message| {
+                            perr(
+                                Some(span),
+                                PlanErrorKind::Expansion { word: format!("<<{}", f.name), message },
+                            )
+                        })?;
+                    Ok(crate::instructions::InlineFile { content, ..f.clone() })
+                })
+                .collect::<Result<_, PlanError>>()?,
             dest: ex(&s.dest, env)?,
         })
     };
@@ -1012,7 +1028,10 @@ fn expand_instruction(
             // BuildKit expands EXPOSE into words: `EXPOSE $PORTS` may give several ports.
             let mut out = Vec::new();
             for p in ports {
-                out.extend(ex(p, env)?.split_whitespace().map(str::to_owned));
+                let words = crate::words::expand_words(p, env, escape).map_err(|message| {
+                    perr(Some(span), PlanErrorKind::Expansion { word: p.clone(), message })
+                })?;
+                out.extend(words);
             }
             Instruction::Expose { ports: out }
         }

@@ -100,3 +100,25 @@ fn plan_cases() {
         failures.join("\n")
     );
 }
+
+/// `COPY <<EOF` bodies are expanded like BuildKit's ExpandRaw: variables and `\` escapes, quotes
+/// kept as text; a quoted delimiter keeps the body verbatim.
+#[test]
+fn copy_heredoc_bodies_are_expanded_unless_quoted() {
+    use kiln_dockerfile::instructions::Instruction;
+    let dockerfile = "FROM scratch\nENV NAME=kiln\nCOPY <<EOF /a\n\"$NAME\" '${NAME}' \\$NAME\nEOF\nCOPY <<'EOF' /b\n$NAME\nEOF\n";
+    let opts = PlanOptions {
+        build_platform: Platform::parse("linux/amd64").unwrap(),
+        ..PlanOptions::default()
+    };
+    let plan = kiln_dockerfile::plan_dockerfile(dockerfile, &opts).unwrap();
+    let bodies: Vec<String> = plan.stages[0]
+        .steps
+        .iter()
+        .filter_map(|s| match &s.instruction {
+            Instruction::Copy { sources, .. } => Some(sources.inline[0].content.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(bodies, ["\"kiln\" 'kiln' $NAME\n", "$NAME\n"]);
+}

@@ -1,12 +1,10 @@
-//! Stop-gap Dockerfile reader, used only until the BuildKit-conformant parser (`parser`
-//! module, another branch) is merged; then this file is deleted and the glue in `lib.rs` and
-//! `instructions::from_ast` switches to it.
-//!
-//! It reads what the typed-instruction and planning code needs: line continuations with `\`,
-//! comments, flags, JSON (exec) form for simple arrays, ENV/LABEL pairs as (key, value,
-//! delimiter) triples, heredocs, ONBUILD triggers, and line spans. It does NOT implement parser
-//! directives (`# escape=`), BuildKit's JSON fallback rules, escaped quotes in JSON, or the
-//! exact quoting of the dump format, and it is not checked against the conformance data.
+//! The Dockerfile reader: text to AST nodes, following BuildKit's parser
+//! (`frontend/dockerfile/parser`): parser directives (`# escape=`, `# syntax=`, others
+//! accepted), line continuations with comment and blank lines inside, flags, JSON (exec) form
+//! with the fall back to shell form when the JSON is not a string array, ENV/LABEL pairs as
+//! (key, value, separator) triples, heredocs on RUN/COPY/ADD (also under ONBUILD), nested
+//! ONBUILD triggers, and the line span of every instruction. [`Dockerfile::dump`] prints the
+//! AST in BuildKit's test format; `tests/conformance.rs` checks it against BuildKit's data.
 #[derive(Debug, Clone, Default)]
 pub struct Heredoc {
     pub name: String,
@@ -315,16 +313,11 @@ pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
         i += 1;
         let (kw, rest) = full.trim().split_once(char::is_whitespace).unwrap_or((full.trim(), ""));
         let mut node = parse_line(kw, rest, start, end, raw.trim(), escape)?;
-        // heredocs
-        let mut hd = Vec::new();
-        for w in full.split_whitespace() {
-            if let Some(name) = w.strip_prefix("<<") {
-                let chomp = name.starts_with('-');
-                let name = name.trim_start_matches('-');
-                let quoted = name.starts_with('"') || name.starts_with('\'');
-                hd.push((name.trim_matches(|c| c == '"' || c == '\'').to_string(), chomp, !quoted));
-            }
-        }
+        let hd = if node.can_contain_heredoc() && full.contains("<<") {
+            heredocs_from_line(&full).map_err(|message| ParseError { line: start, message })?
+        } else {
+            Vec::new()
+        };
         for (name, chomp, expand) in hd {
             let mut content = String::new();
             loop {
@@ -336,7 +329,9 @@ pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
                 }
                 let l = lines[i];
                 i += 1;
-                if l == name {
+                let candidate = l.trim_end_matches(['\r', '\n']);
+                let candidate = if chomp { candidate.trim_start_matches('\t') } else { candidate };
+                if candidate == name {
                     break;
                 }
                 content.push_str(l);
@@ -386,5 +381,107 @@ fn dump_node(n: &Node, s: &mut String) {
             }
             s.push(')');
         }
+    }
+}
+
+impl Node {
+    /// BuildKit reads heredocs only for RUN, COPY and ADD in shell form, also as ONBUILD
+    /// triggers.
+    fn can_contain_heredoc(&self) -> bool {
+        let node = match (&self.child, self.keyword.eq_ignore_ascii_case("onbuild")) {
+            (Some(child), true) => child,
+            _ => self,
+        };
+        ["run", "copy", "add"].iter().any(|k| node.keyword.eq_ignore_ascii_case(k)) && !node.json
+    }
+}
+
+/// The heredoc markers (`<<EOF`, `<<-EOF`, `<<"EOF"`, `3<<EOF`) in an instruction line, as
+/// (name, chomp, expand). A quoted name, or a partly quoted one, disables expansion of the body.
+fn heredocs_from_line(line: &str) -> Result<Vec<(String, bool, bool)>, String> {
+    use crate::shell::{NoEnv, ShellLexer};
+    let raw = ShellLexer {
+        raw_quotes: true,
+        raw_escapes: true,
+        skip_unset_env: true,
+        ..ShellLexer::new('\\')
+    };
+    // Like BuildKit, a line that does not lex is simply not scanned for heredocs.
+    let words = raw.process_words(line, &NoEnv).unwrap_or_default();
+    let mut docs = Vec::new();
+    for word in words {
+        // `^(\d*)<<(-?)\s*([^<]*)$`
+        let rest = word.trim_start_matches(|c: char| c.is_ascii_digit());
+        let Some(rest) = rest.strip_prefix("<<") else { continue };
+        let (chomp, rest) = match rest.strip_prefix('-') {
+            Some(r) => (true, r),
+            None => (false, rest),
+        };
+        let rest = rest.trim_start_matches(['\t', '\n', '\x0c', '\r', ' ']);
+        if rest.is_empty() || rest.contains('<') {
+            continue;
+        }
+        let cooked = ShellLexer { skip_unset_env: true, ..ShellLexer::new('\\') };
+        let names = cooked.process_words(rest, &NoEnv).map_err(|e| e.to_string())?;
+        let [name] = names.as_slice() else { continue };
+        let raw_names = ShellLexer { raw_quotes: true, ..cooked }
+            .process_words(rest, &NoEnv)
+            .map_err(|e| e.to_string())?;
+        let Some(raw_name) = raw_names.first().filter(|_| raw_names.len() == 1) else {
+            return Err(format!(
+                "internal lexing of heredoc produced inconsistent results: {rest}"
+            ));
+        };
+        let quotes = |s: &str| s.matches(['\'', '"']).count();
+        docs.push((name.clone(), chomp, quotes(name) == quotes(raw_name)));
+    }
+    Ok(docs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn heredocs(text: &str) -> Vec<(String, String, bool, bool)> {
+        let parsed = parse(text).unwrap_or_else(|e| panic!("{text}: {e:?}"));
+        parsed
+            .nodes
+            .iter()
+            .flat_map(|n| n.heredocs.iter())
+            .map(|h| (h.name.clone(), h.content.clone(), h.expand, h.chomp))
+            .collect()
+    }
+
+    fn doc(name: &str, content: &str, expand: bool, chomp: bool) -> (String, String, bool, bool) {
+        (name.into(), content.into(), expand, chomp)
+    }
+
+    #[test]
+    fn heredoc_markers_follow_buildkit() {
+        assert_eq!(heredocs("RUN <<EOF\necho $A\nEOF\n"), [doc("EOF", "echo $A\n", true, false)]);
+        // `<<-` strips tabs before the terminator too.
+        assert_eq!(heredocs("RUN <<-EOT\n\techo\n\tEOT\n"), [doc("EOT", "\techo\n", true, true)]);
+        // Quoted or partly quoted names disable expansion.
+        assert_eq!(heredocs("RUN <<'X'\na\nX\n"), [doc("X", "a\n", false, false)]);
+        assert_eq!(heredocs("RUN <<\"X\"\na\nX\n"), [doc("X", "a\n", false, false)]);
+        assert_eq!(heredocs("RUN <<X\"Y\"\na\nXY\n"), [doc("XY", "a\n", false, false)]);
+        // Several in one instruction, in order; a file descriptor prefix is allowed.
+        assert_eq!(
+            heredocs("RUN cat <<A 3<<B\n1\nA\n2\nB\n"),
+            [doc("A", "1\n", true, false), doc("B", "2\n", true, false)]
+        );
+        assert_eq!(heredocs("COPY <<EOF /dst\nhi\nEOF\n"), [doc("EOF", "hi\n", true, false)]);
+        assert_eq!(heredocs("ONBUILD RUN <<EOF\nx\nEOF\n"), [doc("EOF", "x\n", true, false)]);
+        // Not heredocs: other instructions, exec form, `<<` inside a word, a bare `<<`.
+        assert!(heredocs("ENV A=<<EOF\n").is_empty());
+        assert!(heredocs("RUN [\"cat\", \"<<EOF\"]\n").is_empty());
+        assert!(heredocs("RUN echo a<<b\n").is_empty());
+        assert!(heredocs("RUN echo << \n").is_empty());
+    }
+
+    #[test]
+    fn unterminated_heredoc_is_an_error() {
+        let err = parse("FROM scratch\nRUN <<EOF\necho\n").unwrap_err();
+        assert!(err.message.contains("unterminated heredoc"), "{err:?}");
     }
 }
