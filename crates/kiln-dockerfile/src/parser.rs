@@ -184,7 +184,20 @@ fn parse_line(
         "HEALTHCHECK" => {}
         // ARG words may be quoted (`ARG A="x y"`); other instructions split on whitespace only.
         "ARG" => n.args = split_words(&rest, escape),
-        _ => n.args = rest.split_whitespace().map(str::to_owned).collect(),
+        // BuildKit's `parseString`: the rest of the line is one argument (`WORKDIR /a b`).
+        "MAINTAINER" | "STOPSIGNAL" | "USER" | "WORKDIR" => {
+            if !rest.is_empty() {
+                n.args = vec![rest.clone()];
+            }
+        }
+        // `parseStringsWhitespaceDelimited`: split at runs of ASCII blanks only.
+        _ => {
+            n.args = rest
+                .split(['\t', '\x0b', '\x0c', '\r', ' '])
+                .filter(|w| !w.is_empty())
+                .map(str::to_owned)
+                .collect()
+        }
     }
     Ok(n)
 }

@@ -423,6 +423,13 @@ impl PlanErrorKind {
             PlanErrorKind::StageIndex { .. } => {
                 Some("stage indices start at 0 and count FROM instructions".to_owned())
             }
+            PlanErrorKind::Expansion { word, .. } if word.contains(":?") || word.contains('?') => {
+                Some(
+                    "a `${NAME?message}` or `${NAME:?message}` reference requires NAME to be set: \
+                     declare it with ARG or ENV, or pass --build-arg NAME=…"
+                        .to_owned(),
+                )
+            }
             PlanErrorKind::Expansion { .. } => {
                 Some("check the `${…}` syntax and quoting of the word".to_owned())
             }
