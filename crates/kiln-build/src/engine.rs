@@ -186,7 +186,9 @@ impl Engine<'_> {
             }
         }
         let base_env = |r: &str| bases.get(r).map(|b| env_of(&b.config));
+        let base_onbuild = |r: &str| bases.get(r).map(|b| b.config.onbuild()).unwrap_or_default();
         opts.base_env = Some(&base_env);
+        opts.base_onbuild = Some(&base_onbuild);
         let plan = kiln_dockerfile::plan::plan(&parsed.instructions, &opts)
             .map_err(kiln_dockerfile::Error::from)?;
         for w in &plan.warnings {
@@ -411,15 +413,8 @@ impl StageBuild<'_, '_> {
                         total,
                     });
                 }
+                // Its ONBUILD triggers were planned as this stage's first steps.
                 let mut config = base.config.clone();
-                if !config.onbuild().is_empty() {
-                    self.engine.progress.event(Event::Warning {
-                        message: format!(
-                            "{reference} has ONBUILD triggers; kiln does not run triggers of registry images yet: {}",
-                            config.onbuild().join("; ")
-                        ),
-                    });
-                }
                 config.clear_onbuild();
                 Ok(fresh(config, base.layers.clone(), base.media_types))
             }

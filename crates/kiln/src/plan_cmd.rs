@@ -217,10 +217,11 @@ fn human(plan: &Plan, name: &str, ignore: Option<&IgnoreInfo>) -> String {
             let _ = writeln!(out, "  images: {}", stage.image_sources.join(", "));
         }
         for (n, step) in stage.steps.iter().enumerate() {
-            let origin = step
-                .onbuild_from
-                .map(|b| format!(" (ONBUILD of `{}`)", plan.stages[b].display_name()))
-                .unwrap_or_default();
+            let origin = match (&step.onbuild_from, &step.onbuild_image) {
+                (Some(b), _) => format!(" (ONBUILD of `{}`)", plan.stages[*b].display_name()),
+                (None, Some(image)) => format!(" (ONBUILD of image `{image}`)"),
+                (None, None) => String::new(),
+            };
             let _ =
                 writeln!(out, "  {:>2}. {}{origin}  (line {})", n + 1, step.instruction, step.span);
             if !step.args_in_scope.is_empty() {
@@ -279,6 +280,7 @@ fn to_json(plan: &Plan, name: &str, ignore: Option<&IgnoreInfo>) -> Value {
                         "start_line": st.span.start_line,
                         "end_line": st.span.end_line,
                         "onbuild_from": st.onbuild_from,
+                        "onbuild_image": st.onbuild_image,
                         "args": st
                             .args_in_scope
                             .iter()

@@ -490,3 +490,47 @@ fn pull_base_from_a_registry_and_push_with_credentials() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("authentication required") && err.contains(&private.host), "{err}");
 }
+
+#[test]
+fn onbuild_triggers_of_a_base_image_run_after_from() {
+    require_root!();
+    let parent = Build::new(
+        "FROM busybox\nENV GREETING=hello\nONBUILD COPY marker /marker\nONBUILD RUN echo \"triggered $GREETING\" > /onbuild\nONBUILD ENV FROM_TRIGGER=yes\n",
+    );
+    parent.ok(&[]);
+    let onbuild = raw_config(&parent.path("out"))["config"]["OnBuild"].clone();
+    assert_eq!(onbuild.as_array().map(Vec::len), Some(3), "parent config: {onbuild}");
+
+    let child = Build::new("FROM parent\nRUN cat /onbuild /marker > /seen\n");
+    child.file("marker", "from the child's context\n");
+    let layout = format!("parent={}:latest", parent.path("out").display());
+    let log = child.ok(&["--base-layout", &layout]);
+    let root = child.unpack().join("rootfs");
+    assert_eq!(
+        fs::read_to_string(root.join("seen")).unwrap(),
+        "triggered hello\nfrom the child's context\n",
+        "{log}"
+    );
+    let config = raw_config(&child.path("out"));
+    let env: Vec<&str> =
+        config["config"]["Env"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+    assert!(env.contains(&"FROM_TRIGGER=yes"), "{env:?}");
+    // Triggers run once: the child does not pass them on.
+    assert!(config["config"]["OnBuild"].as_array().is_none_or(Vec::is_empty), "{config}");
+    let h = history(&config);
+    assert!(h.iter().any(|c| c.contains("echo \"triggered $GREETING\"")), "{h:?}");
+}
+
+/// The image config blob of the only image in an OCI layout, as written (skopeo would convert it
+/// to the OCI schema, which drops Docker-only fields such as OnBuild).
+fn raw_config(layout: &Path) -> serde_json::Value {
+    let blob = |digest: &str| -> serde_json::Value {
+        let (alg, hex) = digest.split_once(':').unwrap();
+        serde_json::from_slice(&fs::read(layout.join("blobs").join(alg).join(hex)).unwrap())
+            .unwrap()
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let manifest = blob(index["manifests"][0]["digest"].as_str().unwrap());
+    blob(manifest["config"]["digest"].as_str().unwrap())
+}

@@ -93,6 +93,9 @@ impl FromIterator<(String, String)> for Env {
 /// Returns the environment of a base image (from its config), when known.
 pub type BaseEnvFn<'a> = dyn Fn(&str) -> Option<Env> + 'a;
 
+/// Returns the ONBUILD triggers of a base image (`config.OnBuild`), when known.
+pub type BaseOnbuildFn<'a> = dyn Fn(&str) -> Vec<String> + 'a;
+
 /// Inputs of planning.
 #[derive(Clone)]
 pub struct PlanOptions<'a> {
@@ -108,6 +111,8 @@ pub struct PlanOptions<'a> {
     pub escape: char,
     /// The environment of base images, when known.
     pub base_env: Option<&'a BaseEnvFn<'a>>,
+    /// The ONBUILD triggers of base images, when known: they run right after FROM.
+    pub base_onbuild: Option<&'a BaseOnbuildFn<'a>>,
 }
 
 impl Default for PlanOptions<'_> {
@@ -119,6 +124,7 @@ impl Default for PlanOptions<'_> {
             build_platform: Platform::host(),
             escape: '\\',
             base_env: None,
+            base_onbuild: None,
         }
     }
 }
@@ -132,6 +138,7 @@ impl fmt::Debug for PlanOptions<'_> {
             .field("build_platform", &self.build_platform)
             .field("escape", &self.escape)
             .field("base_env", &self.base_env.is_some())
+            .field("base_onbuild", &self.base_onbuild.is_some())
             .finish()
     }
 }
@@ -189,6 +196,8 @@ pub struct PlannedStep {
     pub original: String,
     /// For a trigger inherited from a base stage's ONBUILD: that stage.
     pub onbuild_from: Option<usize>,
+    /// For a trigger inherited from a base image's ONBUILD: that image.
+    pub onbuild_image: Option<String>,
     /// For RUN: the build arguments in scope (they are in the command's environment).
     /// Shared between consecutive steps while no ARG changes.
     pub args_in_scope: Arc<Vec<(String, String)>>,
@@ -306,10 +315,11 @@ impl Plan {
                 let _ = writeln!(out, "  image {img}");
             }
             for step in &stage.steps {
-                let origin = step
-                    .onbuild_from
-                    .map(|b| format!(" (onbuild of {})", self.stages[b].display_name()))
-                    .unwrap_or_default();
+                let origin = match (&step.onbuild_from, &step.onbuild_image) {
+                    (Some(b), _) => format!(" (onbuild of {})", self.stages[*b].display_name()),
+                    (None, Some(image)) => format!(" (onbuild of image {image})"),
+                    (None, None) => String::new(),
+                };
                 let _ = writeln!(out, "  {}: {}{origin}", step.span.start_line, step.instruction);
                 if !step.args_in_scope.is_empty() {
                     let args: Vec<String> =
@@ -384,6 +394,8 @@ pub enum PlanErrorKind {
         #[source]
         source: MountError,
     },
+    #[error("ONBUILD trigger `{trigger}` of base image {image} is invalid: {message}")]
+    ImageTrigger { image: String, trigger: String, message: String },
 }
 
 impl PlanErrorKind {
@@ -433,6 +445,9 @@ impl PlanErrorKind {
             PlanErrorKind::Expansion { .. } => {
                 Some("check the `${…}` syntax and quoting of the word".to_owned())
             }
+            PlanErrorKind::ImageTrigger { image, .. } => Some(format!(
+                "the trigger comes from the config of {image}; rebuild that image or choose another base"
+            )),
             PlanErrorKind::Mount { source, .. } => {
                 source.suggestion().map(|s| format!("did you mean `{s}`?"))
             }
@@ -752,24 +767,38 @@ pub fn plan(instructions: &[Located], opts: &PlanOptions<'_>) -> Result<Plan, Pl
             Base::Image(img) => opts.base_env.and_then(|f| f(img)).unwrap_or_default(),
             Base::Scratch => Env::default(),
         };
-        let inherited: Vec<(&Located, usize)> = match stages[i].base {
+        // Triggers run first: a base stage's ONBUILD instructions, or a base image's
+        // `config.OnBuild` (parsed here, now that the image is known).
+        let image_triggers: Vec<Located> = match (&stages[i].base, opts.base_onbuild) {
+            (Base::Image(img), Some(f)) => {
+                let span = stages[i].span;
+                f(img)
+                    .iter()
+                    .map(|t| image_trigger(img, t, span))
+                    .collect::<Result<_, PlanError>>()?
+            }
+            _ => Vec::new(),
+        };
+        let image_name = match &stages[i].base {
+            Base::Image(img) => Some(img.clone()),
+            _ => None,
+        };
+        let inherited: Vec<(&Located, Option<usize>, Option<String>)> = match stages[i].base {
             Base::Stage(b) => raw_stages[b]
                 .commands
                 .iter()
                 .filter_map(|c| match &c.instruction {
-                    Instruction::Onbuild { trigger, .. } => Some((trigger.as_ref(), b)),
+                    Instruction::Onbuild { trigger, .. } => Some((trigger.as_ref(), Some(b), None)),
                     _ => None,
                 })
                 .collect(),
-            _ => Vec::new(),
+            _ => image_triggers.iter().map(|t| (t, None, image_name.clone())).collect(),
         };
         let mut args_in_scope: Arc<Vec<(String, String)>> = Arc::default();
         let mut steps = Vec::new();
-        let commands = inherited
-            .into_iter()
-            .map(|(c, b)| (c, Some(b)))
-            .chain(raw_stages[i].commands.iter().map(|c| (*c, None)));
-        for (cmd, onbuild_from) in commands {
+        let commands =
+            inherited.into_iter().chain(raw_stages[i].commands.iter().map(|c| (*c, None, None)));
+        for (cmd, onbuild_from, onbuild_image) in commands {
             let ctx = StepContext {
                 env: &mut env,
                 args_in_scope: &mut args_in_scope,
@@ -790,6 +819,7 @@ pub fn plan(instructions: &[Located], opts: &PlanOptions<'_>) -> Result<Plan, Pl
                 span: cmd.span,
                 original: cmd.original.clone(),
                 onbuild_from,
+                onbuild_image,
                 args_in_scope: scope,
             });
         }
@@ -809,6 +839,7 @@ pub fn plan(instructions: &[Located], opts: &PlanOptions<'_>) -> Result<Plan, Pl
                     span: c.span,
                     original: c.original.clone(),
                     onbuild_from: None,
+                    onbuild_image: None,
                     args_in_scope: Arc::default(),
                 })
                 .collect();
@@ -1144,4 +1175,33 @@ mod tests {
         assert!(plan.warnings.is_empty());
         assert!(plan.stages[0].steps[0].args_in_scope.is_empty());
     }
+}
+
+/// One `config.OnBuild` entry of a base image as an instruction at the FROM line. Docker
+/// refuses ONBUILD, FROM and MAINTAINER as triggers.
+fn image_trigger(image: &str, trigger: &str, span: Span) -> Result<Located, PlanError> {
+    let invalid = |message: String| {
+        perr(
+            Some(span),
+            PlanErrorKind::ImageTrigger {
+                image: image.to_owned(),
+                trigger: trigger.to_owned(),
+                message,
+            },
+        )
+    };
+    let parsed = crate::parse_instructions(trigger).map_err(|e| invalid(e.to_string()))?;
+    let [one] = parsed.instructions.as_slice() else {
+        return Err(invalid("a trigger must be exactly one instruction".to_owned()));
+    };
+    if matches!(
+        one.instruction,
+        Instruction::Onbuild { .. } | Instruction::From { .. } | Instruction::Maintainer { .. }
+    ) {
+        return Err(invalid(format!(
+            "{} isn't allowed as an ONBUILD trigger",
+            one.instruction.keyword()
+        )));
+    }
+    Ok(Located { span, original: one.original.clone(), instruction: one.instruction.clone() })
 }

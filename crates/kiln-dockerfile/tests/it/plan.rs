@@ -122,3 +122,33 @@ fn copy_heredoc_bodies_are_expanded_unless_quoted() {
         .collect();
     assert_eq!(bodies, ["\"kiln\" 'kiln' $NAME\n", "$NAME\n"]);
 }
+
+/// A base image's `config.OnBuild` triggers become the stage's first steps; FROM, ONBUILD and
+/// MAINTAINER are refused as triggers with an error naming the image.
+#[test]
+fn base_image_triggers_are_planned_first() {
+    use kiln_dockerfile::instructions::Instruction;
+    let triggers = |image: &str| match image {
+        "parent" => vec!["ENV A=1".to_owned(), "RUN echo $A".to_owned()],
+        "bad" => vec!["FROM scratch".to_owned()],
+        _ => Vec::new(),
+    };
+    let opts = PlanOptions {
+        build_platform: Platform::parse("linux/amd64").unwrap(),
+        base_onbuild: Some(&triggers),
+        ..PlanOptions::default()
+    };
+    let plan = kiln_dockerfile::plan_dockerfile("FROM parent\nRUN echo $A-child\n", &opts).unwrap();
+    let steps = &plan.stages[0].steps;
+    assert_eq!(steps.len(), 3);
+    assert_eq!(steps[0].onbuild_image.as_deref(), Some("parent"));
+    assert!(matches!(&steps[0].instruction, Instruction::Env { .. }));
+    assert_eq!(steps[1].original, "RUN echo $A");
+    assert_eq!(steps[2].onbuild_image, None);
+    assert_eq!(plan.stages[0].env.get("A"), Some("1"));
+
+    let err = kiln_dockerfile::plan_dockerfile("FROM bad\n", &opts).unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("bad") && message.contains("isn't allowed"), "{message}");
+    assert_eq!(err.span().map(|s| s.start_line), Some(1));
+}
