@@ -1099,6 +1099,35 @@ fn expand_instruction(
     })
 }
 
+/// One `config.OnBuild` entry of a base image as an instruction at the FROM line. Docker
+/// refuses ONBUILD, FROM and MAINTAINER as triggers.
+fn image_trigger(image: &str, trigger: &str, span: Span) -> Result<Located, PlanError> {
+    let invalid = |message: String| {
+        perr(
+            Some(span),
+            PlanErrorKind::ImageTrigger {
+                image: image.to_owned(),
+                trigger: trigger.to_owned(),
+                message,
+            },
+        )
+    };
+    let parsed = crate::parse_instructions(trigger).map_err(|e| invalid(e.to_string()))?;
+    let [one] = parsed.instructions.as_slice() else {
+        return Err(invalid("a trigger must be exactly one instruction".to_owned()));
+    };
+    if matches!(
+        one.instruction,
+        Instruction::Onbuild { .. } | Instruction::From { .. } | Instruction::Maintainer { .. }
+    ) {
+        return Err(invalid(format!(
+            "{} isn't allowed as an ONBUILD trigger",
+            one.instruction.keyword()
+        )));
+    }
+    Ok(Located { span, original: one.original.clone(), instruction: one.instruction.clone() })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1175,33 +1204,4 @@ mod tests {
         assert!(plan.warnings.is_empty());
         assert!(plan.stages[0].steps[0].args_in_scope.is_empty());
     }
-}
-
-/// One `config.OnBuild` entry of a base image as an instruction at the FROM line. Docker
-/// refuses ONBUILD, FROM and MAINTAINER as triggers.
-fn image_trigger(image: &str, trigger: &str, span: Span) -> Result<Located, PlanError> {
-    let invalid = |message: String| {
-        perr(
-            Some(span),
-            PlanErrorKind::ImageTrigger {
-                image: image.to_owned(),
-                trigger: trigger.to_owned(),
-                message,
-            },
-        )
-    };
-    let parsed = crate::parse_instructions(trigger).map_err(|e| invalid(e.to_string()))?;
-    let [one] = parsed.instructions.as_slice() else {
-        return Err(invalid("a trigger must be exactly one instruction".to_owned()));
-    };
-    if matches!(
-        one.instruction,
-        Instruction::Onbuild { .. } | Instruction::From { .. } | Instruction::Maintainer { .. }
-    ) {
-        return Err(invalid(format!(
-            "{} isn't allowed as an ONBUILD trigger",
-            one.instruction.keyword()
-        )));
-    }
-    Ok(Located { span, original: one.original.clone(), instruction: one.instruction.clone() })
 }
