@@ -543,23 +543,29 @@ impl StageBuild<'_, '_> {
                     parents: *parents,
                     exclude,
                     unpack: false,
+                    checksum: None,
                 };
                 self.copy_step(state, &spec, line)?;
             }
             Instruction::Add { sources, chown, chmod, exclude, unpack, checksum, .. } => {
-                if let Some(url) = sources.paths.iter().find(|p| is_remote(p)) {
+                if let Some(url) = sources.paths.iter().find(|p| crate::remote::is_git(p)) {
                     return Err(self.step_err(
                         line,
-                        format!("ADD of remote sources (`{url}`) is not supported yet"),
-                        Some("download it in a RUN step (`RUN wget ...`) or put the file in the build context".into()),
+                        format!("ADD of git repositories (`{url}`) is not supported yet"),
+                        Some(
+                            "clone it in a RUN step, or use the repository as the build context"
+                                .into(),
+                        ),
                     ));
                 }
-                if checksum.is_some() {
-                    return Err(self.step_err(
-                        line,
-                        "ADD --checksum needs an http(s) or git source",
-                        None,
-                    ));
+                if let Some(c) = checksum {
+                    if sources.paths.len() != 1 || !crate::remote::is_http(&sources.paths[0]) {
+                        return Err(self.step_err(
+                            line,
+                            format!("ADD --checksum={c} needs exactly one http(s) source"),
+                            Some("split the ADD into one instruction per URL".into()),
+                        ));
+                    }
                 }
                 let spec = CopySpec {
                     keyword: "ADD",
@@ -572,6 +578,7 @@ impl StageBuild<'_, '_> {
                     parents: false,
                     exclude,
                     unpack: unpack.unwrap_or(true),
+                    checksum: checksum.as_deref(),
                 };
                 self.copy_step(state, &spec, line)?;
             }
@@ -801,10 +808,18 @@ impl StageBuild<'_, '_> {
             Some(from) => (self.copy_from_root(from, line)?, SourceKind::Stage),
         };
         let mut changed = Vec::new();
-        if !spec.paths.is_empty() {
+        let (urls, local): (Vec<String>, Vec<String>) = if spec.keyword == "ADD" {
+            spec.paths.iter().cloned().partition(|p| crate::remote::is_http(p))
+        } else {
+            (Vec::new(), spec.paths.to_vec())
+        };
+        if !urls.is_empty() {
+            changed.extend(self.add_urls(state, spec, &urls, owner, chmod.as_ref(), line)?);
+        }
+        if !local.is_empty() {
             // ADD unpacks local archives into the destination directory.
             let (archives, plain): (Vec<String>, Vec<String>) = if spec.unpack {
-                spec.paths.iter().cloned().partition(|p| {
+                local.iter().cloned().partition(|p| {
                     let host = rootpath::resolve(
                         &src_root,
                         Path::new(&rootpath::clean_relative(Path::new(p))),
@@ -813,7 +828,7 @@ impl StageBuild<'_, '_> {
                     host.is_ok_and(|h| h.is_file() && self.engine.layers.is_archive(&h))
                 })
             } else {
-                (Vec::new(), spec.paths.to_vec())
+                (Vec::new(), local.clone())
             };
             if !plain.is_empty() {
                 let req = CopyRequest {
@@ -885,6 +900,69 @@ impl StageBuild<'_, '_> {
         sources.extend(spec.inline.iter().map(|f| format!("<<{}", f.name)));
         self.history(state, history::copy(spec.keyword, &flags, &sources, spec.dest), !with_layer);
         Ok(())
+    }
+
+    /// `ADD <url>… <dest>`: downloads into a scratch directory, then copies with COPY's
+    /// destination rules (files keep mode 0600 unless `--chmod`, as in Docker).
+    fn add_urls(
+        &self,
+        state: &StageState,
+        spec: &CopySpec<'_>,
+        urls: &[String],
+        owner: Option<(u32, u32)>,
+        chmod: Option<&Chmod>,
+        line: usize,
+    ) -> Result<Vec<String>, BuildError> {
+        if spec.paths.len() + spec.inline.len() > 1 && !spec.dest.ends_with('/') {
+            return Err(self.step_err(
+                line,
+                "when using ADD with more than one source file, the destination must be a directory and end with a /",
+                Some(format!("write the destination as `{}/`", spec.dest)),
+            ));
+        }
+        let checksum = spec
+            .checksum
+            .map(crate::remote::parse_checksum)
+            .transpose()
+            .map_err(|e| self.step_err(line, e.message, e.hint))?;
+        let client = reqwest::blocking::Client::builder()
+            .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(std::time::Duration::from_secs(30))
+            .build()
+            .map_err(|e| self.step_err(line, format!("setting up HTTP: {e}"), None))?;
+        let mut names = Vec::new();
+        for url in urls {
+            // One directory per URL: two URLs may end in the same file name.
+            let scratch = tempfile::Builder::new()
+                .prefix("add-")
+                .tempdir_in(&self.req.work_dir)
+                .map_err(io_err("creating a download directory"))?;
+            let name = crate::remote::download(&client, url, scratch.path(), checksum.as_ref())
+                .map_err(|e| self.step_err(line, e.message, e.hint))?;
+            names.push((scratch, name));
+        }
+        let mut changed = Vec::new();
+        for (scratch, name) in &names {
+            let sources = [name.clone()];
+            let req = CopyRequest {
+                src_root: scratch.path(),
+                src_kind: SourceKind::Context,
+                sources: &sources,
+                dest: spec.dest,
+                workdir: &state.config.workdir(),
+                ignore: None,
+                exclude: None,
+                parents: false,
+                owner,
+                chmod,
+            };
+            let outcome = crate::copy::copy(&req, &state.root).map_err(|e| {
+                let hint = e.hint();
+                self.step_err(line, e.to_string(), hint)
+            })?;
+            changed.extend(outcome.changed);
+        }
+        Ok(changed)
     }
 
     /// `COPY <<EOF /dst`: each heredoc becomes a file (mode 0644) named by its delimiter.
@@ -988,10 +1066,8 @@ struct CopySpec<'a> {
     parents: bool,
     exclude: &'a [String],
     unpack: bool,
-}
-
-fn is_remote(source: &str) -> bool {
-    source.starts_with("http://") || source.starts_with("https://") || source.starts_with("git@")
+    /// ADD --checksum for its one URL source.
+    checksum: Option<&'a str>,
 }
 
 /// Creates `dir` (absolute, inside `root`) and its missing parents with mode 0755 and

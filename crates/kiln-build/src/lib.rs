@@ -26,4 +26,5 @@ pub mod options;
 pub mod owner;
 pub mod progress;
 pub mod registry_source;
+mod remote;
 pub mod run;

@@ -534,3 +534,103 @@ fn raw_config(layout: &Path) -> serde_json::Value {
     let manifest = blob(index["manifests"][0]["digest"].as_str().unwrap());
     blob(manifest["config"]["digest"].as_str().unwrap())
 }
+
+/// A one-thread HTTP/1.1 server on 127.0.0.1 serving `files` (path → body) with a fixed
+/// Last-Modified; anything else is a 404. Returns its base URL.
+fn serve_files(files: Vec<(&'static str, Vec<u8>)>) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            if reader.read_line(&mut request).is_err() {
+                continue;
+            }
+            loop {
+                let mut header = String::new();
+                if reader.read_line(&mut header).map_or(true, |n| n == 0) || header == "\r\n" {
+                    break;
+                }
+            }
+            let path = request.split_whitespace().nth(1).unwrap_or("").to_owned();
+            let reply = match files.iter().find(|(p, _)| *p == path) {
+                Some((_, body)) => {
+                    let mut r = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nLast-Modified: Tue, 15 Nov 1994 08:12:31 GMT\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    r.extend_from_slice(body);
+                    r
+                }
+                None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_vec(),
+            };
+            let _ = stream.write_all(&reply);
+        }
+    });
+    base
+}
+
+#[test]
+fn add_downloads_urls_with_checksums() {
+    require_root!();
+    let tarball = {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("inside"), "x").unwrap();
+        let o = Command::new("tar")
+            .args(["-czf", "-", "-C"])
+            .arg(dir.path())
+            .arg("inside")
+            .output()
+            .unwrap();
+        o.stdout
+    };
+    let base = serve_files(vec![
+        ("/files/hello.txt", b"hello from http\n".to_vec()),
+        ("/files/data.tar.gz", tarball),
+    ]);
+    let sha = {
+        let o = Command::new("sh")
+            .args(["-c", "printf 'hello from http\\n' | sha256sum"])
+            .output()
+            .unwrap();
+        String::from_utf8(o.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
+    };
+    let b = Build::new(&format!(
+        "FROM busybox\nADD {base}/files/hello.txt /downloads/\nADD --checksum=sha256:{sha} {base}/files/hello.txt /named.txt\nADD --chmod=644 {base}/files/data.tar.gz /tarball/\n"
+    ));
+    b.ok(&[]);
+    let root = b.unpack().join("rootfs");
+    let downloaded = root.join("downloads/hello.txt");
+    assert_eq!(fs::read_to_string(&downloaded).unwrap(), "hello from http\n");
+    let meta = fs::metadata(&downloaded).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o600, "Docker gives downloaded files mode 0600");
+    assert_eq!(meta.mtime(), 784_887_151, "the mtime is the server's Last-Modified");
+    assert_eq!(fs::read_to_string(root.join("named.txt")).unwrap(), "hello from http\n");
+    // Remote archives are not unpacked.
+    let tar = root.join("tarball/data.tar.gz");
+    assert!(tar.is_file() && !root.join("tarball/inside").exists());
+    assert_eq!(fs::metadata(&tar).unwrap().mode() & 0o777, 0o644);
+    let h = history(&raw_config(&b.path("out")));
+    assert!(h.iter().any(|c| c.contains(&format!("{base}/files/hello.txt /downloads/"))), "{h:?}");
+
+    // A wrong checksum and a missing file fail with the URL in the message.
+    let wrong = Build::new(&format!(
+        "FROM busybox\nADD --checksum=sha256:{} {base}/files/hello.txt /x\n",
+        "0".repeat(64)
+    ));
+    let o = wrong.run(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("checksum mismatch") && err.contains(&sha),
+        "{err}"
+    );
+    let missing = Build::new(&format!("FROM busybox\nADD {base}/nope /x\n"));
+    let o = missing.run(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("404") && err.contains("/nope"), "{err}");
+}
