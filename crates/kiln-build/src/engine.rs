@@ -17,6 +17,8 @@ use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use kiln_dockerfile::dockerignore::DockerIgnore;
@@ -207,33 +209,91 @@ impl Engine<'_> {
                 *users.entry(d.stage).or_default() += 1;
             }
         }
-        let mut results: HashMap<usize, StageResult> = HashMap::new();
-        let mut counter = 0;
-        for &i in &order {
-            let stage = &plan.stages[i];
-            let result = StageBuild {
-                engine: self,
-                req,
-                plan: &plan,
-                stage,
-                bases: &bases,
-                results: &mut results,
-                counter: &mut counter,
-                total_steps,
-                users_left: users.get(&i).copied().unwrap_or(0),
-            }
-            .run()?;
-            results.insert(i, result);
-            // Release roots nobody needs any more.
-            for d in &stage.dependencies {
-                if let Some(r) = results.get_mut(&d.stage) {
-                    r.users_left = r.users_left.saturating_sub(1);
-                    if r.users_left == 0 && d.stage != plan.target && r.root.exists() {
-                        let _ = fs::remove_dir_all(&r.root);
+        let results: Mutex<HashMap<usize, StageResult>> = Mutex::new(HashMap::new());
+        let counter = AtomicUsize::new(0);
+        let unpack_lock = Mutex::new(());
+        // Independent stages run at the same time, except in-place mode where every stage
+        // shares `/`.
+        let parallel = if matches!(self.sandbox.mode(), kiln_sandbox::Mode::InPlace { .. }) {
+            1
+        } else {
+            std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8)
+        };
+        let mut pending: Vec<usize> = order.clone();
+        let mut done: Vec<usize> = Vec::new();
+        let mut failure: Option<BuildError> = None;
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<StageResult, BuildError>)>();
+            let mut running = 0usize;
+            loop {
+                // Start every stage whose dependencies are built, in plan order.
+                while failure.is_none() && running < parallel {
+                    let Some(pos) = pending.iter().position(|i| {
+                        plan.stages[*i].dependencies.iter().all(|d| done.contains(&d.stage))
+                    }) else {
+                        break;
+                    };
+                    let i = pending.remove(pos);
+                    let build = StageBuild {
+                        engine: self,
+                        req,
+                        plan: &plan,
+                        stage: &plan.stages[i],
+                        bases: &bases,
+                        results: &results,
+                        counter: &counter,
+                        unpack_lock: &unpack_lock,
+                        step_index: 0,
+                        total_steps,
+                        users_left: users.get(&i).copied().unwrap_or(0),
+                    };
+                    let tx = tx.clone();
+                    running += 1;
+                    scope.spawn(move || {
+                        // A panic must still report, or the scheduler would wait forever.
+                        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            build.run()
+                        }))
+                        .unwrap_or_else(|_| {
+                            Err(BuildError::Io {
+                                context: format!("building stage {i}"),
+                                error: io::Error::other("internal error: the stage panicked"),
+                            })
+                        });
+                        let _ = tx.send((i, result));
+                    });
+                }
+                if running == 0 {
+                    break;
+                }
+                let Ok((i, result)) = rx.recv() else { break };
+                running -= 1;
+                let result = match result {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Stages already running finish; nothing new starts.
+                        failure.get_or_insert(e);
+                        continue;
+                    }
+                };
+                let mut all = results.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                all.insert(i, result);
+                done.push(i);
+                // Release roots nobody needs any more.
+                for d in &plan.stages[i].dependencies {
+                    if let Some(r) = all.get_mut(&d.stage) {
+                        r.users_left = r.users_left.saturating_sub(1);
+                        if r.users_left == 0 && d.stage != plan.target && r.root.exists() {
+                            let _ = fs::remove_dir_all(&r.root);
+                        }
                     }
                 }
             }
+        });
+        if let Some(e) = failure {
+            return Err(e);
         }
+        let mut results = results.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
         results.remove(&plan.target).map(|r| r.image).ok_or_else(|| BuildError::Io {
             context: "finishing the build".into(),
             error: io::Error::other("the target stage was not built"),
@@ -248,8 +308,14 @@ struct StageBuild<'e, 'a> {
     plan: &'e Plan,
     stage: &'e PlannedStage,
     bases: &'e HashMap<String, BaseImage>,
-    results: &'e mut HashMap<usize, StageResult>,
-    counter: &'e mut usize,
+    /// Stages built so far (shared with stages building in parallel).
+    results: &'e Mutex<HashMap<usize, StageResult>>,
+    /// Steps started so far in the whole build, for progress numbering.
+    counter: &'e AtomicUsize,
+    /// Serialises unpacking images used by `COPY --from=<image>`.
+    unpack_lock: &'e Mutex<()>,
+    /// The number of the step running now.
+    step_index: usize,
     total_steps: usize,
     users_left: usize,
 }
@@ -306,11 +372,11 @@ impl StageBuild<'_, '_> {
         self.engine.progress.event(Event::StageStarted { stage: self.name(), base: base_text });
         let mut state = self.prepare_root(&root)?;
         for step in &self.stage.steps {
-            *self.counter += 1;
+            self.step_index = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
             let text = step.original.trim().to_owned();
             self.engine.progress.event(Event::StepStarted {
                 stage: self.name(),
-                index: *self.counter,
+                index: self.step_index,
                 of: self.total_steps,
                 text: text.clone(),
             });
@@ -321,7 +387,7 @@ impl StageBuild<'_, '_> {
             let layer = (state.layers.len() > layers_before)
                 .then(|| state.layers.last().map_or(0, |l| l.size));
             self.engine.progress.event(Event::StepFinished {
-                index: *self.counter,
+                index: self.step_index,
                 elapsed,
                 cached: false,
                 layer,
@@ -375,20 +441,33 @@ impl StageBuild<'_, '_> {
             }
             Base::Stage(i) => {
                 let name = self.name();
-                let parent = self.results.get_mut(i).ok_or_else(|| BuildError::Io {
-                    context: format!("stage {name}"),
-                    error: io::Error::other("its base stage was not built"),
-                })?;
-                // The last user of a stage takes its root; others get a copy.
-                if parent.users_left <= 1 && *i != self.plan.target {
-                    fs::rename(&parent.root, root).map_err(io_err("moving a stage root"))?;
-                    parent.users_left = 0;
+                // The last unfinished user of a stage takes its root; others get a copy.
+                let (take, parent_root, mut config, layers, media_types) = {
+                    let mut all =
+                        self.results.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let parent = all.get_mut(i).ok_or_else(|| BuildError::Io {
+                        context: format!("stage {name}"),
+                        error: io::Error::other("its base stage was not built"),
+                    })?;
+                    let take = parent.users_left <= 1 && *i != self.plan.target;
+                    if take {
+                        parent.users_left = 0;
+                    }
+                    (
+                        take,
+                        parent.root.clone(),
+                        parent.image.config.clone(),
+                        parent.image.layers.clone(),
+                        parent.image.media_types,
+                    )
+                };
+                if take {
+                    fs::rename(&parent_root, root).map_err(io_err("moving a stage root"))?;
                 } else {
-                    copy_tree(&parent.root, root)?;
+                    copy_tree(&parent_root, root)?;
                 }
-                let mut config = parent.image.config.clone();
                 config.clear_onbuild();
-                Ok(fresh(config, parent.image.layers.clone(), parent.image.media_types))
+                Ok(fresh(config, layers, media_types))
             }
             Base::Image(reference) => {
                 let base = self.bases.get(reference).ok_or_else(|| BuildError::Io {
@@ -725,7 +804,7 @@ impl StageBuild<'_, '_> {
                 readonly: true,
             });
         }
-        let index = *self.counter;
+        let index = self.step_index;
         let progress = self.engine.progress;
         let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
         let outcome = self
@@ -1027,7 +1106,8 @@ impl StageBuild<'_, '_> {
             .position(|s| s.name.as_deref() == Some(lower.as_str()))
             .or_else(|| from.parse::<usize>().ok().filter(|i| *i < self.stage.index));
         if let Some(i) = idx {
-            return self.results.get(&i).map(|r| r.root.clone()).ok_or_else(|| {
+            let all = self.results.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            return all.get(&i).map(|r| r.root.clone()).ok_or_else(|| {
                 self.step_err(line, format!("stage `{from}` was not built before this step"), None)
             });
         }
@@ -1037,6 +1117,7 @@ impl StageBuild<'_, '_> {
         // Images used by COPY --from are unpacked once per build.
         let key = kiln_oci::Digest::sha256_of(from.as_bytes()).hex()[..16].to_owned();
         let root = self.req.work_dir.join(format!("image-{key}"));
+        let _unpacking = self.unpack_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if !root.exists() {
             let partial = self.req.work_dir.join(format!("image-{key}.partial"));
             let _ = fs::remove_dir_all(&partial);

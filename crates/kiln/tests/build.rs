@@ -634,3 +634,24 @@ fn add_downloads_urls_with_checksums() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("404") && err.contains("/nope"), "{err}");
 }
+
+/// Independent stages build at the same time: each waits (through a shared cache mount) until
+/// the other has started, which only finishes if they run concurrently.
+#[test]
+fn independent_stages_build_in_parallel() {
+    require_root!();
+    let wait_for = |me: &str, other: &str| {
+        format!(
+            "RUN --mount=type=cache,id=rendezvous,target=/sync touch /sync/{me} && i=0; while [ ! -e /sync/{other} ]; do i=$((i+1)); [ $i -gt 30 ] && exit 1; sleep 1; done; echo {me} > /done"
+        )
+    };
+    let b = Build::new(&format!(
+        "FROM busybox AS a\n{}\n\nFROM busybox AS b\n{}\n\nFROM scratch\nCOPY --from=a /done /a\nCOPY --from=b /done /b\n",
+        wait_for("a", "b"),
+        wait_for("b", "a"),
+    ));
+    b.ok(&[]);
+    let root = b.unpack().join("rootfs");
+    assert_eq!(fs::read_to_string(root.join("a")).unwrap(), "a\n");
+    assert_eq!(fs::read_to_string(root.join("b")).unwrap(), "b\n");
+}
