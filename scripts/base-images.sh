@@ -109,10 +109,15 @@ push() {
   fi
 }
 
+# Each layout is assigned first: a failure inside "$(...)" used as an argument would not stop
+# the script, and an empty directory would be printed.
 if [[ -z "$only" || "$only" == busybox ]]; then
-  push "$(busybox_layout)" library/busybox:latest
+  layout=$(busybox_layout)
+  push "$layout" library/busybox:latest
 fi
 if [[ -z "$only" || "$only" == debian ]]; then
-  push "$(debian_layout full)" library/debian:bookworm
-  push "$(debian_layout slim)" library/debian:bookworm-slim
+  layout=$(debian_layout full)
+  push "$layout" library/debian:bookworm
+  layout=$(debian_layout slim)
+  push "$layout" library/debian:bookworm-slim
 fi

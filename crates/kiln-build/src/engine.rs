@@ -251,15 +251,16 @@ impl Engine<'_> {
                     running += 1;
                     scope.spawn(move || {
                         // A panic must still report, or the scheduler would wait forever.
-                        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            build.run()
-                        }))
-                        .unwrap_or_else(|_| {
-                            Err(BuildError::Io {
-                                context: format!("building stage {i}"),
-                                error: io::Error::other("internal error: the stage panicked"),
-                            })
-                        });
+                        let result =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| build.run()))
+                                .unwrap_or_else(|_| {
+                                    Err(BuildError::Io {
+                                        context: format!("building stage {i}"),
+                                        error: io::Error::other(
+                                            "internal error: the stage panicked",
+                                        ),
+                                    })
+                                });
                         let _ = tx.send((i, result));
                     });
                 }

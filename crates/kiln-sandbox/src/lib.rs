@@ -345,6 +345,125 @@ pub fn termination_requested() -> bool {
     sys::TERMINATION_REQUESTED.load(Ordering::SeqCst)
 }
 
+/// For an unprivileged caller: runs this same program again (same arguments) in a new user
+/// namespace where the caller is root — uid/gid 0 mapped to the caller's ids, plus its
+/// `/etc/subuid`/`/etc/subgid` ranges when `newuidmap`/`newgidmap` are installed — waits for
+/// it and returns its exit code. Inside, the whole build (applying base layers, COPY --chown,
+/// writing layers) sees image ownership as it should be. Returns `Ok(None)` when the caller is
+/// root or is already that re-run, so the caller just goes on. `warnings` receives what the
+/// caller should know (e.g. no subordinate ids).
+///
+/// The re-run must call [`finish_entering_user_namespace`] first thing in `main`, while it is
+/// still single-threaded: it unshares the namespace itself and waits here until this process
+/// has written its id maps (only a process outside the namespace can, and `newuidmap` must).
+pub fn run_in_user_namespace(warnings: &mut Vec<String>) -> Result<Option<i32>, Error> {
+    use std::os::fd::AsRawFd as _;
+    if sys::geteuid() == 0 || std::env::var_os(REEXEC_ENV).is_some() {
+        return Ok(None);
+    }
+    let map = run::IdMap::choose(warnings);
+    let pipe = || {
+        sys::pipe().map_err(|source| Error::Syscall {
+            what: "creating a pipe".into(),
+            missing: "file descriptors",
+            hint: "raise the open-files limit".into(),
+            source,
+        })
+    };
+    // go: parent -> child ("maps written"); unshared: child -> parent ("namespace made").
+    let (go_read, go_write) = pipe()?;
+    let (unshared_read, unshared_write) = pipe()?;
+    let exe = std::env::current_exe().map_err(|source| Error::Syscall {
+        what: "finding kiln's own executable".into(),
+        missing: "/proc",
+        hint: "mount /proc".into(),
+        source,
+    })?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(std::env::args_os().skip(1))
+        .env(REEXEC_ENV, format!("{},{}", go_read.as_raw_fd(), unshared_write.as_raw_fd()));
+    let mut child =
+        sys::spawn_keeping_fds(&mut cmd, &[&go_read, &unshared_write]).map_err(|source| {
+            Error::Syscall {
+                what: "starting kiln again to enter a user namespace".into(),
+                missing: "nothing",
+                hint: "retry".into(),
+                source,
+            }
+        })?;
+    drop(go_read);
+    drop(unshared_write);
+    let mut unshared = std::fs::File::from(unshared_read);
+    let mut go = std::fs::File::from(go_write);
+    let mut byte = [0u8];
+    use std::io::{Read as _, Write as _};
+    // The child says whether it made the namespace; if it could not, it goes on without one.
+    if unshared.read_exact(&mut byte).is_ok() && byte[0] == b'1' {
+        if let Err(e) = map.write(child.id() as libc::pid_t) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        let _ = go.write_all(b"1");
+    }
+    drop(go);
+    // Signals from a terminal reach both processes; the waiter just reports.
+    let status = child.wait().map_err(|source| Error::Syscall {
+        what: "waiting for kiln in the user namespace".into(),
+        missing: "nothing",
+        hint: "retry".into(),
+        source,
+    })?;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(Some(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))))
+}
+
+/// The re-run's half of [`run_in_user_namespace`]: unshares a user namespace, tells the waiting
+/// parent, and returns once the parent has written the id maps (the process is then root in the
+/// namespace). Does nothing in a process that is not such a re-run. Must be called while the
+/// process has only one thread. On failure the process goes on where it is, and the error says
+/// why (user namespaces disabled, maps refused).
+pub fn finish_entering_user_namespace() -> Result<(), Error> {
+    let Some(value) = std::env::var_os(REEXEC_ENV) else { return Ok(()) };
+    let fds = value.to_str().and_then(|v| v.split_once(','));
+    let Some((Ok(go), Ok(unshared))) = fds.map(|(a, b)| (a.parse::<i32>(), b.parse::<i32>()))
+    else {
+        return Ok(());
+    };
+    let (Some(mut go), Some(mut unshared)) =
+        (sys::adopt_inherited_fd(go), sys::adopt_inherited_fd(unshared))
+    else {
+        return Ok(());
+    };
+    use std::io::{Read as _, Write as _};
+    if let Err(source) = sys::unshare_user_namespace() {
+        let _ = unshared.write_all(b"0");
+        return Err(Error::Syscall {
+            what: "creating a user namespace".into(),
+            missing: "unprivileged user namespaces",
+            hint: "enable them (sysctl kernel.unprivileged_userns_clone=1, \
+                   user.max_user_namespaces > 0), or run as root"
+                .into(),
+            source,
+        });
+    }
+    let _ = unshared.write_all(b"1");
+    drop(unshared);
+    let mut byte = [0u8];
+    match go.read_exact(&mut byte) {
+        Ok(()) if byte[0] == b'1' => Ok(()),
+        _ => Err(Error::Syscall {
+            what: "waiting for the user namespace's id maps".into(),
+            missing: "newuidmap/newgidmap or /proc/PID/uid_map writes",
+            hint: "see the warning before this one".into(),
+            source: std::io::Error::from_raw_os_error(libc::EPERM),
+        }),
+    }
+}
+
+/// Marks the re-run started by [`run_in_user_namespace`]; holds its two pipe descriptors.
+const REEXEC_ENV: &str = "KILN_IN_USERNS";
+
 /// Runs processes in one [`Mode`].
 #[derive(Debug, Clone)]
 pub struct Sandbox {

@@ -117,9 +117,10 @@ impl Plan {
 
 /// uid/gid maps of the rootless user namespace.
 #[derive(Debug, Clone)]
-enum IdMap {
-    /// kiln is root: identity over the whole id space.
-    Identity,
+pub(crate) enum IdMap {
+    /// kiln is root: identity over the ids kiln's own user namespace maps (the whole id space
+    /// on the host; fewer when kiln itself runs in a user namespace), as (first, count) ranges.
+    Identity { uids: Vec<(u32, u32)>, gids: Vec<(u32, u32)> },
     /// `newuidmap`/`newgidmap` with subordinate ranges: 0 -> own id, 1.. -> range.
     Sub { uid: u32, gid: u32, uids: SubIdRange, gids: SubIdRange },
     /// Only 0 -> own id; `setgroups` denied.
@@ -127,11 +128,11 @@ enum IdMap {
 }
 
 impl IdMap {
-    fn choose(warnings: &mut Vec<String>) -> IdMap {
+    pub(crate) fn choose(warnings: &mut Vec<String>) -> IdMap {
         let uid = sys::geteuid();
         let gid = sys::getegid();
         if uid == 0 {
-            return IdMap::Identity;
+            return IdMap::identity();
         }
         let name = host_user_name(uid);
         let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
@@ -162,9 +163,18 @@ impl IdMap {
         }
     }
 
+    /// Identity over the ids mapped into kiln's own user namespace.
+    pub(crate) fn identity() -> IdMap {
+        let ranges = |file: &str| {
+            let parsed = parse_id_map(&fs::read_to_string(file).unwrap_or_default());
+            if parsed.is_empty() { vec![(0, u32::MAX)] } else { parsed }
+        };
+        IdMap::Identity { uids: ranges("/proc/self/uid_map"), gids: ranges("/proc/self/gid_map") }
+    }
+
     fn maps_uid(&self, id: u32) -> bool {
         match self {
-            IdMap::Identity => true,
+            IdMap::Identity { uids, .. } => in_ranges(uids, id),
             IdMap::Sub { uids, .. } => id == 0 || (id >= 1 && id - 1 < uids.count),
             IdMap::Single { .. } => id == 0,
         }
@@ -172,13 +182,13 @@ impl IdMap {
 
     fn maps_gid(&self, id: u32) -> bool {
         match self {
-            IdMap::Identity => true,
+            IdMap::Identity { gids, .. } => in_ranges(gids, id),
             IdMap::Sub { gids, .. } => id == 0 || (id >= 1 && id - 1 < gids.count),
             IdMap::Single { .. } => id == 0,
         }
     }
 
-    fn write(&self, pid: libc::pid_t) -> Result<(), Error> {
+    pub(crate) fn write(&self, pid: libc::pid_t) -> Result<(), Error> {
         let proc = PathBuf::from(format!("/proc/{pid}"));
         let write = |file: &str, content: &str| -> Result<(), Error> {
             let path = proc.join(file);
@@ -194,9 +204,14 @@ impl IdMap {
                 })
         };
         match self {
-            IdMap::Identity => {
-                write("uid_map", "0 0 4294967295")?;
-                write("gid_map", "0 0 4294967295")
+            IdMap::Identity { uids, gids } => {
+                let lines = |r: &[(u32, u32)]| {
+                    r.iter()
+                        .map(|(first, count)| format!("{first} {first} {count}\n"))
+                        .collect::<String>()
+                };
+                write("uid_map", &lines(uids))?;
+                write("gid_map", &lines(gids))
             }
             IdMap::Single { uid, gid } => {
                 write("setgroups", "deny")?;
@@ -239,6 +254,26 @@ impl IdMap {
             }
         }
     }
+}
+
+/// The (first inside id, count) ranges of a `/proc/PID/uid_map` or `gid_map`.
+fn parse_id_map(content: &str) -> Vec<(u32, u32)> {
+    content
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace().map(str::parse::<u32>);
+            let (Some(Ok(inside)), Some(Ok(_outside)), Some(Ok(count))) =
+                (f.next(), f.next(), f.next())
+            else {
+                return None;
+            };
+            Some((inside, count))
+        })
+        .collect()
+}
+
+fn in_ranges(ranges: &[(u32, u32)], id: u32) -> bool {
+    ranges.iter().any(|(first, count)| id >= *first && id - first < *count)
 }
 
 fn which(tool: &str) -> Option<PathBuf> {
@@ -378,7 +413,10 @@ pub(crate) fn run(
             });
         }
     }
-    let mut set_groups = !matches!(id_map, Some(IdMap::Single { .. }));
+    // With a single-id map setgroups is denied; kiln may also run inside a user namespace made
+    // that way (rootless `kiln build` re-runs itself in one), and nested namespaces inherit it.
+    let mut set_groups = !matches!(id_map, Some(IdMap::Single { .. }))
+        && fs::read_to_string("/proc/self/setgroups").map_or(true, |s| s.trim() != "deny");
     if mode != Mode::Rootless && sys::geteuid() != 0 {
         // Without root (chroot needs root anyway; in-place may run as a plain user) the ids
         // cannot change: only the current user works, and setgroups would be refused.
@@ -1210,7 +1248,16 @@ mod tests {
         assert!(sub.maps_gid(10) && !sub.maps_gid(11));
         let single = IdMap::Single { uid: 1000, gid: 1000 };
         assert!(single.maps_uid(0) && !single.maps_uid(1) && !single.maps_gid(5));
-        assert!(IdMap::Identity.maps_uid(u32::MAX - 1));
+        let host = IdMap::Identity { uids: vec![(0, u32::MAX)], gids: vec![(0, u32::MAX)] };
+        assert!(host.maps_uid(u32::MAX - 1));
+        let nested = IdMap::Identity {
+            uids: parse_id_map(
+                "         0       1000          1\n         1     100000      65536\n",
+            ),
+            gids: parse_id_map("0 1000 1\n"),
+        };
+        assert!(nested.maps_uid(0) && nested.maps_uid(65536) && !nested.maps_uid(65537));
+        assert!(nested.maps_gid(0) && !nested.maps_gid(1));
     }
 
     #[test]

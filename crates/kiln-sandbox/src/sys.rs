@@ -892,3 +892,49 @@ pub(crate) fn install_termination_handlers() {
         set_handler(sig, on_termination as *const () as libc::sighandler_t);
     }
 }
+
+/// Starts `cmd` with `keep` inherited (their close-on-exec flag cleared in the child only),
+/// and SIGTERM sent to it if this process dies first, so it never outlives its waiter.
+pub(crate) fn spawn_keeping_fds(
+    cmd: &mut std::process::Command,
+    keep: &[&OwnedFd],
+) -> io::Result<std::process::Child> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fds: Vec<RawFd> = keep.iter().map(|fd| fd.as_raw_fd()).collect();
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe syscalls (fcntl, prctl); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// `unshare(CLONE_NEWUSER)`: only works while the process has a single thread.
+pub(crate) fn unshare_user_namespace() -> io::Result<()> {
+    // SAFETY: plain syscall with a constant flag.
+    if unsafe { libc::unshare(libc::CLONE_NEWUSER) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Takes ownership of descriptor `fd` inherited from the parent (named in an environment
+/// variable), if it is open; `None` otherwise.
+pub(crate) fn adopt_inherited_fd(fd: RawFd) -> Option<std::fs::File> {
+    // SAFETY: F_GETFD only queries; it fails with EBADF on a descriptor that is not open.
+    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the descriptor is open and was passed to this process for it alone; nothing
+    // else in the process refers to it.
+    Some(unsafe { std::fs::File::from_raw_fd(fd) })
+}

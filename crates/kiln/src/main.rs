@@ -78,10 +78,43 @@ enum DebugCommand {
     },
 }
 
+/// An unprivileged `kiln build` (auto or rootless isolation) runs as root of its own user
+/// namespace, so that files can carry the image's owners; this re-runs kiln there and returns
+/// its exit code, or `None` to go on in this process (already root, or no user namespaces: the
+/// build then reports what fails).
+fn enter_user_namespace(isolation: &str) -> Option<ExitCode> {
+    if !matches!(isolation, "auto" | "rootless") {
+        return None;
+    }
+    let mut warnings = Vec::new();
+    let result = kiln_sandbox::run_in_user_namespace(&mut warnings);
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    match result {
+        Ok(Some(code)) => Some(ExitCode::from(u8::try_from(code).unwrap_or(1))),
+        Ok(None) => None,
+        Err(e) => {
+            eprintln!("warning: cannot run in a user namespace ({e}); going on without one");
+            None
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    // A re-run started by `enter_user_namespace` joins its namespace before anything else
+    // (unshare needs a single-threaded process).
+    if let Err(e) = kiln_sandbox::finish_entering_user_namespace() {
+        eprintln!("warning: {e}; going on without a user namespace");
+    }
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Build(args) => build_cmd::run(&args),
+        Command::Build(args) => {
+            if let Some(code) = enter_user_namespace(&args.isolation) {
+                return code;
+            }
+            build_cmd::run(&args)
+        }
         Command::Image(cmd) => image_cmd::run(&cmd),
         Command::Plan(args) => plan_cmd::run(&args),
         Command::Debug(DebugCommand::DumpAst { file }) => plan_cmd::dump_ast(&file),

@@ -655,3 +655,123 @@ fn independent_stages_build_in_parallel() {
     assert_eq!(fs::read_to_string(root.join("a")).unwrap(), "a\n");
     assert_eq!(fs::read_to_string(root.join("b")).unwrap(), "b\n");
 }
+
+/// A realistic build on a debootstrapped Debian base: `useradd`, `dpkg`, files owned by the new
+/// user, USER/WORKDIR, and the result run with runc as that user.
+#[test]
+fn debian_base_with_useradd_and_dpkg() {
+    require_root!();
+    let o = Command::new(repo().join("scripts/base-images.sh"))
+        .args(["--only", "debian", "--layouts"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let listing = String::from_utf8(o.stdout).unwrap();
+    let dir = listing
+        .lines()
+        .find_map(|l| l.strip_prefix("library/debian:bookworm="))
+        .expect("the debian layout")
+        .to_owned();
+    let b = Build::new(
+        r#"FROM debian:bookworm
+RUN useradd --create-home --uid 1234 --shell /bin/sh app \
+ && mkdir /data && chown app:app /data \
+ && dpkg-query -W -f='${Status}\n' coreutils > /coreutils-status
+USER app
+WORKDIR /home/app/work
+RUN id -un > whoami && echo data > /data/file && ls -ld /home/app/work > workdir-listing
+COPY --chown=app:app hello.txt ./
+CMD ["sh", "-c", "id -un; id -u; cat /home/app/work/hello.txt"]
+"#,
+    );
+    b.file("hello.txt", "hello debian\n");
+    let layout = format!("debian:bookworm={dir}:img");
+    b.ok(&["--base-layout", &layout]);
+    let bundle = b.unpack();
+    let root = bundle.join("rootfs");
+    assert_eq!(
+        fs::read_to_string(root.join("coreutils-status")).unwrap(),
+        "install ok installed\n"
+    );
+    assert!(
+        fs::read_to_string(root.join("etc/passwd"))
+            .unwrap()
+            .contains("app:x:1234:1234::/home/app:/bin/sh")
+    );
+    assert_eq!(fs::read_to_string(root.join("home/app/work/whoami")).unwrap(), "app\n");
+    for (path, uid) in [
+        ("home/app/work/whoami", 1234),
+        ("home/app/work/hello.txt", 1234),
+        ("data/file", 1234),
+        ("data", 1234),
+        ("etc/passwd", 0),
+    ] {
+        let meta = fs::symlink_metadata(root.join(path)).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (uid, uid), "{path}");
+    }
+    // WORKDIR under USER is created owned by that user (BuildKit).
+    let listing = fs::read_to_string(root.join("home/app/work/workdir-listing")).unwrap();
+    assert!(listing.contains(" app "), "{listing}");
+    assert_eq!(b.runc(&bundle), "app\n1234\nhello debian\n");
+}
+
+/// Rootless mode as a real unprivileged user (uid 65534): RUN works through a user namespace,
+/// files written as the namespace's root belong to root in the image.
+#[test]
+fn rootless_build_as_an_unprivileged_user() {
+    require_root!();
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let top = tmp.path();
+    fs::set_permissions(top, fs::Permissions::from_mode(0o755)).unwrap();
+    // The cached layout lives under root's home; give the user a copy.
+    let layout_dir = busybox().trim_start_matches("busybox=").trim_end_matches(":img").to_owned();
+    let base = top.join("base");
+    let o = Command::new("cp").arg("-r").arg(&layout_dir).arg(&base).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new("chmod").args(["-R", "a+rX"]).arg(&base).output().unwrap();
+    assert!(o.status.success());
+    let ctx = top.join("ctx");
+    fs::create_dir(&ctx).unwrap();
+    fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox\nRUN id -u > /uid && mkdir -p /made/by && echo run > /made/by/run\nCOPY file /copied\n",
+    )
+    .unwrap();
+    fs::write(ctx.join("file"), "from the context\n").unwrap();
+    let o = Command::new("chmod").args(["-R", "a+rX"]).arg(&ctx).output().unwrap();
+    assert!(o.status.success());
+    let home = top.join("home");
+    fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+    let out = home.join("layout");
+    let o = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "env"])
+        .arg(format!("HOME={}", home.display()))
+        .arg(format!("TMPDIR={}", home.display()))
+        .arg(env!("CARGO_BIN_EXE_kiln"))
+        .args(["build", "--progress", "plain", "--isolation", "rootless", "--base-layout"])
+        .arg(format!("busybox={}:img", base.display()))
+        .arg("-o")
+        .arg(format!("type=oci,dest={}", out.display()))
+        .arg(&ctx)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "rootless build as uid 65534 failed:\n{log}");
+    let bundle = top.join("bundle");
+    let o = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:latest", out.display()))
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "umoci: {}", String::from_utf8_lossy(&o.stderr));
+    let root = bundle.join("rootfs");
+    assert_eq!(fs::read_to_string(root.join("uid")).unwrap(), "0\n", "{log}");
+    assert_eq!(fs::read_to_string(root.join("copied")).unwrap(), "from the context\n");
+    for path in ["uid", "made/by/run", "copied"] {
+        let meta = fs::metadata(root.join(path)).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (0, 0), "{path} is root's in the image");
+    }
+}
