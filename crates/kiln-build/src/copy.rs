@@ -268,6 +268,121 @@ pub fn copy(req: &CopyRequest<'_>, dest_root: &Path) -> Result<CopyOutcome, Copy
     Ok(copier.outcome)
 }
 
+/// A digest of everything `req` would copy (for the layer cache): each matched source and,
+/// inside directories, every entry `.dockerignore` and `--exclude` let through, with its path,
+/// type, permission bits, owner (for stage sources; context files become 0:0), content and link
+/// target. Modification times are left out, as BuildKit does: touching a file does not
+/// invalidate the cache, changing it does. A literal source that does not exist is an error,
+/// as for the copy.
+pub fn fingerprint(req: &CopyRequest<'_>) -> Result<String, CopyError> {
+    use sha2::{Digest as _, Sha256};
+    let mut h = Sha256::new();
+    let field = |h: &mut Sha256, bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    for source in req.sources {
+        let found = resolve_source(req, source)?;
+        if found.is_empty() && !glob::has_wildcard(source) {
+            return Err(not_found(req, source));
+        }
+        field(&mut h, source.as_bytes());
+        for m in found {
+            let err = |error: io::Error| CopyError::Io {
+                source_path: m.rel.clone(),
+                dest: req.dest.to_owned(),
+                error,
+            };
+            field(&mut h, m.rel.as_bytes());
+            fingerprint_entry(req, &mut h, &m.host, &m.meta).map_err(err)?;
+            if m.meta.is_dir() {
+                fingerprint_dir(req, &mut h, &m.host, "", &m.rel).map_err(err)?;
+            }
+        }
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn fingerprint_entry(
+    req: &CopyRequest<'_>,
+    h: &mut sha2::Sha256,
+    host: &Path,
+    meta: &fs::Metadata,
+) -> io::Result<()> {
+    use sha2::Digest as _;
+    use std::os::unix::fs::FileTypeExt;
+    let ft = meta.file_type();
+    let kind = if ft.is_dir() {
+        "d"
+    } else if ft.is_symlink() {
+        "l"
+    } else if ft.is_file() {
+        "f"
+    } else if ft.is_fifo() {
+        "p"
+    } else {
+        "c"
+    };
+    let mut head = format!("{kind} {:o}", meta.mode() & 0o7777);
+    if req.src_kind == SourceKind::Stage {
+        head.push_str(&format!(" {}:{}", meta.uid(), meta.gid()));
+    }
+    if ft.is_block_device() || ft.is_char_device() {
+        head.push_str(&format!(" {}", meta.rdev()));
+    }
+    h.update((head.len() as u64).to_le_bytes());
+    h.update(head.as_bytes());
+    if ft.is_symlink() {
+        let target = fs::read_link(host)?;
+        let t = target.as_os_str().as_encoded_bytes();
+        h.update((t.len() as u64).to_le_bytes());
+        h.update(t);
+    } else if ft.is_file() {
+        h.update(meta.len().to_le_bytes());
+        let mut f = fs::File::open(host)?;
+        io::copy(&mut f, h)?;
+    }
+    Ok(())
+}
+
+fn fingerprint_dir(
+    req: &CopyRequest<'_>,
+    h: &mut sha2::Sha256,
+    dir: &Path,
+    within: &str,
+    src_rel: &str,
+) -> io::Result<()> {
+    use sha2::Digest as _;
+    let mut entries: Vec<fs::DirEntry> = fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name();
+        let inner = join_rel(within, &name.to_string_lossy());
+        let ctx_rel = join_rel(src_rel, &inner);
+        let meta = entry.path().symlink_metadata()?;
+        let is_dir = meta.is_dir();
+        let walk = match req.ignore.map(|ig| ig.walk_decision(&ctx_rel, is_dir)) {
+            None | Some(WalkDecision::Include) => true,
+            Some(WalkDecision::ExcludeAndSkip) => continue,
+            // Excluded itself, but an exception may re-include something below.
+            Some(_) if is_dir => false,
+            Some(_) => continue,
+        };
+        if req.exclude.is_some_and(|ex| ex.is_excluded(&inner, is_dir)) {
+            continue;
+        }
+        if walk {
+            h.update((inner.len() as u64).to_le_bytes());
+            h.update(inner.as_bytes());
+            fingerprint_entry(req, h, &entry.path(), &meta)?;
+        }
+        if is_dir {
+            fingerprint_dir(req, h, &entry.path(), &inner, src_rel)?;
+        }
+    }
+    Ok(())
+}
+
 fn not_found(req: &CopyRequest<'_>, source: &str) -> CopyError {
     let rel = rootpath::clean_relative(Path::new(source));
     let tree = match req.src_kind {

@@ -13,7 +13,7 @@
 //!
 //! Every step reports to [`Progress`]; a failure names the Dockerfile line and carries a hint.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -33,6 +33,7 @@ use crate::image::{BaseImage, ImageSource, LayerBlob, LayerOps, MediaTypes, Seam
 use crate::options::SecretSpec;
 use crate::progress::{Event, Progress};
 use crate::{history, mounts, owner, run};
+use kiln_cache::{CacheKey, CachedLayer, KeyBuilder, KeyInput, LayerCache};
 use kiln_fs::rootpath;
 
 /// What one build needs to know.
@@ -58,6 +59,28 @@ pub struct BuildRequest {
     pub work_dir: PathBuf,
     /// Where `RUN --mount=type=cache` directories persist between builds.
     pub cache_mounts: PathBuf,
+    /// How the layer cache ([`Engine::cache`]) is used.
+    pub cache: CacheSettings,
+}
+
+/// Which steps use the layer cache, and whether to explain lookups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheSettings {
+    /// RUN steps (kaniko's `--cache-run-layers`).
+    pub run_layers: bool,
+    /// COPY/ADD/WORKDIR steps (kaniko's `--cache-copy-layers`).
+    pub copy_layers: bool,
+    /// Report each lookup's key, inputs and outcome (`--cache-debug`).
+    pub debug: bool,
+    /// Write entries for the target stage's steps only (BuildKit's `mode=min`); all stages
+    /// are looked up either way.
+    pub target_only: bool,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings { run_layers: true, copy_layers: true, debug: false, target_only: false }
+    }
 }
 
 /// The image a build produced.
@@ -93,6 +116,9 @@ pub enum BuildError {
     Base { reference: String, source: SeamError },
     #[error("{context}: {error}")]
     Io { context: String, error: io::Error },
+    /// A cache hit's blob turned out unusable; the build is retried without that entry.
+    #[error("{message}")]
+    CacheBroken { key: String, message: String },
 }
 
 impl BuildError {
@@ -106,6 +132,9 @@ impl BuildError {
             ),
             BuildError::Base { source, .. } => source.hint.clone(),
             BuildError::Io { .. } => None,
+            BuildError::CacheBroken { .. } => {
+                Some("delete the cache entry, or build without --cache".into())
+            }
         }
     }
 
@@ -129,6 +158,10 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> BuildError {
 /// The built state of one stage.
 struct StageResult {
     root: PathBuf,
+    /// Whether `root` holds the stage's files (it is made only when a step needs it).
+    materialized: bool,
+    /// The cache key after the stage's last step.
+    key: CacheKey,
     image: BuiltImage,
     /// Stages still to be built that need this one (as base, COPY --from or mount from).
     users_left: usize,
@@ -140,6 +173,17 @@ pub struct Engine<'a> {
     pub layers: &'a dyn LayerOps,
     pub sandbox: &'a kiln_sandbox::Sandbox,
     pub progress: &'a dyn Progress,
+    /// The layer cache, if the build uses one.
+    pub cache: Option<&'a dyn LayerCache>,
+}
+
+/// Where a layer blob that is not on disk yet comes from.
+#[derive(Debug, Clone)]
+enum LazyBlob {
+    /// A base image's layer (by the reference in the build's base map).
+    Base(String),
+    /// A cache hit's layer.
+    Cache(CacheKey, CachedLayer),
 }
 
 /// The environment of a base image, for planning.
@@ -155,8 +199,38 @@ fn env_of(config: &ImageConfig) -> Env {
 }
 
 impl Engine<'_> {
-    /// Builds the target stage of `req`.
+    /// Builds the target stage of `req`. A cache entry whose blob turns out broken is
+    /// reported and the build starts again without it: a cache never fails a build.
     pub fn build(&self, req: &BuildRequest) -> Result<BuiltImage, BuildError> {
+        let mut bad_keys = HashSet::new();
+        loop {
+            match self.build_once(req, &bad_keys) {
+                Err(BuildError::CacheBroken { key, message }) if bad_keys.len() < 8 => {
+                    self.progress.event(Event::Warning {
+                        message: format!("{message}; building again without that cache entry"),
+                    });
+                    bad_keys.insert(key);
+                    // Stage roots of the failed attempt are stale.
+                    if let Ok(entries) = fs::read_dir(&req.work_dir) {
+                        for e in entries.flatten() {
+                            let name = e.file_name();
+                            let name = name.to_string_lossy();
+                            if name.starts_with("stage-") || name.starts_with("image-") {
+                                let _ = fs::remove_dir_all(e.path());
+                            }
+                        }
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn build_once(
+        &self,
+        req: &BuildRequest,
+        bad_keys: &HashSet<String>,
+    ) -> Result<BuiltImage, BuildError> {
         let parsed = kiln_dockerfile::parse_instructions(&req.dockerfile)?;
         let mut opts = PlanOptions {
             build_args: req.build_args.clone(),
@@ -212,6 +286,7 @@ impl Engine<'_> {
         let results: Mutex<HashMap<usize, StageResult>> = Mutex::new(HashMap::new());
         let counter = AtomicUsize::new(0);
         let unpack_lock = Mutex::new(());
+        let lazy: Mutex<HashMap<String, LazyBlob>> = Mutex::new(HashMap::new());
         // Independent stages run at the same time, except in-place mode where every stage
         // shares `/`.
         let parallel = if matches!(self.sandbox.mode(), kiln_sandbox::Mode::InPlace { .. }) {
@@ -243,6 +318,8 @@ impl Engine<'_> {
                         results: &results,
                         counter: &counter,
                         unpack_lock: &unpack_lock,
+                        lazy: &lazy,
+                        bad_keys,
                         step_index: 0,
                         total_steps,
                         users_left: users.get(&i).copied().unwrap_or(0),
@@ -295,12 +372,97 @@ impl Engine<'_> {
             return Err(e);
         }
         let mut results = results.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
-        results.remove(&plan.target).map(|r| r.image).ok_or_else(|| BuildError::Io {
-            context: "finishing the build".into(),
-            error: io::Error::other("the target stage was not built"),
-        })
+        let image =
+            results.remove(&plan.target).map(|r| r.image).ok_or_else(|| BuildError::Io {
+                context: "finishing the build".into(),
+                error: io::Error::other("the target stage was not built"),
+            })?;
+        // Outputs read every blob: fetch what cache hits and unapplied base layers left out.
+        for layer in &image.layers {
+            ensure_local(self, &bases, &lazy, layer)?;
+        }
+        Ok(image)
     }
 }
+
+/// Makes sure `layer.path` holds the blob: fetched from the base image's source or the cache
+/// when the build has not needed it on disk so far.
+fn ensure_local(
+    engine: &Engine<'_>,
+    bases: &HashMap<String, BaseImage>,
+    lazy: &Mutex<HashMap<String, LazyBlob>>,
+    layer: &LayerBlob,
+) -> Result<(), BuildError> {
+    if layer.path.is_file() {
+        return Ok(());
+    }
+    let source =
+        lazy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&layer.digest).cloned();
+    match source {
+        Some(LazyBlob::Base(reference)) => {
+            let base = bases.get(&reference).ok_or_else(|| BuildError::Io {
+                context: format!("base image {reference}"),
+                error: io::Error::other("it was not resolved"),
+            })?;
+            engine
+                .images
+                .ensure_blob(base, layer)
+                .map_err(|source| BuildError::Base { reference, source })
+        }
+        Some(LazyBlob::Cache(key, cached)) => {
+            let cache = engine.cache.ok_or_else(|| BuildError::Io {
+                context: format!("layer {}", layer.digest),
+                error: io::Error::other("it came from a cache that is gone"),
+            })?;
+            cache.fetch(&key, &cached, &layer.path).map_err(|e| BuildError::CacheBroken {
+                key: key.to_string(),
+                message: e.to_string(),
+            })
+        }
+        None => Err(BuildError::Io {
+            context: format!("layer {}", layer.digest),
+            error: io::Error::other(format!("its blob is missing at {}", layer.path.display())),
+        }),
+    }
+}
+
+/// Makes `root` (replacing whatever is there) and applies `layers` to it in order.
+fn apply_layers(
+    engine: &Engine<'_>,
+    bases: &HashMap<String, BaseImage>,
+    lazy: &Mutex<HashMap<String, LazyBlob>>,
+    layers: &[LayerBlob],
+    root: &Path,
+    progress: &dyn Fn(u64, u64),
+) -> Result<(), BuildError> {
+    if root.symlink_metadata().is_ok() {
+        fs::remove_dir_all(root).map_err(io_err("clearing a stage root"))?;
+    }
+    fs::create_dir_all(root).map_err(io_err("creating the stage root"))?;
+    let total: u64 = layers.iter().map(|l| l.size).sum();
+    let mut done = 0;
+    for layer in layers {
+        ensure_local(engine, bases, lazy, layer)?;
+        engine.layers.apply(layer, root).map_err(|source| BuildError::Base {
+            reference: layer.origin.clone().unwrap_or_else(|| layer.digest.clone()),
+            source,
+        })?;
+        done += layer.size;
+        progress(done, total);
+    }
+    Ok(())
+}
+
+/// The key's identity of an instruction: its expanded form (ONBUILD by its text, since its
+/// parsed trigger carries line numbers; nothing else does).
+fn instruction_identity(step: &PlannedStep) -> String {
+    match &step.instruction {
+        Instruction::Onbuild { expression, .. } => format!("ONBUILD {expression}"),
+        other => format!("{other:?}"),
+    }
+}
+
+impl Engine<'_> {}
 
 /// One stage being built.
 struct StageBuild<'e, 'a> {
@@ -313,8 +475,13 @@ struct StageBuild<'e, 'a> {
     results: &'e Mutex<HashMap<usize, StageResult>>,
     /// Steps started so far in the whole build, for progress numbering.
     counter: &'e AtomicUsize,
-    /// Serialises unpacking images used by `COPY --from=<image>`.
+    /// Serialises unpacking images used by `COPY --from=<image>` and making stage roots
+    /// for other stages.
     unpack_lock: &'e Mutex<()>,
+    /// Blobs not on disk yet, by digest, and where to get them.
+    lazy: &'e Mutex<HashMap<String, LazyBlob>>,
+    /// Cache entries found broken in an earlier attempt: misses now.
+    bad_keys: &'e HashSet<String>,
     /// The number of the step running now.
     step_index: usize,
     total_steps: usize,
@@ -331,6 +498,13 @@ struct StageState {
     /// CMD was set in this stage (ENTRYPOINT then keeps it).
     cmd_set: bool,
     steps: Vec<StepTiming>,
+    /// Whether `root` holds the files of `layers` (it is made when a step first needs it, so
+    /// a build whose steps all hit the cache never unpacks anything).
+    materialized: bool,
+    /// The cache key after the last step.
+    key: CacheKey,
+    /// The last cacheable step was a hit (to explain a miss: own inputs vs earlier rebuild).
+    parent_hit: bool,
 }
 
 impl StageBuild<'_, '_> {
@@ -383,14 +557,14 @@ impl StageBuild<'_, '_> {
             });
             let started = Instant::now();
             let layers_before = state.layers.len();
-            self.step(&mut state, step)?;
+            let cached = self.step(&mut state, step)?;
             let elapsed = started.elapsed();
             let layer = (state.layers.len() > layers_before)
                 .then(|| state.layers.last().map_or(0, |l| l.size));
             self.engine.progress.event(Event::StepFinished {
                 index: self.step_index,
                 elapsed,
-                cached: false,
+                cached,
                 layer,
             });
             state.steps.push(StepTiming {
@@ -406,6 +580,8 @@ impl StageBuild<'_, '_> {
         state.config.set_created(&created_time(self.req.epoch));
         Ok(StageResult {
             root,
+            materialized: state.materialized,
+            key: state.key,
             image: BuiltImage {
                 config: state.config,
                 layers: state.layers,
@@ -416,21 +592,35 @@ impl StageBuild<'_, '_> {
         })
     }
 
-    /// Makes the stage's root and initial state from its base.
+    /// The stage's initial state from its base. The root directory is made later, when a step
+    /// first needs it ([`Self::materialize`]), except for `scratch`, a stage whose parent's root
+    /// exists, and in-place mode.
     fn prepare_root(&mut self, root: &Path) -> Result<StageState, BuildError> {
         let platform =
             self.stage.platform.clone().unwrap_or_else(|| self.plan.target_platform.clone());
-        let fresh =
-            |config: ImageConfig, layers: Vec<LayerBlob>, media_types: MediaTypes| StageState {
-                root: root.to_path_buf(),
-                config,
-                layers,
-                media_types,
-                snapshot: None,
-                cmd_set: false,
-                steps: Vec::new(),
-            };
-        match &self.stage.base {
+        let platform_text = format!(
+            "{}/{}/{}",
+            platform.os,
+            platform.architecture,
+            platform.variant.as_deref().unwrap_or("")
+        );
+        let fresh = |config: ImageConfig,
+                     layers: Vec<LayerBlob>,
+                     media_types: MediaTypes,
+                     materialized: bool,
+                     key: CacheKey| StageState {
+            root: root.to_path_buf(),
+            config,
+            layers,
+            media_types,
+            snapshot: None,
+            cmd_set: false,
+            steps: Vec::new(),
+            materialized,
+            key,
+            parent_hit: true,
+        };
+        let mut state = match &self.stage.base {
             Base::Scratch => {
                 fs::create_dir_all(root).map_err(io_err("creating the stage root"))?;
                 let config = ImageConfig::scratch(
@@ -438,12 +628,14 @@ impl StageBuild<'_, '_> {
                     &platform.architecture,
                     platform.variant.as_deref(),
                 );
-                Ok(fresh(config, Vec::new(), MediaTypes::Oci))
+                let mut key = KeyBuilder::new(None);
+                key.input("from", "scratch").input("platform", &platform_text);
+                fresh(config, Vec::new(), MediaTypes::Oci, true, key.finish().0)
             }
             Base::Stage(i) => {
                 let name = self.name();
                 // The last unfinished user of a stage takes its root; others get a copy.
-                let (take, parent_root, mut config, layers, media_types) = {
+                let (take, parent_root, materialized, key, mut config, layers, media_types) = {
                     let mut all =
                         self.results.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     let parent = all.get_mut(i).ok_or_else(|| BuildError::Io {
@@ -457,48 +649,251 @@ impl StageBuild<'_, '_> {
                     (
                         take,
                         parent.root.clone(),
+                        parent.materialized,
+                        parent.key.clone(),
                         parent.image.config.clone(),
                         parent.image.layers.clone(),
                         parent.image.media_types,
                     )
                 };
-                if take {
-                    fs::rename(&parent_root, root).map_err(io_err("moving a stage root"))?;
-                } else {
-                    copy_tree(&parent_root, root)?;
+                if materialized {
+                    if take {
+                        fs::rename(&parent_root, root).map_err(io_err("moving a stage root"))?;
+                    } else {
+                        copy_tree(&parent_root, root)?;
+                    }
                 }
                 config.clear_onbuild();
-                Ok(fresh(config, layers, media_types))
+                fresh(config, layers, media_types, materialized, key)
             }
             Base::Image(reference) => {
                 let base = self.bases.get(reference).ok_or_else(|| BuildError::Io {
                     context: format!("base image {reference}"),
                     error: io::Error::other("it was not resolved"),
                 })?;
-                fs::create_dir_all(root).map_err(io_err("creating the stage root"))?;
-                let total: u64 = base.layers.iter().map(|l| l.size).sum();
-                let mut done = 0;
-                for layer in &base.layers {
-                    self.engine.images.ensure_blob(base, layer).map_err(|source| {
-                        BuildError::Base { reference: reference.clone(), source }
-                    })?;
-                    self.engine.layers.apply(layer, root).map_err(|source| BuildError::Base {
-                        reference: reference.clone(),
-                        source,
-                    })?;
-                    done += layer.size;
-                    self.engine.progress.event(Event::Pull {
-                        reference: reference.clone(),
-                        bytes: done,
-                        total,
-                    });
+                {
+                    let mut lazy =
+                        self.lazy.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    for layer in &base.layers {
+                        lazy.entry(layer.digest.clone())
+                            .or_insert_with(|| LazyBlob::Base(reference.clone()));
+                    }
                 }
                 // Its ONBUILD triggers were planned as this stage's first steps.
                 let mut config = base.config.clone();
                 config.clear_onbuild();
-                Ok(fresh(config, base.layers.clone(), base.media_types))
+                let mut key = KeyBuilder::new(None);
+                key.input("from", &base.digest).input("platform", &platform_text);
+                fresh(config, base.layers.clone(), base.media_types, false, key.finish().0)
+            }
+        };
+        if matches!(self.engine.sandbox.mode(), kiln_sandbox::Mode::InPlace { .. }) {
+            self.materialize(&mut state)?;
+        }
+        Ok(state)
+    }
+
+    /// Makes the stage's root hold its layers, if it does not yet: applies every layer of the
+    /// image so far (base layers and cache hits) to an empty directory.
+    fn materialize(&self, state: &mut StageState) -> Result<(), BuildError> {
+        if state.materialized {
+            return Ok(());
+        }
+        let reference = match &self.stage.base {
+            Base::Image(r) => r.clone(),
+            _ => self.name(),
+        };
+        apply_layers(
+            self.engine,
+            self.bases,
+            self.lazy,
+            &state.layers,
+            &state.root,
+            &|done, total| {
+                self.engine.progress.event(Event::Pull {
+                    reference: reference.clone(),
+                    bytes: done,
+                    total,
+                });
+            },
+        )?;
+        state.materialized = true;
+        state.snapshot = None;
+        Ok(())
+    }
+
+    /// The cache key of a step: its parent's key, the instruction, and `extra` inputs.
+    fn key_for(
+        &self,
+        state: &StageState,
+        step: &PlannedStep,
+        extra: &[(&str, String)],
+    ) -> (CacheKey, Vec<KeyInput>) {
+        let mut b = KeyBuilder::new(Some(&state.key));
+        b.input("instruction", &instruction_identity(step));
+        for (name, value) in extra {
+            b.input(name, value);
+        }
+        b.finish()
+    }
+
+    fn cache_note(&self, message: String) {
+        if self.req.cache.debug && self.engine.cache.is_some() {
+            self.engine.progress.event(Event::Cache { index: self.step_index, message });
+        }
+    }
+
+    /// Looks a layer step up in the cache. On a hit, takes its layer (applied to the root only
+    /// if the root exists already) and history entry, and returns true.
+    fn cache_hit(
+        &self,
+        state: &mut StageState,
+        key: &CacheKey,
+        inputs: &[KeyInput],
+        enabled: bool,
+        created_by: &str,
+    ) -> Result<bool, BuildError> {
+        let Some(cache) = self.engine.cache else { return Ok(false) };
+        if !enabled {
+            self.cache_note(format!(
+                "key {} not looked up: caching of this kind of step is off",
+                key.short()
+            ));
+            state.parent_hit = false;
+            return Ok(false);
+        }
+        let entry = if self.bad_keys.contains(key.as_str()) {
+            None
+        } else {
+            match cache.get(key) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.engine.progress.event(Event::Warning {
+                        message: format!("{e}; building the step instead"),
+                    });
+                    None
+                }
+            }
+        };
+        let Some(entry) = entry else {
+            let why = if state.parent_hit {
+                "no entry for this step's own inputs (first build, or one of them changed)"
+            } else {
+                "an earlier step was rebuilt"
+            };
+            let listed: Vec<String> = inputs
+                .iter()
+                .map(|i| {
+                    let v: String = i.value.chars().take(240).collect();
+                    format!("{}={v}", i.name)
+                })
+                .collect();
+            self.cache_note(format!("miss {}: {why}; inputs: {}", key.short(), listed.join(" | ")));
+            state.parent_hit = false;
+            return Ok(false);
+        };
+        self.cache_note(format!("hit {} in {}", key.short(), cache.describe_entry(key)));
+        let layer = entry.layer.map(|l| {
+            let hex = l.digest.trim_start_matches("sha256:").to_owned();
+            self.lazy
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(l.digest.clone(), LazyBlob::Cache(key.clone(), l.clone()));
+            LayerBlob {
+                path: self.blob_dir().join(hex),
+                digest: l.digest,
+                diff_id: l.diff_id,
+                size: l.size,
+                media_type: l.media_type,
+                origin: cache.origin(key),
+            }
+        });
+        if let Some(l) = &layer
+            && state.materialized
+        {
+            ensure_local(self.engine, self.bases, self.lazy, l)?;
+            self.engine
+                .layers
+                .apply(l, &state.root)
+                .map_err(|source| BuildError::Base { reference: cache.describe(), source })?;
+            state.snapshot = None;
+        }
+        let with_layer = self.add_layer(state, layer);
+        self.history(state, created_by.to_owned(), !with_layer);
+        state.key = key.clone();
+        state.parent_hit = true;
+        Ok(true)
+    }
+
+    /// Records a rebuilt step's result (its last layer if it made one) under `key`.
+    fn cache_store(&self, state: &mut StageState, key: CacheKey, enabled: bool, with_layer: bool) {
+        let stage_cached = !self.req.cache.target_only || self.stage.index == self.plan.target;
+        if let Some(cache) = self.engine.cache
+            && enabled
+            && stage_cached
+        {
+            let layer = if with_layer { state.layers.last() } else { None };
+            let cached = layer.map(|l| {
+                (
+                    CachedLayer {
+                        digest: l.digest.clone(),
+                        diff_id: l.diff_id.clone(),
+                        size: l.size,
+                        media_type: l.media_type.clone(),
+                    },
+                    l.path.clone(),
+                )
+            });
+            if let Err(e) = cache.put(&key, cached.as_ref().map(|(c, p)| (c, p.as_path()))) {
+                self.engine.progress.event(Event::Warning {
+                    message: format!("{e}; the step's result is not cached"),
+                });
             }
         }
+        state.key = key;
+    }
+
+    /// What identifies the files of `--from=<from>`: a stage's cache key or an image's digest.
+    fn source_identity(&self, from: &str, line: usize) -> Result<String, BuildError> {
+        if let Some(i) = self.stage_named(from) {
+            let all = self.results.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            return all.get(&i).map(|r| format!("stage {}", r.key)).ok_or_else(|| {
+                self.step_err(line, format!("stage `{from}` was not built before this step"), None)
+            });
+        }
+        self.bases.get(from).map(|b| format!("image {}", b.digest)).ok_or_else(|| {
+            self.step_err(line, format!("`{from}` is neither a stage nor a resolved image"), None)
+        })
+    }
+
+    /// The stage `from` names (by name, or by index when earlier than this one).
+    fn stage_named(&self, from: &str) -> Option<usize> {
+        let lower = from.to_ascii_lowercase();
+        self.plan
+            .stages
+            .iter()
+            .position(|s| s.name.as_deref() == Some(lower.as_str()))
+            .or_else(|| from.parse::<usize>().ok().filter(|i| *i < self.stage.index))
+    }
+
+    /// A digest of the context files under `source` that `.dockerignore` lets through.
+    fn context_fingerprint(&self, sources: &[String], line: usize) -> Result<String, BuildError> {
+        let req = CopyRequest {
+            src_root: &self.req.context,
+            src_kind: SourceKind::Context,
+            sources,
+            dest: "/",
+            workdir: "/",
+            ignore: self.req.ignore.as_ref(),
+            exclude: None,
+            parents: false,
+            owner: None,
+            chmod: None,
+        };
+        crate::copy::fingerprint(&req).map_err(|e| {
+            let hint = e.hint();
+            self.step_err(line, e.to_string(), hint)
+        })
     }
 
     fn history(&self, state: &mut StageState, created_by: String, empty_layer: bool) {
@@ -520,7 +915,8 @@ impl StageBuild<'_, '_> {
         }
     }
 
-    fn step(&mut self, state: &mut StageState, step: &PlannedStep) -> Result<(), BuildError> {
+    /// Runs one step; returns whether it was a cache hit.
+    fn step(&mut self, state: &mut StageState, step: &PlannedStep) -> Result<bool, BuildError> {
         let line = step.span.start_line;
         match &step.instruction {
             Instruction::Env { vars } => {
@@ -606,10 +1002,10 @@ impl StageBuild<'_, '_> {
                 let values: Vec<Option<String>> = args.iter().map(|a| a.default.clone()).collect();
                 self.history(state, history::arg(args, &values), true);
             }
-            Instruction::Workdir { path } => self.workdir(state, path, line)?,
+            Instruction::Workdir { path } => return self.workdir(state, step, path, line),
             Instruction::Run { command, heredocs, mounts, network, .. } => {
                 let mounts: Vec<_> = mounts.iter().filter_map(|m| m.mount.clone()).collect();
-                self.run_step(state, step, command, heredocs, &mounts, *network)?;
+                return self.run_step(state, step, command, heredocs, &mounts, *network);
             }
             Instruction::Copy { sources, from, chown, chmod, parents, exclude, .. } => {
                 let spec = CopySpec {
@@ -625,7 +1021,7 @@ impl StageBuild<'_, '_> {
                     unpack: false,
                     checksum: None,
                 };
-                self.copy_step(state, &spec, line)?;
+                return self.copy_step(state, step, &spec, line);
             }
             Instruction::Add { sources, chown, chmod, exclude, unpack, checksum, .. } => {
                 if let Some(url) = sources.paths.iter().find(|p| crate::remote::is_git(p)) {
@@ -660,7 +1056,7 @@ impl StageBuild<'_, '_> {
                     unpack: unpack.unwrap_or(true),
                     checksum: checksum.as_deref(),
                 };
-                self.copy_step(state, &spec, line)?;
+                return self.copy_step(state, step, &spec, line);
             }
             Instruction::From { .. } => {}
             other => {
@@ -671,7 +1067,11 @@ impl StageBuild<'_, '_> {
                 ));
             }
         }
-        Ok(())
+        // Metadata steps only extend the key chain.
+        let mut b = KeyBuilder::new(Some(&state.key));
+        b.input("instruction", &instruction_identity(step));
+        state.key = b.finish().0;
+        Ok(false)
     }
 
     /// CMD/ENTRYPOINT arguments: exec form as is, shell form through SHELL.
@@ -685,9 +1085,10 @@ impl StageBuild<'_, '_> {
     fn workdir(
         &mut self,
         state: &mut StageState,
+        step: &PlannedStep,
         path: &str,
         line: usize,
-    ) -> Result<(), BuildError> {
+    ) -> Result<bool, BuildError> {
         let joined = if path.starts_with('/') {
             PathBuf::from(path)
         } else {
@@ -697,8 +1098,17 @@ impl StageBuild<'_, '_> {
         state.config.set_workdir(&wd);
         if wd == "/" {
             self.history(state, "WORKDIR /".into(), true);
-            return Ok(());
+            let (key, _) = self.key_for(state, step, &[]);
+            state.key = key;
+            return Ok(false);
         }
+        let created_by = format!("WORKDIR {wd}");
+        let (key, inputs) = self.key_for(state, step, &[("workdir", wd.clone())]);
+        let enabled = self.req.cache.copy_layers;
+        if self.cache_hit(state, &key, &inputs, enabled, &created_by)? {
+            return Ok(true);
+        }
+        self.materialize(state)?;
         let user = state.config.user();
         let owner = if user.is_empty() {
             (0, 0)
@@ -715,8 +1125,9 @@ impl StageBuild<'_, '_> {
             .map_err(|e| self.step_err(line, e.message, e.hint))?;
         state.snapshot = None;
         let with_layer = self.add_layer(state, layer);
-        self.history(state, format!("WORKDIR {wd}"), !with_layer);
-        Ok(())
+        self.history(state, created_by, !with_layer);
+        self.cache_store(state, key, enabled, with_layer);
+        Ok(false)
     }
 
     fn run_step(
@@ -727,11 +1138,41 @@ impl StageBuild<'_, '_> {
         heredocs: &[kiln_dockerfile::instructions::Heredoc],
         mount_specs: &[kiln_dockerfile::instructions::Mount],
         network: Option<NetworkMode>,
-    ) -> Result<(), BuildError> {
+    ) -> Result<bool, BuildError> {
         let line = step.span.start_line;
         let shell = state.config.shell();
         let cmd = run::command(command, heredocs, &shell)
             .map_err(|e| self.step_err(line, e.to_string(), None))?;
+        // Build args are in the command's environment (proxy settings are not part of the
+        // image, nor of the cache key, as in BuildKit).
+        let args: Vec<(String, String)> = step
+            .args_in_scope
+            .iter()
+            .filter(|(k, _)| !kiln_dockerfile::plan::PROXY_ARGS.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        let created_by = history::run(&cmd.argv, &args);
+        let mut extra: Vec<(&str, String)> = vec![(
+            "build-args",
+            args.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("\n"),
+        )];
+        for m in mount_specs {
+            if m.kind != kiln_dockerfile::instructions::MountType::Bind {
+                continue;
+            }
+            let source = m.source.clone().unwrap_or_else(|| ".".into());
+            let files = match &m.from {
+                Some(from) => format!("{} {source}", self.source_identity(from, line)?),
+                None => self.context_fingerprint(&[source], line)?,
+            };
+            extra.push(("bind-mount", files));
+        }
+        let (key, inputs) = self.key_for(state, step, &extra);
+        let enabled = self.req.cache.run_layers;
+        if self.cache_hit(state, &key, &inputs, enabled, &created_by)? {
+            return Ok(true);
+        }
+        self.materialize(state)?;
         // The snapshot to diff against: the state before this RUN.
         let before = match state.snapshot.take() {
             Some(s) => s,
@@ -849,22 +1290,57 @@ impl StageBuild<'_, '_> {
             .map_err(|e| self.step_err(line, e.message, e.hint))?;
         state.snapshot = Some(after);
         let with_layer = self.add_layer(state, layer);
-        let args: Vec<(String, String)> = step
-            .args_in_scope
-            .iter()
-            .filter(|(k, _)| !kiln_dockerfile::plan::PROXY_ARGS.contains(&k.as_str()))
-            .cloned()
-            .collect();
-        self.history(state, history::run(&cmd.argv, &args), !with_layer);
-        Ok(())
+        self.history(state, created_by, !with_layer);
+        self.cache_store(state, key, enabled, with_layer);
+        Ok(false)
     }
 
     fn copy_step(
         &mut self,
         state: &mut StageState,
+        step: &PlannedStep,
         spec: &CopySpec<'_>,
         line: usize,
-    ) -> Result<(), BuildError> {
+    ) -> Result<bool, BuildError> {
+        let mut flags = Vec::new();
+        if spec.parents {
+            flags.push("--parents".to_owned());
+        }
+        if let Some(c) = spec.chown {
+            flags.push(format!("--chown={c}"));
+        }
+        if let Some(c) = spec.chmod {
+            flags.push(format!("--chmod={c}"));
+        }
+        let mut sources: Vec<String> = spec.paths.to_vec();
+        sources.extend(spec.inline.iter().map(|f| format!("<<{}", f.name)));
+        let created_by = history::copy(spec.keyword, &flags, &sources, spec.dest);
+        // A URL's content is only known once downloaded: such an ADD always runs, and the
+        // steps after it are keyed on the layer it made.
+        let has_url = spec.keyword == "ADD" && spec.paths.iter().any(|p| crate::remote::is_http(p));
+        let keyed_by_inputs = !has_url || spec.checksum.is_some();
+        let enabled = self.req.cache.copy_layers;
+        let mut keyed = None;
+        if keyed_by_inputs && self.engine.cache.is_some() {
+            let local: Vec<String> =
+                spec.paths.iter().filter(|p| !crate::remote::is_http(p)).cloned().collect();
+            let files = match spec.from {
+                Some(from) => self.source_identity(from, line)?,
+                None if local.is_empty() => String::new(),
+                None => self.context_fingerprint(&local, line)?,
+            };
+            let (key, inputs) = self.key_for(state, step, &[("files", files)]);
+            if self.cache_hit(state, &key, &inputs, enabled, &created_by)? {
+                return Ok(true);
+            }
+            keyed = Some(key);
+        } else if self.engine.cache.is_some() {
+            self.cache_note(
+                "not looked up: ADD of a URL without --checksum always downloads".into(),
+            );
+            state.parent_hit = false;
+        }
+        self.materialize(state)?;
         let chmod = spec
             .chmod
             .map(Chmod::parse)
@@ -966,20 +1442,20 @@ impl StageBuild<'_, '_> {
             .map_err(|e| self.step_err(line, e.message, e.hint))?;
         state.snapshot = None;
         let with_layer = self.add_layer(state, layer);
-        let mut flags = Vec::new();
-        if spec.parents {
-            flags.push("--parents".to_owned());
+        self.history(state, created_by, !with_layer);
+        match keyed {
+            Some(key) => self.cache_store(state, key, enabled, with_layer),
+            None => {
+                let content = if with_layer {
+                    state.layers.last().map(|l| l.diff_id.clone()).unwrap_or_default()
+                } else {
+                    String::new()
+                };
+                let (key, _) = self.key_for(state, step, &[("content", content)]);
+                state.key = key;
+            }
         }
-        if let Some(c) = spec.chown {
-            flags.push(format!("--chown={c}"));
-        }
-        if let Some(c) = spec.chmod {
-            flags.push(format!("--chmod={c}"));
-        }
-        let mut sources: Vec<String> = spec.paths.to_vec();
-        sources.extend(spec.inline.iter().map(|f| format!("<<{}", f.name)));
-        self.history(state, history::copy(spec.keyword, &flags, &sources, spec.dest), !with_layer);
-        Ok(())
+        Ok(false)
     }
 
     /// `ADD <url>… <dest>`: downloads into a scratch directory, then copies with COPY's
@@ -1099,18 +1575,27 @@ impl StageBuild<'_, '_> {
 
     /// The root of `COPY --from=<from>`: a stage (name or index) or an image.
     fn copy_from_root(&self, from: &str, line: usize) -> Result<PathBuf, BuildError> {
-        let lower = from.to_ascii_lowercase();
-        let idx = self
-            .plan
-            .stages
-            .iter()
-            .position(|s| s.name.as_deref() == Some(lower.as_str()))
-            .or_else(|| from.parse::<usize>().ok().filter(|i| *i < self.stage.index));
-        if let Some(i) = idx {
-            let all = self.results.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            return all.get(&i).map(|r| r.root.clone()).ok_or_else(|| {
+        if let Some(i) = self.stage_named(from) {
+            let not_built = || {
                 self.step_err(line, format!("stage `{from}` was not built before this step"), None)
-            });
+            };
+            let _making =
+                self.unpack_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (root, materialized, layers) = {
+                let all = self.results.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let r = all.get(&i).ok_or_else(not_built)?;
+                (r.root.clone(), r.materialized, r.image.layers.clone())
+            };
+            if !materialized {
+                // The stage was all cache hits: make its root now.
+                apply_layers(self.engine, self.bases, self.lazy, &layers, &root, &|_, _| {})?;
+                let mut all =
+                    self.results.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some(r) = all.get_mut(&i) {
+                    r.materialized = true;
+                }
+            }
+            return Ok(root);
         }
         let base = self.bases.get(from).ok_or_else(|| {
             self.step_err(line, format!("`{from}` is neither a stage nor a resolved image"), None)

@@ -191,9 +191,120 @@ impl OptionError {
     }
 }
 
+/// A `--cache-from` / `--cache-to` value (BuildKit's syntax).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheSpec {
+    /// `type=registry,ref=REPO`: one image per step key in that repository.
+    Registry { reference: String, mode_max: bool },
+    /// `type=local,src=DIR` (from) or `type=local,dest=DIR` (to).
+    Local { dir: PathBuf, mode_max: bool },
+}
+
+impl CacheSpec {
+    /// Parses `type=registry,ref=REPO[,mode=min|max]` or `type=local,src|dest=DIR[,mode=…]`;
+    /// a bare value is a registry reference, as in BuildKit.
+    pub fn parse(option: &'static str, s: &str) -> Result<CacheSpec, OptionError> {
+        let expected = "`type=registry,ref=REPO[,mode=min|max]` or `type=local,src=DIR` / `type=local,dest=DIR`";
+        if !s.contains('=') {
+            if s.trim().is_empty() {
+                return Err(OptionError::new(option, s, expected));
+            }
+            return Ok(CacheSpec::Registry { reference: s.trim().to_owned(), mode_max: false });
+        }
+        let (mut kind, mut reference, mut dir, mut mode_max) = (None, None, None, false);
+        for field in s.split(',') {
+            let Some((k, v)) = field.split_once('=') else {
+                return Err(OptionError::new(option, s, expected));
+            };
+            match k.trim() {
+                "type" => kind = Some(v.trim().to_owned()),
+                "ref" => reference = Some(v.trim().to_owned()),
+                "src" | "dest" => dir = Some(PathBuf::from(v.trim())),
+                "mode" => match v.trim() {
+                    "max" => mode_max = true,
+                    "min" => mode_max = false,
+                    _ => return Err(OptionError::new(option, s, "mode=min or mode=max")),
+                },
+                // Accepted for compatibility; kiln's cache images are always compressed OCI.
+                "compression" | "compression-level" | "force-compression" | "oci-mediatypes"
+                | "image-manifest" | "ignore-error" => {}
+                _ => return Err(OptionError::new(option, s, expected)),
+            }
+        }
+        match (kind.as_deref(), reference, dir) {
+            (Some("registry"), Some(reference), _) => {
+                Ok(CacheSpec::Registry { reference, mode_max })
+            }
+            (Some("local"), _, Some(dir)) => Ok(CacheSpec::Local { dir, mode_max }),
+            _ => Err(OptionError::new(option, s, expected)),
+        }
+    }
+
+    /// `mode=max`: cache every stage's steps, not only the target stage's.
+    pub fn mode_max(&self) -> bool {
+        match self {
+            CacheSpec::Registry { mode_max, .. } | CacheSpec::Local { mode_max, .. } => *mode_max,
+        }
+    }
+}
+
+/// Parses a Go duration as kaniko's `--cache-ttl` takes it: `336h`, `1h30m`, `90s`, `0`.
+pub fn parse_duration(option: &'static str, s: &str) -> Result<std::time::Duration, OptionError> {
+    let expected = "a duration such as `336h`, `6h30m` or `90s`";
+    let t = s.trim();
+    if t == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    let mut total = 0f64;
+    let mut rest = t;
+    if rest.is_empty() {
+        return Err(OptionError::new(option, s, expected));
+    }
+    while !rest.is_empty() {
+        let n = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let number: f64 = rest[..n].parse().map_err(|_| OptionError::new(option, s, expected))?;
+        rest = &rest[n..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let factor = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 0.001,
+            _ => return Err(OptionError::new(option, s, expected)),
+        };
+        rest = &rest[unit_len..];
+        total += number * factor;
+    }
+    Ok(std::time::Duration::from_secs_f64(total))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_specs_and_durations() {
+        assert_eq!(
+            CacheSpec::parse("--cache-to", "type=local,dest=/c,mode=max"),
+            Ok(CacheSpec::Local { dir: "/c".into(), mode_max: true })
+        );
+        assert_eq!(
+            CacheSpec::parse("--cache-from", "type=registry,ref=r/app/cache"),
+            Ok(CacheSpec::Registry { reference: "r/app/cache".into(), mode_max: false })
+        );
+        assert_eq!(
+            CacheSpec::parse("--cache-from", "r/app:buildcache"),
+            Ok(CacheSpec::Registry { reference: "r/app:buildcache".into(), mode_max: false })
+        );
+        assert!(CacheSpec::parse("--cache-to", "type=gha").is_err());
+        assert!(CacheSpec::parse("--cache-to", "type=local,dest=/c,mode=most").is_err());
+        let d = |s| parse_duration("--cache-ttl", s).map(|d| d.as_secs());
+        assert_eq!(d("336h"), Ok(336 * 3600));
+        assert_eq!(d("1h30m"), Ok(5400));
+        assert_eq!(d("90s"), Ok(90));
+        assert_eq!(d("0"), Ok(0));
+        assert!(d("2 weeks").is_err() && d("").is_err() && d("5").is_err());
+    }
 
     #[test]
     fn outputs() {

@@ -26,6 +26,9 @@ pub enum Event {
     Exported { destination: String, digest: String },
     /// Something the user should know that does not stop the build.
     Warning { message: String },
+    /// How step `index` used the layer cache (with `--cache-debug`): its key, hit or miss and
+    /// why, and the inputs of the key.
+    Cache { index: usize, message: String },
 }
 
 /// Receives events. Implementations must be cheap: RUN output arrives line by line.

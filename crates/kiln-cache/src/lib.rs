@@ -10,10 +10,12 @@
 
 mod dir;
 mod key;
+mod multi;
 mod registry;
 
 pub use dir::DirCache;
 pub use key::{CacheKey, KeyBuilder, KeyInput};
+pub use multi::{Access, MultiCache};
 pub use registry::RegistryCache;
 
 use std::path::Path;
@@ -67,6 +69,11 @@ pub trait LayerCache: Send + Sync {
     /// A short description for messages (`directory /cache`, `registry host/app/cache`).
     fn describe(&self) -> String;
 
+    /// Which cache holds `key`'s entry, for messages (the one that answered, for several).
+    fn describe_entry(&self, _key: &CacheKey) -> String {
+        self.describe()
+    }
+
     /// Looks `key` up. `Ok(None)` is a miss (absent, or older than the TTL); an error means the
     /// entry exists but cannot be used (unreadable, blob gone) and is also treated as a miss.
     fn get(&self, key: &CacheKey) -> Result<Option<CacheEntry>, CacheError>;
@@ -77,9 +84,9 @@ pub trait LayerCache: Send + Sync {
     /// Records what the step with `key` produced; `layer` is the blob and where it is.
     fn put(&self, key: &CacheKey, layer: Option<(&CachedLayer, &Path)>) -> Result<(), CacheError>;
 
-    /// For a registry cache, `registry/repository` where its blobs are, so a push to the same
-    /// registry can mount them instead of uploading.
-    fn origin(&self) -> Option<String> {
+    /// For a registry cache, `registry/repository` where the blob of `key`'s entry is, so a
+    /// push to the same registry can mount it instead of uploading.
+    fn origin(&self, _key: &CacheKey) -> Option<String> {
         None
     }
 }

@@ -199,7 +199,7 @@ impl LayerCache for RegistryCache<'_> {
         Ok(())
     }
 
-    fn origin(&self) -> Option<String> {
+    fn origin(&self, _key: &CacheKey) -> Option<String> {
         Some(self.repo.name())
     }
 }

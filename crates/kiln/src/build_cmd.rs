@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use kiln_build::options::{Isolation, Output, SecretSpec, parse_build_arg};
+use kiln_build::options::{CacheSpec, Isolation, Output, SecretSpec, parse_build_arg};
 use kiln_dockerfile::dockerignore::{DockerIgnore, IgnoreFileLocation, ignore_file_candidates};
 use kiln_dockerfile::plan::Platform;
 
@@ -74,6 +74,41 @@ pub struct BuildArgs {
     /// REF is the name as written after FROM (repeatable).
     #[arg(long = "base-layout", value_name = "REF=DIR[:TAG]")]
     pub base_layouts: Vec<String>,
+    /// Use the layer cache in a registry (kaniko's `--cache`): entries go to `--cache-repo`, by
+    /// default `<repository of the first -t>/cache`.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub cache: bool,
+    /// The repository for `--cache` entries, e.g. `registry.local/app/cache`.
+    #[arg(long = "cache-repo", value_name = "REPO")]
+    pub cache_repo: Option<String>,
+    /// Entries older than this are rebuilt (Go duration: `336h`, `6h30m`).
+    #[arg(long = "cache-ttl", value_name = "DURATION", default_value = "336h")]
+    pub cache_ttl: String,
+    /// Cache RUN steps.
+    #[arg(long = "cache-run-layers", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cache_run_layers: bool,
+    /// Cache COPY/ADD/WORKDIR steps.
+    #[arg(long = "cache-copy-layers", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cache_copy_layers: bool,
+    /// Accepted for kaniko compatibility; kiln always streams compressed layers, so there is
+    /// nothing to switch.
+    #[arg(long = "compressed-caching", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value_t = true, action = clap::ArgAction::Set)]
+    pub compressed_caching: bool,
+    /// Read cache entries from `type=registry,ref=REPO` or `type=local,src=DIR` (repeatable).
+    #[arg(long = "cache-from", value_name = "SPEC")]
+    pub cache_from: Vec<String>,
+    /// Write cache entries to `type=registry,ref=REPO[,mode=max]` or
+    /// `type=local,dest=DIR[,mode=max]` (repeatable; `mode=min`, the default, caches the target
+    /// stage only).
+    #[arg(long = "cache-to", value_name = "SPEC")]
+    pub cache_to: Vec<String>,
+    /// Print every step's cache key, its inputs, and why it hit or missed.
+    #[arg(long = "cache-debug")]
+    pub cache_debug: bool,
     /// Build the built-in example (a multi-stage `FROM scratch` image, no network needed).
     #[arg(long, conflicts_with_all = ["file", "context"])]
     pub example: bool,
@@ -96,6 +131,9 @@ pub struct Resolved {
     pub metadata_file: Option<PathBuf>,
     pub layouts: kiln_build::layout_source::LayoutImages,
     pub insecure_registries: Vec<String>,
+    /// Layer caches: (spec, read, write).
+    pub caches: Vec<CacheUse>,
+    pub cache_ttl: Option<std::time::Duration>,
 }
 
 /// The example `kiln build --example` builds (the repository's `examples/hello`, embedded).
@@ -198,6 +236,8 @@ pub fn resolve(args: &BuildArgs) -> anyhow::Result<Resolved> {
         ),
     };
     let cache_mounts = args.cache_mounts_dir.clone().unwrap_or_else(default_cache_mounts);
+    let (caches, cache) = resolve_caches(args, &outputs)?;
+    let ttl = kiln_build::options::parse_duration("--cache-ttl", &args.cache_ttl)?;
     Ok(Resolved {
         request: kiln_build::engine::BuildRequest {
             dockerfile_name,
@@ -212,6 +252,7 @@ pub fn resolve(args: &BuildArgs) -> anyhow::Result<Resolved> {
             epoch,
             work_dir: work_dir.clone(),
             cache_mounts,
+            cache,
         },
         outputs,
         isolation,
@@ -222,7 +263,63 @@ pub fn resolve(args: &BuildArgs) -> anyhow::Result<Resolved> {
         metadata_file: args.metadata_file.clone(),
         layouts,
         insecure_registries: args.insecure_registries.clone(),
+        caches,
+        cache_ttl: (!ttl.is_zero()).then_some(ttl),
     })
+}
+
+/// A layer cache and whether the build reads and writes it.
+pub type CacheUse = (CacheSpec, bool, bool);
+
+/// The layer caches the flags ask for, and how steps use them.
+fn resolve_caches(
+    args: &BuildArgs,
+    outputs: &[Output],
+) -> anyhow::Result<(Vec<CacheUse>, kiln_build::engine::CacheSettings)> {
+    let mut caches = Vec::new();
+    if args.cache {
+        let repo = match &args.cache_repo {
+            Some(r) => r.clone(),
+            None => {
+                let first = outputs.iter().find_map(|o| match o {
+                    Output::Registry { reference } => Some(reference.clone()),
+                    _ => None,
+                });
+                let Some(first) = first else {
+                    return Err(Hinted::error(
+                        "--cache needs a repository for its entries",
+                        "give --cache-repo REPO, or push the image with -t so the cache goes to <repository>/cache",
+                        None,
+                    ));
+                };
+                let r = kiln_reference::Reference::parse(&first)
+                    .map_err(|e| Hinted::error(e.to_string(), e.hint(), None))?;
+                format!("{}/cache", r.name())
+            }
+        };
+        // kaniko's --cache-repo takes a bare repository; a local directory is `type=local`.
+        caches.push((CacheSpec::Registry { reference: repo, mode_max: true }, true, true));
+    } else if args.cache_repo.is_some() {
+        return Err(Hinted::error(
+            "--cache-repo is given but the cache is off",
+            "add --cache=true (kaniko's flag) or use --cache-to/--cache-from",
+            None,
+        ));
+    }
+    for s in &args.cache_from {
+        caches.push((CacheSpec::parse("--cache-from", s)?, true, false));
+    }
+    for s in &args.cache_to {
+        caches.push((CacheSpec::parse("--cache-to", s)?, false, true));
+    }
+    let writers: Vec<&CacheSpec> = caches.iter().filter(|c| c.2).map(|c| &c.0).collect();
+    let settings = kiln_build::engine::CacheSettings {
+        run_layers: args.cache_run_layers,
+        copy_layers: args.cache_copy_layers,
+        debug: args.cache_debug,
+        target_only: !writers.is_empty() && writers.iter().all(|c| !c.mode_max()),
+    };
+    Ok((caches, settings))
 }
 
 fn default_cache_mounts() -> PathBuf {
@@ -368,11 +465,37 @@ fn build_and_export(
             blob_dir: resolved.work_dir.join("base-blobs"),
         },
     };
+    let mut cache = kiln_cache::MultiCache::new();
+    for (spec, read, write) in &resolved.caches {
+        let access = match (read, write) {
+            (true, true) => kiln_cache::Access::ReadWrite,
+            (true, false) => kiln_cache::Access::Read,
+            _ => kiln_cache::Access::Write,
+        };
+        let backend: Box<dyn kiln_cache::LayerCache + '_> = match spec {
+            CacheSpec::Registry { reference, .. } => Box::new(
+                kiln_cache::RegistryCache::new(&client, reference, resolved.cache_ttl).map_err(
+                    |e| {
+                        Hinted::error(
+                            e.to_string(),
+                            "write the cache repository as HOST/REPO",
+                            None,
+                        )
+                    },
+                )?,
+            ),
+            CacheSpec::Local { dir, .. } => {
+                Box::new(kiln_cache::DirCache::new(dir.clone(), resolved.cache_ttl))
+            }
+        };
+        cache.add(backend, access);
+    }
     let engine = kiln_build::engine::Engine {
         images: &images,
         layers: &layers,
         sandbox: &sandbox,
         progress,
+        cache: if cache.is_empty() { None } else { Some(&cache) },
     };
     let req = &resolved.request;
     let image = engine.build(req).map_err(|e| build_error(req, e))?;

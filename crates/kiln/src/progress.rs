@@ -81,6 +81,7 @@ fn plain_line(event: &Event) -> Option<String> {
         }
         Event::Exported { destination, digest } => format!("exported {destination} {digest}"),
         Event::Warning { message } => format!("warning: {message}"),
+        Event::Cache { index, message } => format!("#{index} cache: {message}"),
         _ => return None,
     })
 }
@@ -137,6 +138,9 @@ impl Progress for JsonProgress {
                 json!({"event": "exported", "destination": destination, "digest": digest})
             }
             Event::Warning { message } => json!({"event": "warning", "message": message}),
+            Event::Cache { index, message } => {
+                json!({"event": "cache", "step": index, "message": message})
+            }
             _ => return,
         };
         let mut err = std::io::stderr().lock();

@@ -1,0 +1,348 @@
+//! The layer cache end to end: `kiln build` twice (or more) against a cache directory or a
+//! real registry (Debian's `docker-registry`), checking which steps hit, that the result is
+//! the same image (`--reproducible`), and that broken or expired entries only cost time.
+//! Results are checked with `umoci unpack`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("SKIPPED: this test runs RUN steps; run it as root (CI does)");
+            return;
+        }
+    };
+}
+
+/// The busybox layout (built once, cached by the script).
+fn busybox() -> &'static str {
+    static LAYOUT: OnceLock<String> = OnceLock::new();
+    LAYOUT.get_or_init(|| {
+        let (_, dir) = kiln_testutil::base_layouts(false).into_iter().next().unwrap();
+        format!("busybox={}:img", dir.display())
+    })
+}
+
+/// A context, a cache directory and an output directory in one temporary directory.
+struct Project {
+    dir: tempfile::TempDir,
+}
+
+impl Project {
+    fn new(dockerfile: &str) -> Project {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("ctx")).unwrap();
+        fs::write(dir.path().join("ctx/Dockerfile"), dockerfile).unwrap();
+        Project { dir }
+    }
+
+    fn file(&self, rel: &str, content: &str) {
+        let p = self.path("ctx").join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, content).unwrap();
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// `kiln build --reproducible` with the busybox base and `extra` flags, to `out`.
+    fn build(&self, extra: &[&str]) -> Output {
+        let out = self.path("out");
+        let _ = fs::remove_dir_all(&out);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.args(["build", "--progress", "plain", "--reproducible", "--cache-debug"])
+            .args(["--base-layout", busybox()])
+            .arg("--cache-mounts-dir")
+            .arg(self.path("mounts"))
+            .arg("-o")
+            .arg(format!("type=oci,dest={}", out.display()))
+            .args(extra)
+            .arg(self.path("ctx"));
+        cmd.output().unwrap()
+    }
+
+    /// A build with the local cache directory as source and destination.
+    fn build_cached(&self, extra: &[&str]) -> Build {
+        let cache = self.path("cache").display().to_string();
+        let mut args = vec![
+            "--cache-from".to_owned(),
+            format!("type=local,src={cache}"),
+            "--cache-to".to_owned(),
+            format!("type=local,dest={cache},mode=max"),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        Build::from(self.build(&refs), self.path("out"))
+    }
+
+    fn cache_blobs(&self) -> Vec<PathBuf> {
+        let dir = self.path("cache/layers/blobs/sha256");
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect()
+    }
+}
+
+/// One finished build: its log and its result.
+struct Build {
+    log: String,
+    out: PathBuf,
+}
+
+impl Build {
+    fn from(o: Output, out: PathBuf) -> Build {
+        let log = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "kiln build failed:\n{log}");
+        Build { log, out }
+    }
+
+    /// The manifest digest in the layout.
+    fn digest(&self) -> String {
+        let index: serde_json::Value =
+            serde_json::from_slice(&fs::read(self.out.join("index.json")).unwrap()).unwrap();
+        index["manifests"][0]["digest"].as_str().unwrap().to_owned()
+    }
+
+    /// Per step text (`RUN …`): whether it was a cache hit, in order.
+    fn steps(&self) -> Vec<(String, bool)> {
+        let mut steps: Vec<(String, bool)> = Vec::new();
+        for line in self.log.lines() {
+            if let Some((_, text)) = line.split_once("] ").filter(|_| line.starts_with('#')) {
+                if line.split_whitespace().next().is_some_and(|w| w.contains('/')) {
+                    steps.push((text.to_owned(), false));
+                }
+            } else if line.starts_with('#') && line.ends_with(" CACHED") {
+                if let Some(last) = steps.last_mut() {
+                    last.1 = true;
+                }
+            }
+        }
+        steps
+    }
+
+    fn hits(&self) -> Vec<bool> {
+        self.steps().into_iter().filter(|(t, _)| is_layer_step(t)).map(|(_, hit)| hit).collect()
+    }
+
+    fn read(&self, path: &str) -> String {
+        let bundle = self.out.with_file_name("bundle");
+        if !bundle.exists() {
+            let o = Command::new("umoci")
+                .args(["unpack", "--image"])
+                .arg(format!("{}:latest", self.out.display()))
+                .arg(&bundle)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "umoci: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        String::from_utf8_lossy(&fs::read(bundle.join("rootfs").join(path)).unwrap()).into_owned()
+    }
+}
+
+fn is_layer_step(text: &str) -> bool {
+    ["RUN ", "COPY ", "ADD ", "WORKDIR "].iter().any(|k| text.starts_with(k))
+}
+
+const DOCKERFILE: &str = "FROM busybox
+RUN date +%s%N > /first
+COPY a.txt /a.txt
+RUN cat /a.txt /first > /combined
+ARG LATE=one
+RUN echo $LATE > /late
+WORKDIR /app
+";
+
+#[test]
+fn unchanged_rebuild_hits_every_step_and_gives_the_same_image() {
+    require_root!();
+    let p = Project::new(DOCKERFILE);
+    p.file("a.txt", "a\n");
+    let first = p.build_cached(&[]);
+    assert_eq!(first.hits(), vec![false; 5], "{}", first.log);
+    let second = p.build_cached(&[]);
+    assert_eq!(second.hits(), vec![true; 5], "{}", second.log);
+    assert_eq!(first.digest(), second.digest(), "a cached rebuild is the same image");
+    // Touching a file without changing it does not invalidate the COPY.
+    let f = p.path("ctx/a.txt");
+    filetime::set_file_mtime(&f, filetime::FileTime::from_unix_time(1_000_000, 0)).unwrap();
+    let third = p.build_cached(&[]);
+    assert_eq!(third.hits(), vec![true; 5], "{}", third.log);
+    assert_eq!(third.read("late"), "one\n");
+}
+
+#[test]
+fn a_changed_file_reruns_from_the_copy_that_uses_it() {
+    require_root!();
+    let p = Project::new(DOCKERFILE);
+    p.file("a.txt", "a\n");
+    let first = p.build_cached(&[]);
+    p.file("a.txt", "changed\n");
+    let second = p.build_cached(&[]);
+    assert_eq!(second.hits(), vec![true, false, false, false, false], "{}", second.log);
+    assert!(second.log.contains("an earlier step was rebuilt"), "{}", second.log);
+    // The cached first layer and the rebuilt steps make the right tree.
+    let first_stamp = first.read("first");
+    assert_eq!(second.read("first"), first_stamp, "the cached RUN was not run again");
+    assert_eq!(second.read("combined"), format!("changed\n{first_stamp}"));
+}
+
+#[test]
+fn a_build_arg_used_late_invalidates_only_late_steps() {
+    require_root!();
+    let p = Project::new(DOCKERFILE);
+    p.file("a.txt", "a\n");
+    p.build_cached(&[]);
+    let second = p.build_cached(&["--build-arg", "LATE=two"]);
+    assert_eq!(second.hits(), vec![true, true, true, false, false], "{}", second.log);
+    assert_eq!(second.read("late"), "two\n");
+    assert!(second.read("combined").starts_with("a\n"));
+}
+
+#[test]
+fn expired_entries_are_rebuilt() {
+    require_root!();
+    let p = Project::new("FROM busybox\nRUN date +%s%N > /stamp\n");
+    p.build_cached(&["--cache-ttl", "1s"]);
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let second = p.build_cached(&["--cache-ttl", "1s"]);
+    assert_eq!(second.hits(), vec![false], "{}", second.log);
+    let third = p.build_cached(&["--cache-ttl", "1h"]);
+    assert_eq!(third.hits(), vec![true], "{}", third.log);
+}
+
+#[test]
+fn broken_cache_blobs_fall_back_to_building() {
+    require_root!();
+    let p = Project::new("FROM busybox\nRUN echo built > /x\nRUN cat /x > /y\n");
+    let first = p.build_cached(&[]);
+    // Same size, other bytes: found when the blob is fetched; the build starts over without it.
+    for blob in p.cache_blobs() {
+        let mut bytes = fs::read(&blob).unwrap();
+        let n = bytes.len();
+        bytes[n / 2] ^= 0xff;
+        fs::write(&blob, bytes).unwrap();
+    }
+    let second = p.build_cached(&[]);
+    assert!(second.log.contains("is corrupt"), "{}", second.log);
+    assert_eq!(second.read("y"), "built\n");
+    assert_eq!(second.digest(), first.digest());
+    // Deleted: found at lookup.
+    for blob in p.cache_blobs() {
+        fs::remove_file(blob).unwrap();
+    }
+    let third = p.build_cached(&[]);
+    assert!(third.log.contains("is missing"), "{}", third.log);
+    assert_eq!(third.hits(), vec![false, false], "{}", third.log);
+    assert_eq!(third.digest(), first.digest());
+}
+
+#[test]
+fn concurrent_builds_share_a_cache_directory() {
+    require_root!();
+    let projects: Vec<Project> = (0..3)
+        .map(|i| {
+            let p = Project::new(&format!(
+                "FROM busybox\nRUN echo shared > /shared\nRUN echo {i} > /own\nCOPY f /f\n"
+            ));
+            p.file("f", "same\n");
+            p
+        })
+        .collect();
+    let shared = projects[0].path("cache");
+    let flags = [
+        "--cache-from".to_owned(),
+        format!("type=local,src={}", shared.display()),
+        "--cache-to".to_owned(),
+        format!("type=local,dest={},mode=max", shared.display()),
+    ];
+    let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    std::thread::scope(|s| {
+        for p in &projects {
+            let refs = &refs;
+            s.spawn(move || Build::from(p.build(refs), p.path("out")));
+        }
+    });
+    for (i, p) in projects.iter().enumerate() {
+        let b = Build::from(p.build(&refs), p.path("out"));
+        assert_eq!(b.hits(), vec![true; 3], "{}", b.log);
+        assert_eq!(b.read("own"), format!("{i}\n"));
+        assert_eq!(b.read("shared"), "shared\n");
+    }
+}
+
+#[test]
+fn registry_cache_is_shared_by_two_destinations_without_reuploads() {
+    require_root!();
+    let reg = kiln_testutil::Registry::start();
+    let p = Project::new("FROM busybox\nRUN head -c 100000 /dev/urandom > /random\nCOPY f /f\n");
+    p.file("f", "file\n");
+    let host = &reg.host;
+    let build = |dest: &str| {
+        Build::from(
+            p.build(&[
+                "--insecure-registry",
+                host,
+                "--cache=true",
+                "--cache-repo",
+                &format!("{host}/shared/cache"),
+                "-t",
+                &format!("{host}/{dest}:latest"),
+            ]),
+            p.path("out"),
+        )
+    };
+    let first = build("one");
+    assert_eq!(first.hits(), vec![false, false], "{}", first.log);
+    let log_before = reg.log().len();
+    let second = build("two");
+    assert_eq!(second.hits(), vec![true, true], "{}", second.log);
+    assert_eq!(first.read("random"), second.read("random"));
+    // The second push mounted the cached layers from the cache repository.
+    let log = reg.log()[log_before..].to_owned();
+    let manifest: serde_json::Value = {
+        let o = Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!("docker://{host}/two:latest"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let layers = manifest["layers"].as_array().unwrap();
+    for l in &layers[1..] {
+        let digest = l["digest"].as_str().unwrap();
+        assert!(
+            log.contains(&format!("mount={digest}")),
+            "layer {digest} was not mounted from the cache:\n{log}"
+        );
+    }
+    // The cache images are one per key, tagged with it.
+    let o = Command::new("skopeo")
+        .args(["list-tags", "--tls-verify=false"])
+        .arg(format!("docker://{host}/shared/cache"))
+        .output()
+        .unwrap();
+    let tags: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(tags["Tags"].as_array().unwrap().len(), 2, "{tags}");
+}
+
+#[test]
+fn cache_flags_are_checked() {
+    let p = Project::new("FROM scratch\n");
+    let o = p.build(&["--cache=true"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--cache-repo"), "{err}");
+    let o = p.build(&["--cache-to", "type=gha"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("type=local"), "{err}");
+    let o = p.build(&["--cache-ttl", "two weeks", "--cache-to", "type=local,dest=/tmp/x"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("336h"), "{err}");
+}
