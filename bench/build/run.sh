@@ -3,7 +3,11 @@
 # peers side by side, cold (fresh storage, base pulled from a local registry) and with the push
 # to that registry included, and prints a Markdown table of median wall time and peak RSS.
 #
-# usage: bench/build/run.sh [-n RUNS] [-s SUITE]... [--no-kiln] [--no-buildah]
+# usage: bench/build/run.sh [-n RUNS] [-s SUITE]... [-m cold|warm|changed] [--no-kiln] [--no-buildah]
+#   -m warm     a no-op rebuild after a priming build (kiln: --cache=true with a cache repository
+#               in the local registry; buildah: --layers with its storage kept), push included
+#   -m changed  the same after changing one file of the context that the build copies (suites
+#               whose context has no such file print n/a)
 #   KANIKO_EXECUTOR=/path/to/executor  adds kaniko (run in a throwaway root; skipped if unset)
 #   KILN=/path/to/kiln                 the kiln binary (default: target/release/kiln, built)
 #
@@ -20,9 +24,11 @@ runs=3
 suites=()
 with_kiln=1
 with_buildah=1
+mode=cold
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -n) runs="$2"; shift 2 ;;
+    -m) mode="$2"; shift 2 ;;
     -s) suites+=("$2"); shift 2 ;;
     --no-kiln) with_kiln=0; shift ;;
     --no-buildah) with_buildah=0; shift ;;
@@ -91,29 +97,78 @@ measure() {
 
 median() { sort -n | awk '{a[NR]=$1} END { if (NR==0) {print "-"} else if (a[1]=="fail") {print "fail"} else {print a[int((NR+1)/2)]} }'; }
 
-run_kiln() {
-  local suite="$1" ctx="$2" out="$3"
-  local wd="$work/kiln-$suite"; rm -rf "$wd"
-  measure "$out" "$KILN" build --progress plain --work-dir "$wd" --insecure-registry "$reg" \
+# A context file the build copies (the first regular file besides the Dockerfile), for -m changed.
+changed_file() {
+  find "$1" -type f ! -name Dockerfile ! -name .done | sort | head -1
+}
+
+# For warm/changed modes: a private copy of the context (changed) or the context itself.
+mode_context() {
+  local suite="$1" ctx="$2"
+  if [[ "$mode" == changed ]]; then
+    local c="$work/ctx-$suite"
+    [[ -d "$c" ]] || cp -a "$ctx" "$c"
+    echo "$c"
+  else
+    echo "$ctx"
+  fi
+}
+
+kiln_cmd() {
+  local suite="$1" ctx="$2" wd="$3"
+  local cache=()
+  [[ "$mode" != cold ]] && cache=(--cache=true --cache-repo "$reg/bench/$suite/cache")
+  echo "$KILN" build --progress plain --work-dir "$wd" --insecure-registry "$reg" "${cache[@]}" \
     -f "$suites_dir/$suite/Dockerfile" --build-arg "REGISTRY=$reg" \
     -t "$reg/bench/$suite:kiln" "$ctx"
 }
 
-run_buildah() {
-  local driver="$1" suite="$2" ctx="$3" out="$4"
-  local st="$work/buildah-$driver"; rm -rf "$st"; mkdir -p "$st"
-  local b=(buildah --root "$st/root" --runroot "$st/run" --storage-driver "$driver")
-  measure "$out" bash -c "$(printf '%q ' "${b[@]}") bud --quiet --isolation chroot --layers --tls-verify=false \
-      -f $(printf '%q' "$suites_dir/$suite/Dockerfile") --build-arg REGISTRY=$reg -t bench-$suite $(printf '%q' "$ctx") >/dev/null &&
-    $(printf '%q ' "${b[@]}") push --quiet --tls-verify=false bench-$suite docker://$reg/bench/$suite:buildah-$driver"
-  "${b[@]}" rm -a >/dev/null 2>&1 || true
-  "${b[@]}" rmi -a -f >/dev/null 2>&1 || true
-  rm -rf "$st" 2>/dev/null || true
+run_kiln() {
+  local suite="$1" ctx="$2" out="$3"
+  local wd="$work/kiln-$suite"; rm -rf "$wd"
+  if [[ "$mode" != cold ]]; then
+    ctx=$(mode_context "$suite" "$ctx")
+    if [[ ! -f "$work/primed-kiln-$suite" ]]; then
+      $(kiln_cmd "$suite" "$ctx" "$wd") > "$work/prime.log" 2>&1 || { tail -20 "$work/prime.log" >&2; }
+      touch "$work/primed-kiln-$suite"; rm -rf "$wd"
+    fi
+    [[ "$mode" == changed ]] && echo "change $RANDOM" >> "$(changed_file "$ctx")"
+  fi
+  # shellcheck disable=SC2046
+  measure "$out" $(kiln_cmd "$suite" "$ctx" "$wd")
 }
 
-printf '| suite | tool | wall s (median of %s) | peak RSS MB |\n|---|---|---|---|\n' "$runs"
+run_buildah() {
+  local driver="$1" suite="$2" ctx="$3" out="$4"
+  local st="$work/buildah-$driver-$suite"
+  [[ "$mode" == cold ]] && rm -rf "$st"
+  mkdir -p "$st"
+  local b=(buildah --root "$st/root" --runroot "$st/run" --storage-driver "$driver")
+  local script
+  [[ "$mode" != cold ]] && ctx=$(mode_context "$suite" "$ctx")
+  script="$(printf '%q ' "${b[@]}") bud --quiet --isolation chroot --layers --tls-verify=false \
+      -f $(printf '%q' "$suites_dir/$suite/Dockerfile") --build-arg REGISTRY=$reg -t bench-$suite $(printf '%q' "$ctx") >/dev/null &&
+    $(printf '%q ' "${b[@]}") push --quiet --tls-verify=false bench-$suite docker://$reg/bench/$suite:buildah-$driver"
+  if [[ "$mode" != cold && ! -f "$st/.primed" ]]; then
+    bash -c "$script" > "$work/prime.log" 2>&1 || tail -20 "$work/prime.log" >&2
+    touch "$st/.primed"
+  fi
+  [[ "$mode" == changed ]] && echo "change $RANDOM" >> "$(changed_file "$ctx")"
+  measure "$out" bash -c "$script"
+  if [[ "$mode" == cold ]]; then
+    "${b[@]}" rm -a >/dev/null 2>&1 || true
+    "${b[@]}" rmi -a -f >/dev/null 2>&1 || true
+    rm -rf "$st" 2>/dev/null || true
+  fi
+}
+
+printf '| suite | tool | mode | wall s (median of %s) | peak RSS MB |\n|---|---|---|---|---|\n' "$runs"
 for suite in "${suites[@]}"; do
   ctx=$(context_of "$suite")
+  if [[ "$mode" == changed && -z "$(changed_file "$ctx")" ]]; then
+    printf '| %s | all | %s | n/a (no context file) | |\n' "$suite" "$mode"
+    continue
+  fi
   tools=()
   [[ $with_kiln == 1 ]] && tools+=(kiln)
   [[ $with_buildah == 1 ]] && tools+=(buildah-overlay buildah-vfs)
@@ -129,6 +184,6 @@ for suite in "${suites[@]}"; do
     t=$(cut -d' ' -f1 "$res" | median)
     m=$(cut -d' ' -f2 "$res" | median)
     [[ "$m" =~ ^[0-9]+$ ]] && m=$((m / 1024))
-    printf '| %s | %s | %s | %s |\n' "$suite" "$tool" "$t" "$m"
+    printf '| %s | %s | %s | %s | %s |\n' "$suite" "$tool" "$mode" "$t" "$m"
   done
 done

@@ -106,6 +106,9 @@ pub struct BuildArgs {
     /// stage only).
     #[arg(long = "cache-to", value_name = "SPEC")]
     pub cache_to: Vec<String>,
+    /// Read base images from this directory (filled by `kiln warmer`) before any registry.
+    #[arg(long = "cache-dir", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
     /// Print every step's cache key, its inputs, and why it hit or missed.
     #[arg(long = "cache-debug")]
     pub cache_debug: bool,
@@ -134,6 +137,8 @@ pub struct Resolved {
     /// Layer caches: (spec, read, write).
     pub caches: Vec<CacheUse>,
     pub cache_ttl: Option<std::time::Duration>,
+    /// Base images cached by `kiln warmer`.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// The example `kiln build --example` builds (the repository's `examples/hello`, embedded).
@@ -265,6 +270,7 @@ pub fn resolve(args: &BuildArgs) -> anyhow::Result<Resolved> {
         insecure_registries: args.insecure_registries.clone(),
         caches,
         cache_ttl: (!ttl.is_zero()).then_some(ttl),
+        cache_dir: args.cache_dir.clone(),
     })
 }
 
@@ -351,9 +357,11 @@ fn read_ignore(context: &Path, dockerfile: Option<&Path>) -> anyhow::Result<Opti
     Ok(None)
 }
 
-/// Where base images come from: `--base-layout` mappings first, then registries.
+/// Where base images come from: `--base-layout` mappings first, then the warmer's cache
+/// directory, then registries.
 struct BaseImages<'a> {
     layouts: &'a kiln_build::layout_source::LayoutImages,
+    cache_dir: Option<&'a Path>,
     registry: kiln_build::registry_source::RegistryImages<'a>,
 }
 
@@ -365,6 +373,19 @@ impl kiln_build::image::ImageSource for BaseImages<'_> {
     ) -> Result<kiln_build::image::BaseImage, kiln_build::image::SeamError> {
         if self.layouts.has(reference) {
             return self.layouts.resolve(reference, platform);
+        }
+        if let Some(dir) = self.cache_dir {
+            let wanted = kiln_oci::Platform::new(
+                &platform.os,
+                &platform.architecture,
+                platform.variant.as_deref().unwrap_or(""),
+            )
+            .to_string();
+            if let Some(layout) = crate::warmer_cmd::cached_image(dir, reference, &wanted) {
+                let mut cached = kiln_build::layout_source::LayoutImages::default();
+                cached.add(reference, &layout, "img");
+                return cached.resolve(reference, platform);
+            }
         }
         self.registry.resolve(reference, platform)
     }
@@ -460,6 +481,7 @@ fn build_and_export(
     let client = kiln_registry::RegistryClient::new(options, credentials)?;
     let images = BaseImages {
         layouts: &resolved.layouts,
+        cache_dir: resolved.cache_dir.as_deref(),
         registry: kiln_build::registry_source::RegistryImages {
             client: &client,
             blob_dir: resolved.work_dir.join("base-blobs"),

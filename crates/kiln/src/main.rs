@@ -9,6 +9,7 @@ mod diagnostic;
 mod image_cmd;
 mod plan_cmd;
 mod progress;
+mod warmer_cmd;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -31,6 +32,8 @@ enum Command {
     /// Copy and inspect images: registries, OCI layouts, docker-archives.
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
+    /// Download base images into a cache directory for later builds (kaniko's warmer).
+    Warmer(warmer_cmd::WarmerArgs),
     /// Show the stages and steps a build would run, after ARG expansion, without building.
     Plan(PlanArgs),
     /// Developer tools.
@@ -116,6 +119,7 @@ fn main() -> ExitCode {
             build_cmd::run(&args)
         }
         Command::Image(cmd) => image_cmd::run(&cmd),
+        Command::Warmer(args) => warmer_cmd::run(&args),
         Command::Plan(args) => plan_cmd::run(&args),
         Command::Debug(DebugCommand::DumpAst { file }) => plan_cmd::dump_ast(&file),
     };

@@ -346,3 +346,51 @@ fn cache_flags_are_checked() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("336h"), "{err}");
 }
+
+#[test]
+fn warmed_base_images_are_used_without_the_registry() {
+    require_root!();
+    let reg = kiln_testutil::Registry::start();
+    reg.push_bases(false);
+    let host = reg.host.clone();
+    let p = Project::new(&format!(
+        "ARG BASE={host}/library/busybox:latest\nFROM $BASE\nRUN echo warm > /x\n"
+    ));
+    let warm_dir = p.path("warm");
+    let warmer = |extra: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("warmer")
+            .arg("--cache-dir")
+            .arg(&warm_dir)
+            .args(["--insecure-registry", &host])
+            .args(extra)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(o.status.success(), "warmer: {}", String::from_utf8_lossy(&o.stderr));
+        out
+    };
+    let first = warmer(&["--dockerfile", p.path("ctx/Dockerfile").to_str().unwrap()]);
+    assert!(first.contains("library/busybox:latest: sha256:"), "{first}");
+    let again = warmer(&["--image", &format!("{host}/library/busybox:latest")]);
+    assert!(again.contains("already cached"), "{again}");
+    // The registry is gone: the build reads the base from the warmed directory.
+    drop(reg);
+    let warm = warm_dir.display().to_string();
+    let b = Build::from(p.build(&["--cache-dir", &warm]), p.path("out"));
+    assert_eq!(b.read("x"), "warm\n");
+    // A base that was not warmed still needs its registry, and the error names it.
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["warmer", "--cache-dir", &warm, "--insecure-registry", &host, "--image"])
+        .arg(format!("{host}/library/other:latest"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("library/other"), "{err}");
+    let leftovers: Vec<_> = fs::read_dir(warm_dir.join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "half-written images left: {leftovers:?}");
+}
