@@ -91,6 +91,7 @@ fn s3_opens_objects_and_names_them_in_errors() {
 
     // A missing object.
     let err = objstore::open_with_env(&url("ctx/missing.tar.gz"), &s3.env()).err().unwrap();
+    show(&err);
     assert!(matches!(err, ObjectStoreError::NotFound { .. }), "{err:?}");
     assert_contains(&err.to_string(), &["s3://ctx-bucket/ctx/missing.tar.gz", "NoSuchKey"]);
     assert!(err.hint().unwrap().contains("key"));
@@ -98,6 +99,7 @@ fn s3_opens_objects_and_names_them_in_errors() {
     // A wrong secret key: moto's signature check fails.
     let wrong = s3.env().with("AWS_SECRET_ACCESS_KEY", "not-the-secret-key");
     let err = objstore::open_with_env(&url("ctx/context.tar.gz"), &wrong).err().unwrap();
+    show(&err);
     assert!(matches!(err, ObjectStoreError::Denied { .. }), "{err:?}");
     let msg = err.to_string();
     assert_contains(
@@ -114,6 +116,7 @@ fn s3_opens_objects_and_names_them_in_errors() {
     )
     .unwrap();
     let err = objstore::open_with_env(&url("ctx/context.tar.gz"), &profile_env).err().unwrap();
+    show(&err);
     assert!(matches!(err, ObjectStoreError::Denied { .. }), "{err:?}");
     assert_contains(
         &err.to_string(),
@@ -123,6 +126,7 @@ fn s3_opens_objects_and_names_them_in_errors() {
     // No credentials at all: anonymous, refused, and the hint says what to set.
     let err =
         objstore::open_with_env(&url("ctx/context.tar.gz"), &s3.endpoint_env()).err().unwrap();
+    show(&err);
     assert!(matches!(err, ObjectStoreError::Denied { .. }), "{err:?}");
     assert_contains(&err.to_string(), &["s3://ctx-bucket/ctx/context.tar.gz", "anonymously"]);
     assert_contains(err.hint().unwrap(), &["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]);
@@ -132,6 +136,7 @@ fn s3_opens_objects_and_names_them_in_errors() {
         .with("S3_ENDPOINT", format!("http://127.0.0.1:{}", free_port()))
         .with("S3_FORCE_PATH_STYLE", "1");
     let err = objstore::open_with_env(&url("ctx/context.tar.gz"), &closed).err().unwrap();
+    show(&err);
     assert!(matches!(err, ObjectStoreError::Transport { .. }), "{err:?}");
     assert_contains(&err.to_string(), &["s3://ctx-bucket/ctx/context.tar.gz", "http://127.0.0.1:"]);
 }

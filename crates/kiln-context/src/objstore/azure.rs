@@ -115,7 +115,13 @@ pub fn open(
     let hints = Hints {
         credentials,
         denied,
-        not_found: "check the container and blob names (they are case-sensitive)".to_string(),
+        not_found: match &auth {
+            Auth::Anonymous => "check the container and blob names (they are case-sensitive); \
+                                Azure also answers 404 to anonymous requests for private \
+                                containers: set `AZURE_STORAGE_ACCESS_KEY`"
+                .to_string(),
+            _ => "check the container and blob names (they are case-sensitive)".to_string(),
+        },
         other: "for an emulator or another cloud set `KILN_AZURE_BLOB_ENDPOINT`".to_string(),
     };
     let response = http::send(&object, &url, request)?;

@@ -62,7 +62,8 @@ pub(crate) fn send(
     request.send().map_err(|source| ObjectStoreError::Transport {
         url: object.to_string(),
         endpoint: origin(endpoint),
-        source,
+        // The request URL may carry a SAS token.
+        source: source.without_url(),
         hint: "check the network and the endpoint settings".to_string(),
     })
 }

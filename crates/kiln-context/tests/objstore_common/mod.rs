@@ -225,3 +225,19 @@ pub fn assert_contains(text: &str, needles: &[&str]) {
         assert!(text.contains(n), "{n:?} not in {text:?}");
     }
 }
+
+/// Prints an error the way the CLI shows it (message, causes, hint), for `--nocapture` runs,
+/// and returns its message.
+pub fn show(err: &kiln_context::objstore::ObjectStoreError) -> String {
+    let mut text = format!("error: {err}");
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        text.push_str(&format!("\n  caused by: {s}"));
+        source = s.source();
+    }
+    if let Some(hint) = err.hint() {
+        text.push_str(&format!("\n  hint: {hint}"));
+    }
+    eprintln!("{text}");
+    err.to_string()
+}
