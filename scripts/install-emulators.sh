@@ -3,6 +3,7 @@
 #   S3    moto's server (PyPI `moto[server]`)          -> $CACHE/venv/bin/moto_server
 #   GCS   gcp-storage-emulator (PyPI)                   -> $CACHE/venv/bin/gcp-storage-emulator
 #   Azure Azurite's blob service (npm `azurite`)        -> $CACHE/npm/node_modules/.bin/azurite-blob
+# and openssl (apt) for test keys.
 # Everything lives under $KILN_TEST_CACHE (default ~/.cache/kiln-test). Idempotent: does
 # nothing when everything is present. Prints the cache directory on its last line.
 set -euo pipefail
@@ -20,6 +21,12 @@ apt_install() {
   "${sudo[@]}" apt-get update -qq
   "${sudo[@]}" apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
+
+# openssl makes the RSA keys of the GCS service-account tests.
+if ! command -v openssl >/dev/null; then
+  echo "installing openssl" >&2
+  apt_install openssl
+fi
 
 if ! command -v python3 >/dev/null || ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
   echo "installing python3 and venv" >&2

@@ -5,6 +5,7 @@
 
 mod objstore_common;
 
+use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 
@@ -150,4 +151,19 @@ fn s3_streams_a_large_object() {
     std::fs::remove_file(&large).unwrap();
     let env = s3.env();
     stream_large(&digest, || objstore::open_with_env(&url("large.bin"), &env).unwrap());
+}
+
+/// The control for the streaming checks: holding the whole body does show in the measurement.
+#[test]
+fn peak_rss_measurement_sees_a_buffered_body() {
+    let digest = digest_of(Pattern::new(LARGE), |_| {}).0;
+    let result = std::panic::catch_unwind(|| {
+        stream_large(&digest, || {
+            let mut all = Vec::new();
+            Pattern::new(LARGE).read_to_end(&mut all).unwrap();
+            Box::new(std::io::Cursor::new(all))
+        })
+    });
+    let message = *result.unwrap_err().downcast::<String>().unwrap();
+    assert_contains(&message, &["the body is buffered"]);
 }
