@@ -5,7 +5,8 @@ Usage: s3-setup.py ENDPOINT BUCKET [KEY=FILE ...]   (split at the last `=`)
 Creates an IAM user with full S3 access and its access key, the bucket and the objects (moto
 does not check credentials yet), then turns authentication on through moto's
 `/moto-api/reset-auth`: from then on every request must be signed (SigV4, checked by moto)
-with a key of an IAM user. Prints the access key id and the secret key, one a line.
+with a key of an IAM user. Prints the access key id, the secret key and the ARN of a role
+that may read objects (for web-identity credentials), one a line.
 """
 
 import json
@@ -26,6 +27,23 @@ policy = {
     "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
 }
 iam.put_user_policy(UserName="kiln", PolicyName="s3", PolicyDocument=json.dumps(policy))
+# A role for web-identity (IRSA) credentials, allowed to read objects.
+trust = {
+    "Version": "2012-10-17",
+    "Statement": [
+        {
+            "Effect": "Allow",
+            "Principal": {"Federated": "arn:aws:iam::123456789012:oidc-provider/kiln.test"},
+            "Action": "sts:AssumeRoleWithWebIdentity",
+        }
+    ],
+}
+role = iam.create_role(RoleName="kiln-ctx", AssumeRolePolicyDocument=json.dumps(trust))["Role"]
+read = {
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Action": "s3:GetObject", "Resource": "*"}],
+}
+iam.put_role_policy(RoleName="kiln-ctx", PolicyName="read", PolicyDocument=json.dumps(read))
 
 s3 = boto3.client(
     "s3",
@@ -49,3 +67,4 @@ urllib.request.urlopen(request).read()
 
 print(key["AccessKeyId"])
 print(key["SecretAccessKey"])
+print(role["Arn"])

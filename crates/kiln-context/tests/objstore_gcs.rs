@@ -8,13 +8,9 @@
 mod objstore_common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
+use std::sync::{Arc, OnceLock};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -109,52 +105,6 @@ fn rsa_key(dir: &Path, name: &str) -> (String, Vec<u8>) {
     (std::fs::read_to_string(&private).unwrap(), std::fs::read(&public).unwrap())
 }
 
-/// A token endpoint, metadata server and JSON API in one: issues tokens for JWTs signed by
-/// the service account's key (and for one refresh token, and to metadata requests), serves
-/// `ctx/context.tar.gz` only with an issued token.
-struct TokenServer {
-    port: u16,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-struct Request {
-    method: String,
-    target: String,
-    headers: HashMap<String, String>,
-    body: String,
-}
-
-fn read_request(stream: &mut TcpStream) -> Option<Request> {
-    let mut reader = BufReader::new(stream.try_clone().ok()?);
-    let mut line = String::new();
-    reader.read_line(&mut line).ok()?;
-    let mut parts = line.split_whitespace();
-    let (method, target) = (parts.next()?.to_string(), parts.next()?.to_string());
-    let mut headers = HashMap::new();
-    loop {
-        let mut h = String::new();
-        reader.read_line(&mut h).ok()?;
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        let (k, v) = h.split_once(':')?;
-        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-    }
-    let len: usize = headers.get("content-length").map_or(0, |l| l.parse().unwrap());
-    let mut body = vec![0; len];
-    reader.read_exact(&mut body).ok()?;
-    Some(Request { method, target, headers, body: String::from_utf8(body).ok()? })
-}
-
-fn respond(stream: &mut TcpStream, status: &str, body: &[u8]) {
-    let head =
-        format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
-    let _ = stream.write_all(head.as_bytes());
-    let _ = stream.write_all(body);
-}
-
 fn form(body: &str) -> HashMap<String, String> {
     body.split('&')
         .filter_map(|p| p.split_once('='))
@@ -189,105 +139,72 @@ fn verify_jwt(jwt: &str, public_der: &[u8], token_uri: &str) -> Result<(), Strin
     if ok { Ok(()) } else { Err(format!("unexpected JWT {header} {claims}")) }
 }
 
-impl TokenServer {
-    fn start(public_der: Vec<u8>) -> TokenServer {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let token_uri = format!("http://127.0.0.1:{port}/token");
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
-        let thread = std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if stopped.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(mut stream) = stream else { continue };
-                let Some(req) = read_request(&mut stream) else { continue };
-                let bearer =
-                    req.headers.get("authorization").and_then(|a| a.strip_prefix("Bearer "));
-                let issued = matches!(bearer, Some("tok-sa" | "tok-user" | "tok-meta"));
-                let path = req.target.split('?').next().unwrap_or("");
-                match (req.method.as_str(), path) {
-                    ("POST", "/token") => {
-                        let f = form(&req.body);
-                        let result = match f.get("grant_type").map(String::as_str) {
-                            Some("urn:ietf:params:oauth:grant-type:jwt-bearer") => {
-                                verify_jwt(&f["assertion"], &public_der, &token_uri)
-                                    .map(|()| "tok-sa")
-                            }
-                            Some("refresh_token")
-                                if f["refresh_token"] == "refresh-good"
-                                    && f["client_id"] == "cid" =>
-                            {
-                                Ok("tok-user")
-                            }
-                            _ => Err("bad grant".to_string()),
-                        };
-                        match result {
-                            Ok(token) => {
-                                let body = serde_json::json!({"access_token": token, "expires_in": 3599, "token_type": "Bearer"});
-                                respond(&mut stream, "200 OK", body.to_string().as_bytes());
-                            }
-                            Err(e) => {
-                                let body = serde_json::json!({"error": "invalid_grant", "error_description": e});
-                                respond(
-                                    &mut stream,
-                                    "400 Bad Request",
-                                    body.to_string().as_bytes(),
-                                );
-                            }
-                        }
+/// A token endpoint, metadata server and JSON API in one: issues tokens for JWTs signed by
+/// the service account's key (and for one refresh token, and to metadata requests), serves
+/// `ctx/context.tar.gz` only with an issued token.
+fn token_server(public_der: Vec<u8>) -> Stub {
+    let token_uri = Arc::new(OnceLock::<String>::new());
+    let uri = token_uri.clone();
+    let stub = Stub::start(move |req| {
+        let json = |status: u16, v: serde_json::Value| (status, v.to_string().into_bytes());
+        let issued = matches!(
+            req.header("authorization").and_then(|a| a.strip_prefix("Bearer ")),
+            Some("tok-sa" | "tok-user" | "tok-meta")
+        );
+        match (req.method.as_str(), req.path()) {
+            ("POST", "/token") => {
+                let f = form(&req.body);
+                let result = match f.get("grant_type").map(String::as_str) {
+                    Some("urn:ietf:params:oauth:grant-type:jwt-bearer") => {
+                        verify_jwt(&f["assertion"], &public_der, uri.get().unwrap())
+                            .map(|()| "tok-sa")
                     }
-                    ("GET", "/computeMetadata/v1/instance/service-accounts/default/token")
-                        if req.headers.get("metadata-flavor").map(String::as_str)
-                            == Some("Google") =>
+                    Some("refresh_token")
+                        if f["refresh_token"] == "refresh-good" && f["client_id"] == "cid" =>
                     {
-                        respond(
-                            &mut stream,
-                            "200 OK",
-                            br#"{"access_token":"tok-meta","expires_in":3599}"#,
-                        );
+                        Ok("tok-user")
                     }
-                    ("GET", p)
-                        if p.starts_with("/storage/v1/b/")
-                            && req.target.ends_with("?alt=media") =>
-                    {
-                        if !issued {
-                            let body = br#"{"error":{"code":401,"message":"Invalid Credentials"}}"#;
-                            respond(&mut stream, "401 Unauthorized", body);
-                        } else if p == "/storage/v1/b/ctx-bucket/o/ctx%2Fcontext.tar.gz" {
-                            respond(&mut stream, "200 OK", &small_context());
-                        } else {
-                            respond(
-                                &mut stream,
-                                "404 Not Found",
-                                br#"{"error":{"code":404,"message":"No such object"}}"#,
-                            );
-                        }
-                    }
-                    _ => respond(&mut stream, "400 Bad Request", b"unexpected request"),
+                    _ => Err("bad grant".to_string()),
+                };
+                match result {
+                    Ok(token) => json(
+                        200,
+                        serde_json::json!({"access_token": token, "expires_in": 3599, "token_type": "Bearer"}),
+                    ),
+                    Err(e) => json(
+                        400,
+                        serde_json::json!({"error": "invalid_grant", "error_description": e}),
+                    ),
                 }
             }
-        });
-        TokenServer { port, stop, thread: Some(thread) }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for TokenServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            ("GET", "/computeMetadata/v1/instance/service-accounts/default/token")
+                if req.header("metadata-flavor") == Some("Google") =>
+            {
+                json(200, serde_json::json!({"access_token": "tok-meta", "expires_in": 3599}))
+            }
+            ("GET", p) if p.starts_with("/storage/v1/b/") && req.target.ends_with("?alt=media") => {
+                if !issued {
+                    json(
+                        401,
+                        serde_json::json!({"error": {"code": 401, "message": "Invalid Credentials"}}),
+                    )
+                } else if p == "/storage/v1/b/ctx-bucket/o/ctx%2Fcontext.tar.gz" {
+                    (200, small_context())
+                } else {
+                    json(
+                        404,
+                        serde_json::json!({"error": {"code": 404, "message": "No such object"}}),
+                    )
+                }
+            }
+            _ => (400, b"unexpected request".to_vec()),
         }
-    }
+    });
+    token_uri.set(format!("{}/token", stub.url())).unwrap();
+    stub
 }
 
-fn service_account(server: &TokenServer, private_pem: &str) -> String {
+fn service_account(server: &Stub, private_pem: &str) -> String {
     serde_json::json!({
         "type": "service_account",
         "project_id": "kiln-test",
@@ -306,7 +223,7 @@ fn gcs_credentials_service_account_user_and_metadata() {
     let dir = tempfile::tempdir().unwrap();
     let (private, public) = rsa_key(dir.path(), "sa");
     let (other_private, _) = rsa_key(dir.path(), "other");
-    let server = TokenServer::start(public);
+    let server = token_server(public);
     let sa = dir.path().join("sa.json");
     std::fs::write(&sa, service_account(&server, &private)).unwrap();
     // An empty HOME and an unreachable metadata server, unless a test sets them.

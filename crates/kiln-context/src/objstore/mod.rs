@@ -19,6 +19,7 @@
 //! Errors name the object and, where credentials were involved, where they came from; the
 //! credentials themselves never appear in messages.
 
+pub mod aws;
 pub mod azure;
 mod env;
 pub mod gcs;

@@ -1,9 +1,10 @@
 //! `s3://bucket/key`: one SigV4-signed `GET` (anonymous without credentials).
 //!
 //! Settings, as kaniko and the AWS tools read them:
-//! - credentials: `AWS_ACCESS_KEY_ID` + `AWS_SECRET_ACCESS_KEY` (+ `AWS_SESSION_TOKEN`), else
-//!   the profile `AWS_PROFILE` (default `default`) of the shared credentials file
-//!   (`AWS_SHARED_CREDENTIALS_FILE`, default `~/.aws/credentials`) when it has static keys;
+//! - credentials ([`aws::credentials`]): `AWS_ACCESS_KEY_ID` + `AWS_SECRET_ACCESS_KEY`
+//!   (+ `AWS_SESSION_TOKEN`); web identity (`AWS_ROLE_ARN` + `AWS_WEB_IDENTITY_TOKEN_FILE`,
+//!   IRSA); static keys of the profile `AWS_PROFILE` in the shared credentials file; container
+//!   credentials (ECS, EKS Pod Identity); the EC2 instance metadata service (IMDSv2);
 //! - region: `AWS_REGION`, `AWS_DEFAULT_REGION`, the profile's `region` in `~/.aws/config`
 //!   (`AWS_CONFIG_FILE`), else `us-east-1`; a bucket in another region is followed once
 //!   through the `x-amz-bucket-region` header of the refusal;
@@ -11,32 +12,23 @@
 //!   S3-compatible stores (no scheme means https); path-style addressing with
 //!   `S3_FORCE_PATH_STYLE=true`, and always for IP-address endpoints and dotted bucket names.
 //!
-//! Not supported (yet): web-identity (IRSA), SSO, `credential_process`, and instance or
-//! container metadata credentials.
+//! Not supported: SSO profiles, `credential_process`, role chaining in profiles.
 
-use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+use super::aws::{self, Resolved};
 use super::http::{self, Hints};
-use super::sigv4::{self, Credentials, EMPTY_SHA256};
+use super::sigv4::{self, EMPTY_SHA256};
 use super::{Env, ObjectStoreError};
 
 const ENDPOINT_VARS: [&str; 3] = ["S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"];
 
-/// Credentials with a description of where they came from (for messages; never the values).
-#[derive(Debug, Clone)]
-pub struct Resolved {
-    pub credentials: Credentials,
-    pub origin: String,
-}
-
 /// Opens `s3://bucket/key` for streaming.
 pub fn open(bucket: &str, key: &str, env: &Env) -> Result<Box<dyn Read + Send>, ObjectStoreError> {
     let object = format!("s3://{bucket}/{key}");
-    let resolved = credentials(&object, env)?;
-    let mut region = region(env);
+    let mut region = aws::region(env);
+    let resolved = aws::credentials(&object, env, &region)?;
     let custom = endpoint(&object, env)?;
     let client =
         http::client(Duration::from_secs(30)).map_err(|source| transport(&object, source))?;
@@ -131,132 +123,6 @@ fn hints(resolved: &Option<Resolved>, region: &str) -> Hints {
     }
 }
 
-/// The credentials to sign with; `None` means anonymous.
-pub fn credentials(object: &str, env: &Env) -> Result<Option<Resolved>, ObjectStoreError> {
-    let id = env.get("AWS_ACCESS_KEY_ID");
-    let secret = env.get("AWS_SECRET_ACCESS_KEY");
-    match (id, secret) {
-        (Some(id), Some(secret)) => {
-            return Ok(Some(Resolved {
-                credentials: Credentials {
-                    access_key_id: id.to_string(),
-                    secret_access_key: secret.to_string(),
-                    session_token: env.get("AWS_SESSION_TOKEN").map(str::to_string),
-                },
-                origin: "`AWS_ACCESS_KEY_ID`".to_string(),
-            }));
-        }
-        (Some(_), None) | (None, Some(_)) => {
-            let (set, missing) = if id.is_some() {
-                ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-            } else {
-                ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID")
-            };
-            return Err(ObjectStoreError::Credentials {
-                url: object.to_string(),
-                origin: format!("`{set}`"),
-                reason: format!("`{missing}` is not set"),
-                source: None,
-                hint: format!("set `{missing}` too, or unset `{set}`"),
-            });
-        }
-        (None, None) => {}
-    }
-    let explicit = env.first(&["AWS_PROFILE", "AWS_DEFAULT_PROFILE"]).map(|(_, p)| p);
-    let profile = explicit.unwrap_or("default");
-    let Some(path) = file(env, "AWS_SHARED_CREDENTIALS_FILE", "credentials") else {
-        return Ok(None);
-    };
-    let origin = format!("profile `{profile}` in `{}`", path.display());
-    let fail = |reason: String, source: Option<super::BoxError>| ObjectStoreError::Credentials {
-        url: object.to_string(),
-        origin: origin.clone(),
-        reason,
-        source,
-        hint: "set `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`, or fix `AWS_PROFILE` / \
-               `AWS_SHARED_CREDENTIALS_FILE`"
-            .to_string(),
-    };
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => {
-            return Ok(None);
-        }
-        Err(e) => return Err(fail("cannot read the file".to_string(), Some(Box::new(e)))),
-    };
-    let sections = parse_ini(&text);
-    let Some(section) = sections.get(profile) else {
-        return match explicit {
-            Some(_) => Err(fail("no such profile".to_string(), None)),
-            None => Ok(None),
-        };
-    };
-    match (section.get("aws_access_key_id"), section.get("aws_secret_access_key")) {
-        (Some(id), Some(secret)) => Ok(Some(Resolved {
-            credentials: Credentials {
-                access_key_id: id.clone(),
-                secret_access_key: secret.clone(),
-                session_token: section.get("aws_session_token").cloned(),
-            },
-            origin,
-        })),
-        _ if explicit.is_none() => Ok(None),
-        _ => Err(fail(
-            "the profile has no `aws_access_key_id` and `aws_secret_access_key` (roles, SSO and \
-             `credential_process` are not supported)"
-                .to_string(),
-            None,
-        )),
-    }
-}
-
-/// `$VAR`, else `~/.aws/<name>`.
-fn file(env: &Env, var: &str, name: &str) -> Option<PathBuf> {
-    env.get(var).map(PathBuf::from).or_else(|| Some(env.home()?.join(".aws").join(name)))
-}
-
-/// The region requests are signed for and sent to.
-pub fn region(env: &Env) -> String {
-    if let Some((_, r)) = env.first(&["AWS_REGION", "AWS_DEFAULT_REGION"]) {
-        return r.to_string();
-    }
-    let profile = env.first(&["AWS_PROFILE", "AWS_DEFAULT_PROFILE"]).map_or("default", |(_, p)| p);
-    let from_config = file(env, "AWS_CONFIG_FILE", "config")
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|text| {
-            let sections = parse_ini(&text);
-            let name = if profile == "default" {
-                "default".to_string()
-            } else {
-                format!("profile {profile}")
-            };
-            sections.get(&name)?.get("region").cloned()
-        });
-    from_config.unwrap_or_else(|| "us-east-1".to_string())
-}
-
-/// Sections of an INI file (`[name]`, `key = value`, `#`/`;` comments).
-fn parse_ini(text: &str) -> BTreeMap<String, BTreeMap<String, String>> {
-    let mut sections: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-    let mut current: Option<String> = None;
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
-            continue;
-        }
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            let name = name.split_whitespace().collect::<Vec<_>>().join(" ");
-            sections.entry(name.clone()).or_default();
-            current = Some(name);
-        } else if let (Some(section), Some((k, v))) = (&current, line.split_once('=')) {
-            if let Some(s) = sections.get_mut(section) {
-                s.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-            }
-        }
-    }
-    sections
-}
-
 /// The custom endpoint, if one is configured.
 fn endpoint(object: &str, env: &Env) -> Result<Option<url::Url>, ObjectStoreError> {
     let Some((var, value)) = env.first(&ENDPOINT_VARS) else {
@@ -344,64 +210,6 @@ mod tests {
         let u = object_url("o", &base, "b", "k", true).unwrap();
         assert_eq!(u.as_str(), "http://minio:9000/prefix/b/k");
         assert_eq!(host_header(&u), "minio:9000");
-    }
-
-    #[test]
-    fn reads_env_credentials_and_rejects_half_of_them() {
-        let env = Env::empty()
-            .with("AWS_ACCESS_KEY_ID", "AKID")
-            .with("AWS_SECRET_ACCESS_KEY", "secret")
-            .with("AWS_SESSION_TOKEN", "token");
-        let r = credentials("s3://b/k", &env).unwrap().unwrap();
-        assert_eq!(r.credentials.session_token.as_deref(), Some("token"));
-        assert_eq!(r.origin, "`AWS_ACCESS_KEY_ID`");
-
-        let err =
-            credentials("s3://b/k", &Env::empty().with("AWS_ACCESS_KEY_ID", "AKID")).unwrap_err();
-        let msg = err.to_string();
-        assert!(msg.contains("s3://b/k") && msg.contains("AWS_SECRET_ACCESS_KEY"), "{msg}");
-        assert!(!msg.contains("AKID"));
-    }
-
-    #[test]
-    fn reads_profiles_and_regions_from_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let aws = dir.path().join(".aws");
-        std::fs::create_dir(&aws).unwrap();
-        std::fs::write(
-            aws.join("credentials"),
-            "[default]\naws_access_key_id = DEF\naws_secret_access_key = s1\n\n\
-             # comment\n[ci]\naws_access_key_id=CI\naws_secret_access_key=s2\naws_session_token=t\n\
-             [sso]\nsso_start_url = https://example.invalid\n",
-        )
-        .unwrap();
-        std::fs::write(
-            aws.join("config"),
-            "[default]\nregion=eu-west-1\n[profile ci]\nregion = ap-south-1\n",
-        )
-        .unwrap();
-        let home = Env::empty().with("HOME", dir.path().to_str().unwrap());
-
-        let r = credentials("o", &home).unwrap().unwrap();
-        assert_eq!(r.credentials.access_key_id, "DEF");
-        assert!(r.origin.contains("profile `default`"), "{}", r.origin);
-        assert_eq!(region(&home), "eu-west-1");
-
-        let ci = home.clone().with("AWS_PROFILE", "ci");
-        let r = credentials("o", &ci).unwrap().unwrap();
-        assert_eq!(r.credentials.access_key_id, "CI");
-        assert_eq!(r.credentials.session_token.as_deref(), Some("t"));
-        assert_eq!(region(&ci), "ap-south-1");
-        assert_eq!(region(&ci.clone().with("AWS_REGION", "us-west-2")), "us-west-2");
-
-        let err = credentials("s3://b/k", &home.clone().with("AWS_PROFILE", "nope")).unwrap_err();
-        assert!(err.to_string().contains("no such profile"), "{err}");
-        let err = credentials("s3://b/k", &home.clone().with("AWS_PROFILE", "sso")).unwrap_err();
-        assert!(err.to_string().contains("not supported"), "{err}");
-
-        let nowhere = Env::empty().with("HOME", dir.path().join("none").to_str().unwrap());
-        assert!(credentials("o", &nowhere).unwrap().is_none());
-        assert_eq!(region(&nowhere), "us-east-1");
     }
 
     #[test]

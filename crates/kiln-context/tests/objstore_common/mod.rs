@@ -197,10 +197,22 @@ fn status_kib(field: &str) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// Opens the large object with `open`, reads it in 64 KiB chunks and checks its digest and
-/// length; returns how much the process's peak RSS grew meanwhile (KiB). The peak is reset
-/// first through `/proc/self/clear_refs`.
+/// Opens the large object with `open`, reads it in 64 KiB chunks, checks its digest and
+/// length, and asserts that the process's peak RSS grew by less than
+/// [`MAX_PEAK_GROWTH_KIB`] meanwhile; returns the growth (KiB).
 pub fn stream_large(expected_digest: &str, open: impl FnOnce() -> Box<dyn Read + Send>) -> u64 {
+    let growth = measure_stream(expected_digest, open);
+    eprintln!("streamed {} MiB: peak RSS grew by {} KiB", LARGE >> 20, growth);
+    assert!(
+        growth < MAX_PEAK_GROWTH_KIB,
+        "peak RSS grew by {growth} KiB while streaming {LARGE} bytes: the body is buffered"
+    );
+    growth
+}
+
+/// As [`stream_large`], without the assertion on memory. The peak is reset first through
+/// `/proc/self/clear_refs`.
+pub fn measure_stream(expected_digest: &str, open: impl FnOnce() -> Box<dyn Read + Send>) -> u64 {
     let _guard = memory_lock();
     std::fs::write("/proc/self/clear_refs", "5").expect("reset the peak RSS");
     let before = status_kib("VmRSS:");
@@ -209,13 +221,7 @@ pub fn stream_large(expected_digest: &str, open: impl FnOnce() -> Box<dyn Read +
     let peak = status_kib("VmHWM:");
     assert_eq!(len, LARGE);
     assert_eq!(digest, expected_digest, "the large object's bytes differ");
-    let growth = peak.saturating_sub(before);
-    eprintln!("streamed {} MiB: peak RSS grew by {} KiB", LARGE >> 20, growth);
-    assert!(
-        growth < MAX_PEAK_GROWTH_KIB,
-        "peak RSS grew by {growth} KiB while streaming {LARGE} bytes: the body is buffered"
-    );
-    growth
+    peak.saturating_sub(before)
 }
 
 /// Asserts that `text` contains every one of `needles`.
@@ -240,4 +246,98 @@ pub fn show(err: &kiln_context::objstore::ObjectStoreError) -> String {
     }
     eprintln!("{text}");
     err.to_string()
+}
+
+/// One request to a [`Stub`].
+pub struct StubRequest {
+    pub method: String,
+    /// Path and query.
+    pub target: String,
+    /// Header names lowercased.
+    pub headers: std::collections::HashMap<String, String>,
+    pub body: String,
+}
+
+impl StubRequest {
+    pub fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or("")
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+/// A small HTTP/1.1 server on 127.0.0.1 (random port) for the parts of the clouds no
+/// emulator provides (token endpoints, metadata services); `handler` answers each request with
+/// a status and a body. Stopped and joined when dropped.
+pub struct Stub {
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Stub {
+    pub fn start(handler: impl Fn(&StubRequest) -> (u16, Vec<u8>) + Send + 'static) -> Stub {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut stream) = stream else { continue };
+                let Some(request) = read_request(&stream) else { continue };
+                let (status, body) = handler(&request);
+                let head = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(&body);
+            }
+        });
+        Stub { port, stop, thread: Some(thread) }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Stub {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn read_request(stream: &TcpStream) -> Option<StubRequest> {
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::new(stream.try_clone().ok()?);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next()?.to_string(), parts.next()?.to_string());
+    let mut headers = std::collections::HashMap::new();
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h).ok()?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':')?;
+        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+    }
+    let len: usize = headers.get("content-length").map_or(Some(0), |l| l.parse().ok())?;
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body).ok()?;
+    Some(StubRequest { method, target, headers, body: String::from_utf8(body).ok()? })
 }
