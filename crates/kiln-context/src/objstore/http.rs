@@ -53,19 +53,43 @@ pub(crate) struct Hints {
     pub other: String,
 }
 
-/// Sends the request; a connection failure is a [`ObjectStoreError::Transport`].
+/// Sends the request, trying up to three times (after 0.5 s and 1 s) when the store answers
+/// 500, 502, 503 or 504 or the connection fails or times out; a last connection failure is
+/// a [`ObjectStoreError::Transport`]. Only the response head is awaited: retrying never
+/// repeats a body that was already handed out.
 pub(crate) fn send(
     object: &str,
     endpoint: &url::Url,
     request: RequestBuilder,
 ) -> Result<Response, ObjectStoreError> {
-    request.send().map_err(|source| ObjectStoreError::Transport {
-        url: object.to_string(),
-        endpoint: origin(endpoint),
-        // The request URL may carry a SAS token.
-        source: source.without_url(),
-        hint: "check the network and the endpoint settings".to_string(),
-    })
+    const ATTEMPTS: u32 = 3;
+    let mut pending = request;
+    let mut attempt = 1;
+    loop {
+        // A GET without a body can always be cloned; otherwise there is no retry.
+        let next = if attempt < ATTEMPTS { pending.try_clone() } else { None };
+        let result = pending.send();
+        let transient = match &result {
+            Ok(r) => matches!(r.status().as_u16(), 500 | 502 | 503 | 504),
+            Err(e) => e.is_connect() || e.is_timeout(),
+        };
+        match next {
+            Some(n) if transient => {
+                std::thread::sleep(Duration::from_millis(500 << (attempt - 1)));
+                attempt += 1;
+                pending = n;
+            }
+            _ => {
+                return result.map_err(|source| ObjectStoreError::Transport {
+                    url: object.to_string(),
+                    endpoint: origin(endpoint),
+                    // The request URL may carry a SAS token.
+                    source: source.without_url(),
+                    hint: "check the network and the endpoint settings".to_string(),
+                });
+            }
+        }
+    }
 }
 
 /// A success becomes the body as a streaming reader, a failure a typed error with the
@@ -89,6 +113,12 @@ pub(crate) fn finish(
             credentials: hints.credentials,
             detail,
             hint: hints.denied,
+        },
+        code @ 500.. => ObjectStoreError::Status {
+            url,
+            status: code,
+            detail,
+            hint: "the store kept failing (3 attempts); try again later".to_string(),
         },
         code => ObjectStoreError::Status { url, status: code, detail, hint: hints.other },
     })

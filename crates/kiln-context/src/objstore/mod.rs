@@ -66,7 +66,7 @@ pub enum ObjectStoreError {
         hint: String,
     },
     /// The store answered with another unexpected status.
-    #[error("`{url}`: the store answered HTTP {status} ({detail})")]
+    #[error("`{url}`: unexpected answer from the store ({detail})")]
     Status { url: String, status: u16, detail: String, hint: String },
     /// The store could not be reached, or the connection failed.
     #[error("`{url}`: cannot reach `{endpoint}`")]

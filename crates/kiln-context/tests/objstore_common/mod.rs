@@ -268,6 +268,19 @@ impl StubRequest {
     }
 }
 
+/// A [`Stub`]'s answer.
+pub struct StubResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl From<(u16, Vec<u8>)> for StubResponse {
+    fn from((status, body): (u16, Vec<u8>)) -> StubResponse {
+        StubResponse { status, headers: Vec::new(), body }
+    }
+}
+
 /// A small HTTP/1.1 server on 127.0.0.1 (random port) for the parts of the clouds no
 /// emulator provides (token endpoints, metadata services); `handler` answers each request with
 /// a status and a body. Stopped and joined when dropped.
@@ -278,7 +291,9 @@ pub struct Stub {
 }
 
 impl Stub {
-    pub fn start(handler: impl Fn(&StubRequest) -> (u16, Vec<u8>) + Send + 'static) -> Stub {
+    pub fn start<R: Into<StubResponse>>(
+        handler: impl Fn(&StubRequest) -> R + Send + 'static,
+    ) -> Stub {
         use std::sync::atomic::Ordering;
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -291,13 +306,18 @@ impl Stub {
                 }
                 let Ok(mut stream) = stream else { continue };
                 let Some(request) = read_request(&stream) else { continue };
-                let (status, body) = handler(&request);
-                let head = format!(
-                    "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                    body.len()
+                let response: StubResponse = handler(&request).into();
+                let mut head = format!(
+                    "HTTP/1.1 {} X\r\ncontent-length: {}\r\nconnection: close\r\n",
+                    response.status,
+                    response.body.len()
                 );
+                for (name, value) in &response.headers {
+                    head.push_str(&format!("{name}: {value}\r\n"));
+                }
+                head.push_str("\r\n");
                 let _ = stream.write_all(head.as_bytes());
-                let _ = stream.write_all(&body);
+                let _ = stream.write_all(&response.body);
             }
         });
         Stub { port, stop, thread: Some(thread) }
