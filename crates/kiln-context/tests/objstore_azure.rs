@@ -80,6 +80,44 @@ fn put_bytes(azurite: &Emulator, blob: &str, data: Vec<u8>) {
     put(azurite, &format!("{CONTAINER}/{blob}"), &[], data.into(), len);
 }
 
+/// A read-only service SAS (version 2021-08-06 string to sign) for `blob` in the container.
+fn blob_sas(blob: &str) -> String {
+    use base64::Engine;
+    let (permissions, expiry, resource) = ("r", "2099-01-01T00:00:00Z", "b");
+    let canonical = format!("/blob/{ACCOUNT}/{CONTAINER}/{blob}");
+    let fields = [
+        permissions,
+        "",
+        expiry,
+        &canonical,
+        "",
+        "",
+        "",
+        azure::API_VERSION,
+        resource,
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+    ];
+    let to_sign = fields.join("\n");
+    let key = base64::engine::general_purpose::STANDARD.decode(KEY).unwrap();
+    let tag =
+        ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key), to_sign.as_bytes());
+    let sig = base64::engine::general_purpose::STANDARD.encode(tag.as_ref());
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    query
+        .append_pair("sv", azure::API_VERSION)
+        .append_pair("sr", resource)
+        .append_pair("sp", permissions)
+        .append_pair("se", expiry)
+        .append_pair("sig", &sig);
+    query.finish()
+}
+
 fn url(blob: &str) -> ObjectUrl {
     ObjectUrl::parse(&format!("https://{ACCOUNT}.blob.core.windows.net/{CONTAINER}/{blob}"))
         .unwrap()
@@ -106,6 +144,21 @@ fn azure_opens_blobs_and_names_them_in_errors() {
         ),
     );
     assert_small_context(objstore::open_with_env(&url("ctx/context.tar.gz"), &conn).unwrap());
+
+    // A service SAS for the blob (Azurite checks its signature), instead of the key.
+    let sas = Env::empty()
+        .with("KILN_AZURE_BLOB_ENDPOINT", endpoint(&azurite))
+        .with("AZURE_STORAGE_SAS_TOKEN", blob_sas("ctx/context.tar.gz"));
+    assert_small_context(objstore::open_with_env(&url("ctx/context.tar.gz"), &sas).unwrap());
+    // A token for another blob is refused, and not shown.
+    let other = blob_sas("ctx/other.tar.gz");
+    let wrong_sas = sas.clone().with("AZURE_STORAGE_SAS_TOKEN", other.clone());
+    let err = objstore::open_with_env(&url("ctx/context.tar.gz"), &wrong_sas).err().unwrap();
+    let msg = show(&err);
+    assert!(matches!(err, ObjectStoreError::Denied { .. }), "{err:?}");
+    assert_contains(&msg, &["contexts/ctx/context.tar.gz", "`AZURE_STORAGE_SAS_TOKEN`"]);
+    let sig = other.rsplit_once("sig=").unwrap().1;
+    assert!(!msg.contains(sig) && !format!("{err:?}").contains(sig), "{msg}");
 
     // A missing blob.
     let err = objstore::open_with_env(&url("ctx/missing.tar.gz"), &env).err().unwrap();
