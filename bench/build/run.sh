@@ -37,6 +37,12 @@ while [[ $# -gt 0 ]]; do
 done
 [[ ${#suites[@]} -gt 0 ]] || suites=(small many-files bigcopy many-layers multistage)
 
+if [[ $with_buildah == 1 ]] && ! command -v buildah >/dev/null; then
+  echo "installing buildah (Debian package)" >&2
+  sudo=(); [[ $(id -u) -eq 0 ]] || sudo=(sudo -n)
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq buildah >/dev/null
+fi
+
 work=$(mktemp -d /var/tmp/kiln-bench.XXXXXX)
 reg_pid=""
 cleanup() {

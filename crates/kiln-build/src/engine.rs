@@ -844,10 +844,19 @@ impl StageBuild<'_, '_> {
                     l.path.clone(),
                 )
             });
-            if let Err(e) = cache.put(&key, cached.as_ref().map(|(c, p)| (c, p.as_path()))) {
-                self.engine.progress.event(Event::Warning {
+            match cache.put(&key, cached.as_ref().map(|(c, p)| (c, p.as_path()))) {
+                Ok(()) => {
+                    // The blob is in the cache repository now: a push to the same registry
+                    // mounts it from there.
+                    if let (Some(origin), Some(l)) = (cache.write_origin(), state.layers.last_mut())
+                        && with_layer
+                    {
+                        l.origin = Some(origin);
+                    }
+                }
+                Err(e) => self.engine.progress.event(Event::Warning {
                     message: format!("{e}; the step's result is not cached"),
-                });
+                }),
             }
         }
         state.key = key;

@@ -89,4 +89,11 @@ pub trait LayerCache: Send + Sync {
     fn origin(&self, _key: &CacheKey) -> Option<String> {
         None
     }
+
+    /// For a registry cache that is written, `registry/repository` where [`LayerCache::put`]
+    /// stores blobs: a push to the same registry then mounts a freshly built layer from there
+    /// instead of uploading it a second time.
+    fn write_origin(&self) -> Option<String> {
+        None
+    }
 }

@@ -108,4 +108,8 @@ impl LayerCache for MultiCache<'_> {
     fn origin(&self, key: &CacheKey) -> Option<String> {
         self.answering(key).and_then(|c| c.origin(key))
     }
+
+    fn write_origin(&self) -> Option<String> {
+        self.caches.iter().filter(|(_, a)| *a != Access::Read).find_map(|(c, _)| c.write_origin())
+    }
 }

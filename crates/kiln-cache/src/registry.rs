@@ -202,6 +202,10 @@ impl LayerCache for RegistryCache<'_> {
     fn origin(&self, _key: &CacheKey) -> Option<String> {
         Some(self.repo.name())
     }
+
+    fn write_origin(&self) -> Option<String> {
+        (!self.read_only).then(|| self.repo.name())
+    }
 }
 
 #[cfg(test)]

@@ -298,31 +298,31 @@ fn registry_cache_is_shared_by_two_destinations_without_reuploads() {
             p.path("out"),
         )
     };
+    // Each push mounts the built layers from the cache repository: uploaded once, ever.
+    let assert_mounted = |repo: &str, log: &str| {
+        let o = Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!("docker://{host}/{repo}:latest"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let manifest: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        for l in &manifest["layers"].as_array().unwrap()[1..] {
+            let digest = l["digest"].as_str().unwrap();
+            assert!(
+                log.contains(&format!("mount={digest}")),
+                "{repo}: layer {digest} was not mounted from the cache:\n{log}"
+            );
+        }
+    };
     let first = build("one");
     assert_eq!(first.hits(), vec![false, false], "{}", first.log);
+    assert_mounted("one", &reg.log());
     let log_before = reg.log().len();
     let second = build("two");
     assert_eq!(second.hits(), vec![true, true], "{}", second.log);
     assert_eq!(first.read("random"), second.read("random"));
-    // The second push mounted the cached layers from the cache repository.
-    let log = reg.log()[log_before..].to_owned();
-    let manifest: serde_json::Value = {
-        let o = Command::new("skopeo")
-            .args(["inspect", "--raw", "--tls-verify=false"])
-            .arg(format!("docker://{host}/two:latest"))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        serde_json::from_slice(&o.stdout).unwrap()
-    };
-    let layers = manifest["layers"].as_array().unwrap();
-    for l in &layers[1..] {
-        let digest = l["digest"].as_str().unwrap();
-        assert!(
-            log.contains(&format!("mount={digest}")),
-            "layer {digest} was not mounted from the cache:\n{log}"
-        );
-    }
+    assert_mounted("two", &reg.log()[log_before..]);
     // The cache images are one per key, tagged with it.
     let o = Command::new("skopeo")
         .args(["list-tags", "--tls-verify=false"])
