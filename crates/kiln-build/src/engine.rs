@@ -732,7 +732,12 @@ impl StageBuild<'_, '_> {
         let mut b = KeyBuilder::new(Some(&state.key));
         b.input("instruction", &instruction_identity(step));
         for (name, value) in extra {
-            b.input(name, value);
+            // Build-argument values may be tokens: `--cache-debug` shows only their digests.
+            if name.starts_with("build-arg ") {
+                b.input_private(name, value);
+            } else {
+                b.input(name, value);
+            }
         }
         b.finish()
     }
@@ -1161,10 +1166,9 @@ impl StageBuild<'_, '_> {
             .cloned()
             .collect();
         let created_by = history::run(&cmd.argv, &args);
-        let mut extra: Vec<(&str, String)> = vec![(
-            "build-args",
-            args.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("\n"),
-        )];
+        let arg_names: Vec<String> = args.iter().map(|(k, _)| format!("build-arg {k}")).collect();
+        let mut extra: Vec<(&str, String)> =
+            arg_names.iter().zip(&args).map(|(n, (_, v))| (n.as_str(), v.clone())).collect();
         for m in mount_specs {
             if m.kind != kiln_dockerfile::instructions::MountType::Bind {
                 continue;
