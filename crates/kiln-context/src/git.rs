@@ -207,33 +207,15 @@ fn http_transport_options(
     shown: &str,
 ) -> Result<gix::protocol::transport::client::blocking_io::http::Options, ContextError> {
     use gix::protocol::transport::client::blocking_io::http;
-    let certs = match &opts.extra_ca_file {
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| ContextError::Git {
-                context: shown.to_owned(),
-                reason: format!(
-                    "cannot read the CA bundle `{}` (SSL_CERT_FILE): {e}",
-                    path.display()
-                ),
-            })?;
-            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ContextError::Git {
-                context: shown.to_owned(),
-                reason: format!("invalid CA bundle `{}` (SSL_CERT_FILE): {e}", path.display()),
-            })?
-        }
-        None => Vec::new(),
-    };
+    let certs = crate::http::extra_roots(opts)
+        .map_err(|reason| ContextError::Git { context: shown.to_owned(), reason })?;
     let insecure = opts.insecure_tls;
     let backend = http::reqwest::Options {
         configure_client: Some(Box::new(move |builder: reqwest::blocking::ClientBuilder| {
-            let mut builder = builder.user_agent(concat!("git/kiln-", env!("CARGO_PKG_VERSION")));
-            if !certs.is_empty() {
-                builder = builder.tls_certs_merge(certs.clone());
-            }
-            if insecure {
-                builder = builder.tls_danger_accept_invalid_certs(true);
-            }
-            Ok(builder)
+            Ok(builder
+                .user_agent(concat!("git/kiln-", env!("CARGO_PKG_VERSION")))
+                .tls_certs_merge(certs.clone())
+                .tls_danger_accept_invalid_certs(insecure))
         })),
         configure_request: None,
     };

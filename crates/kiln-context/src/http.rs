@@ -5,30 +5,37 @@ use std::io::Read;
 use crate::redact::redact;
 use crate::{ContextError, FetchOptions};
 
-/// A client with the options' TLS settings (extra CA, insecure), shared with the git transport.
-pub(crate) fn client_builder(
+/// A client with the options' TLS settings (extra CA, insecure).
+fn client_builder(
     opts: &FetchOptions,
     shown: &str,
 ) -> Result<reqwest::blocking::ClientBuilder, ContextError> {
-    let mut builder = reqwest::blocking::Client::builder()
+    let certs = extra_roots(opts)
+        .map_err(|reason| ContextError::Download { context: shown.to_owned(), reason })?;
+    Ok(reqwest::blocking::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(30))
-        .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")));
+        .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+        .tls_certs_merge(certs)
+        .tls_danger_accept_invalid_certs(opts.insecure_tls))
+}
+
+/// The roots trusted besides the system's, for tar downloads and the git transport: Mozilla's
+/// (built in, so a `FROM scratch` image without a CA store still verifies public servers) and
+/// the PEM bundle of [`FetchOptions::extra_ca_file`].
+pub(crate) fn extra_roots(opts: &FetchOptions) -> Result<Vec<reqwest::Certificate>, String> {
+    let mut certs: Vec<reqwest::Certificate> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
+        .iter()
+        .filter_map(|der| reqwest::Certificate::from_der(der).ok())
+        .collect();
     if let Some(path) = &opts.extra_ca_file {
-        let pem = std::fs::read(path).map_err(|e| ContextError::Download {
-            context: shown.to_owned(),
-            reason: format!("cannot read the CA bundle `{}` (SSL_CERT_FILE): {e}", path.display()),
+        let pem = std::fs::read(path).map_err(|e| {
+            format!("cannot read the CA bundle `{}` (SSL_CERT_FILE): {e}", path.display())
         })?;
-        let certs =
-            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ContextError::Download {
-                context: shown.to_owned(),
-                reason: format!("invalid CA bundle `{}` (SSL_CERT_FILE): {e}", path.display()),
-            })?;
-        builder = builder.tls_certs_merge(certs);
+        let extra = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("invalid CA bundle `{}` (SSL_CERT_FILE): {e}", path.display()))?;
+        certs.extend(extra);
     }
-    if opts.insecure_tls {
-        builder = builder.tls_danger_accept_invalid_certs(true);
-    }
-    Ok(builder)
+    Ok(certs)
 }
 
 /// GETs `url` and returns the body as a stream; statuses other than 2xx are errors.
