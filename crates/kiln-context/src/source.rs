@@ -55,12 +55,19 @@ pub struct GitSource {
 impl fmt::Debug for GitSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GitSource")
-            .field("url", &redact(&self.url))
+            .field("url", &self.redacted_url())
             .field("kaniko_form", &self.kaniko_form)
             .field("reference", &self.reference)
             .field("commit", &self.commit)
             .field("subdir", &self.subdir)
             .finish()
+    }
+}
+
+impl GitSource {
+    /// The URL as written (with `git://` for kaniko's form), without credentials.
+    pub fn redacted_url(&self) -> String {
+        if self.kaniko_form { redact(&format!("git://{}", self.url)) } else { redact(&self.url) }
     }
 }
 
@@ -132,11 +139,7 @@ impl Source {
             Source::TarFile(p) => format!("tar://{}", p.display()),
             Source::Stdin => "stdin".to_owned(),
             Source::Git(g) => {
-                let mut out = if g.kaniko_form {
-                    format!("git://{}", redact(&g.url))
-                } else {
-                    redact(&g.url)
-                };
+                let mut out = g.redacted_url();
                 if let Some(r) = &g.reference {
                     out.push('#');
                     out.push_str(r);
@@ -281,6 +284,9 @@ mod tests {
         assert!(!format!("{s:?}").contains("s3cret"));
         let e = Source::parse("https://user:s3cret@host/x.tar#frag").unwrap_err().to_string();
         assert!(!e.contains("s3cret"), "{e}");
+        let s = Source::parse("git://u:s3cret@host/repo.git#main").unwrap();
+        assert_eq!(s.display(), "git://host/repo.git#main");
+        assert!(!format!("{s:?}").contains("s3cret"));
         let s = Source::parse("https://tok@host/c.tar").unwrap();
         assert_eq!(s.display(), "https://host/c.tar");
     }
