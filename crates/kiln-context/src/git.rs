@@ -15,7 +15,10 @@
 //!   transport only when the server asks, and never part of a message.
 //! - TLS: [`FetchOptions::extra_ca_file`] and [`FetchOptions::insecure_tls`] apply to the git
 //!   transport as to tar downloads.
-//! - Submodules are not checked out (a warning names them); the commit's own files are.
+//! - Submodules ([`FetchOptions::git_recurse_submodules`], kaniko's `recurse-submodules`, off
+//!   by default): each gitlink of the tree is fetched (relative URLs resolved against the
+//!   superproject's, credentials passed on to the same host only) and its commit checked out in
+//!   place, recursively; without the option their directories stay empty and a warning says so.
 
 use std::num::NonZeroU32;
 use std::path::Path;
@@ -34,8 +37,6 @@ pub(crate) fn checkout(
     opts: &FetchOptions,
     shown: &str,
 ) -> Result<(), ContextError> {
-    let git_err =
-        |reason: String| ContextError::Git { context: shown.to_owned(), reason: redact(&reason) };
     let url = if source.kaniko_form {
         let scheme = match opts.git_pull_method {
             GitPullMethod::Https => "https",
@@ -48,13 +49,49 @@ pub(crate) fn checkout(
     };
     let (url, url_credentials) = split_credentials(&url);
     let credentials = url_credentials.or_else(|| opts.git_credentials.clone());
+    let revision =
+        Revision { reference: source.reference.as_deref(), commit: source.commit.as_deref() };
+    fetch_tree(&url, credentials, revision, dest, work_dir, opts, shown, 0)
+}
+
+/// What to check out.
+#[derive(Clone, Copy)]
+struct Revision<'a> {
+    reference: Option<&'a str>,
+    commit: Option<&'a str>,
+}
+
+/// How deep submodules may nest.
+const MAX_SUBMODULE_DEPTH: usize = 8;
+
+/// Fetches `url` (credentials already taken out) into a temporary bare repository and checks
+/// the revision's tree out into `dest`, then its submodules when asked.
+#[allow(clippy::too_many_arguments)]
+fn fetch_tree(
+    url: &str,
+    credentials: Option<Credentials>,
+    revision: Revision<'_>,
+    dest: &Path,
+    work_dir: &Path,
+    opts: &FetchOptions,
+    shown: &str,
+    depth: usize,
+) -> Result<(), ContextError> {
+    let git_err = |reason: String| ContextError::Git {
+        context: shown.to_owned(),
+        reason: if depth == 0 {
+            redact(&reason)
+        } else {
+            redact(&format!("submodule `{url}`: {reason}"))
+        },
+    };
     let is_http = url.starts_with("http://") || url.starts_with("https://");
 
     let bare = tempfile::Builder::new().prefix("git-").tempdir_in(work_dir).map_err(|error| {
         ContextError::WorkDir { context: shown.to_owned(), work_dir: work_dir.to_path_buf(), error }
     })?;
     let mut prepare = gix::clone::PrepareFetch::new(
-        url.as_str(),
+        url,
         bare.path(),
         gix::create::Kind::Bare,
         gix::create::Options::default(),
@@ -62,18 +99,19 @@ pub(crate) fn checkout(
         gix::open::Options::isolated(),
     )
     .map_err(|e| git_err(format!("invalid git URL: {e}")))?;
-    if let Some(reference) = &source.reference {
+    if let Some(reference) = revision.reference {
         prepare = prepare
-            .with_ref_name(Some(reference.as_str()))
+            .with_ref_name(Some(reference))
             .map_err(|e| git_err(format!("invalid ref `{reference}`: {e}")))?;
     }
-    if source.commit.is_none() {
+    if revision.commit.is_none() {
         prepare = prepare.with_shallow(gix::remote::fetch::Shallow::DepthAtRemote(NonZeroU32::MIN));
     }
     let transport = if is_http { Some(http_transport_options(opts, shown)?) } else { None };
     // Called for every connection of the clone (ref listing, then the pack).
+    let connection_credentials = credentials.clone();
     prepare = prepare.configure_connection(move |connection| {
-        let credentials = credentials.clone();
+        let credentials = connection_credentials.clone();
         connection.set_credentials(move |action| credentials_for(action, credentials.as_ref()));
         if let Some(options) = &transport {
             connection.set_transport_options(Box::new(options.clone()));
@@ -83,15 +121,15 @@ pub(crate) fn checkout(
     let interrupt = AtomicBool::new(false);
     let (repo, _outcome) = prepare
         .fetch_only(gix::progress::Discard, &interrupt)
-        .map_err(|e| git_err(describe_fetch_error(&e, source)))?;
+        .map_err(|e| git_err(describe_fetch_error(&e, revision.reference)))?;
 
-    let commit_id = match &source.commit {
+    let commit_id = match revision.commit {
         Some(commit) => repo
-            .rev_parse_single(commit.as_str())
+            .rev_parse_single(commit)
             .map_err(|e| {
                 git_err(format!(
                     "commit `{commit}` is not in the fetched history{}: {e}",
-                    source.reference.as_deref().map(|r| format!(" of `{r}`")).unwrap_or_default()
+                    revision.reference.map(|r| format!(" of `{r}`")).unwrap_or_default()
                 ))
             })?
             .detach(),
@@ -113,6 +151,14 @@ pub(crate) fn checkout(
         .checkout_options(gix::worktree::stack::state::attributes::Source::IdMapping)
         .map_err(|e| git_err(format!("checkout options: {e}")))?;
     checkout_opts.destination_is_initially_empty = true;
+    // Submodules are gitlinks (commit entries) in the tree; checkout leaves their directories
+    // empty. Collected now: checkout consumes the index's paths.
+    let gitlinks: Vec<(String, gix::ObjectId)> = index
+        .entries()
+        .iter()
+        .filter(|e| e.mode == gix::index::entry::Mode::COMMIT)
+        .map(|e| (e.path(&index).to_string(), e.id))
+        .collect();
     let objects = repo
         .objects
         .clone()
@@ -131,15 +177,91 @@ pub(crate) fn checkout(
     if let Some((path, error)) = outcome.errors.first().map(|e| (e.path.to_string(), &e.error)) {
         return Err(git_err(format!("checking out `{path}` of `{commit_id}`: {error}")));
     }
-    if dest.join(".gitmodules").is_file() {
-        tracing::warn!(
-            context = shown,
-            "the repository has submodules (.gitmodules); kiln does not check them out"
-        );
-    }
     drop(repo);
     drop(bare);
+    if gitlinks.is_empty() {
+        return Ok(());
+    }
+    if !opts.git_recurse_submodules {
+        tracing::warn!(
+            context = shown,
+            "the repository has {} submodule(s); they are left empty (enable recursing into submodules to check them out)",
+            gitlinks.len()
+        );
+        return Ok(());
+    }
+    if depth >= MAX_SUBMODULE_DEPTH {
+        return Err(git_err(format!("submodules nest deeper than {MAX_SUBMODULE_DEPTH} levels")));
+    }
+    let modules = std::fs::read(dest.join(".gitmodules"))
+        .map_err(|e| {
+            git_err(format!("the tree has submodules but `.gitmodules` cannot be read: {e}"))
+        })
+        .and_then(|bytes| {
+            gix::submodule::File::from_bytes(&bytes, None, &Default::default())
+                .map_err(|e| git_err(format!("invalid `.gitmodules`: {e}")))
+        })?;
+    for (path, id) in gitlinks {
+        let name = modules
+            .name_by_path(path.as_str().into())
+            .ok_or_else(|| git_err(format!("submodule `{path}` is not in `.gitmodules`")))?;
+        let raw = modules
+            .config()
+            .string_by("submodule", Some(name), "url")
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| git_err(format!("submodule `{path}` has no URL in `.gitmodules`")))?;
+        let sub_url = resolve_submodule_url(url, &raw.to_string());
+        // Gitlink paths come from the index (validated: relative, no `..`); their parents are
+        // directories the checkout just made, never symlinks.
+        let sub_dest = dest.join(&path);
+        std::fs::create_dir_all(&sub_dest)
+            .map_err(|e| git_err(format!("creating `{path}` for its submodule: {e}")))?;
+        let (sub_url, sub_credentials) = split_credentials(&sub_url);
+        let hex = id.to_hex().to_string();
+        let sub_revision = Revision { reference: None, commit: Some(&hex) };
+        // Credentials follow a submodule to the same host only.
+        let sub_credentials =
+            sub_credentials.or_else(|| credentials.clone().filter(|_| same_host(url, &sub_url)));
+        fetch_tree(
+            &sub_url,
+            sub_credentials,
+            sub_revision,
+            &sub_dest,
+            work_dir,
+            opts,
+            shown,
+            depth + 1,
+        )?;
+    }
     Ok(())
+}
+
+/// A submodule URL: relative ones (`../lib.git`, `./lib`) resolve against the superproject's.
+fn resolve_submodule_url(parent: &str, raw: &str) -> String {
+    if !(raw.starts_with("../") || raw.starts_with("./")) {
+        return raw.to_owned();
+    }
+    let mut base = parent.trim_end_matches('/').to_owned();
+    let mut rest = raw;
+    loop {
+        if let Some(r) = rest.strip_prefix("./") {
+            rest = r;
+        } else if let Some(r) = rest.strip_prefix("../") {
+            rest = r;
+            if let Some(i) = base.rfind('/').filter(|i| !base[..*i].ends_with('/')) {
+                base.truncate(i);
+            }
+        } else {
+            break;
+        }
+    }
+    format!("{base}/{rest}")
+}
+
+fn same_host(a: &str, b: &str) -> bool {
+    let host =
+        |u: &str| reqwest::Url::parse(u).ok().map(|u| (u.host_str().map(str::to_owned), u.port()));
+    host(a).is_some() && host(a) == host(b)
 }
 
 /// The URL without userinfo, and the credentials it carried (percent-decoded).
@@ -227,12 +349,12 @@ fn http_transport_options(
 }
 
 /// gix's message, with the missing ref said plainly.
-fn describe_fetch_error(e: &gix::Error, source: &GitSource) -> String {
+fn describe_fetch_error(e: &gix::Error, reference: Option<&str>) -> String {
     let text = format!("{e:#}");
-    match &source.reference {
+    match reference {
         Some(r)
             if text.contains("doesn't have ref")
-                || text.contains("not found") && text.contains(r.as_str()) =>
+                || text.contains("not found") && text.contains(r) =>
         {
             format!("the remote has no branch or tag `{r}` ({text})")
         }
@@ -243,6 +365,23 @@ fn describe_fetch_error(e: &gix::Error, source: &GitSource) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn submodule_urls() {
+        assert_eq!(
+            resolve_submodule_url("git://h/org/app.git", "../lib.git"),
+            "git://h/org/lib.git"
+        );
+        assert_eq!(
+            resolve_submodule_url("https://h/org/app.git/", "./lib"),
+            "https://h/org/app.git/lib"
+        );
+        assert_eq!(resolve_submodule_url("https://h/a.git", "../../x.git"), "https://h/x.git");
+        assert_eq!(resolve_submodule_url("https://h/a.git", "https://o/x.git"), "https://o/x.git");
+        assert!(
+            same_host("https://h:1/a", "https://h:1/b") && !same_host("https://h/a", "https://o/a")
+        );
+    }
 
     #[test]
     fn credentials_leave_the_url() {

@@ -44,6 +44,8 @@ pub struct FetchOptions {
     pub insecure_tls: bool,
     /// PEM certificates trusted in addition to the built-in roots (`SSL_CERT_FILE`).
     pub extra_ca_file: Option<PathBuf>,
+    /// Check out git submodules too (kaniko's `--git recurse-submodules=true`).
+    pub git_recurse_submodules: bool,
 }
 
 impl std::fmt::Debug for FetchOptions {
@@ -53,6 +55,7 @@ impl std::fmt::Debug for FetchOptions {
             .field("git_pull_method", &self.git_pull_method)
             .field("insecure_tls", &self.insecure_tls)
             .field("extra_ca_file", &self.extra_ca_file)
+            .field("git_recurse_submodules", &self.git_recurse_submodules)
             .finish()
     }
 }
@@ -112,6 +115,7 @@ impl FetchOptions {
             git_pull_method,
             insecure_tls,
             extra_ca_file: var("SSL_CERT_FILE").map(PathBuf::from),
+            git_recurse_submodules: false,
         })
     }
 }

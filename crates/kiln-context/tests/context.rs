@@ -345,6 +345,29 @@ fn git_daemon_refs_tags_and_commits() {
 }
 
 #[test]
+fn git_submodules_when_asked() {
+    let fx = GitFixture::new();
+    fx.add_superproject();
+    let daemon = GitDaemon::start(fx.root());
+    let work = tempfile::tempdir().unwrap();
+    let url = daemon.url("app.git");
+    let plain = fetch_ok(&url, work.path(), &git_opts(GitPullMethod::Git));
+    assert_eq!(read(plain.path(), "app.txt"), "app");
+    assert!(entries(&plain.path().join("modules/lib")).is_empty(), "not checked out unless asked");
+    let recurse = FetchOptions { git_recurse_submodules: true, ..git_opts(GitPullMethod::Git) };
+    let p = fetch_ok(&url, work.path(), &recurse);
+    assert_eq!(read(p.path(), "modules/lib/lib.txt"), "lib");
+    assert!(!p.path().join("modules/lib/.git").exists());
+    drop((plain, p));
+    assert!(entries(work.path()).is_empty(), "{:?}", entries(work.path()));
+
+    // A submodule that cannot be fetched fails the whole context, naming it.
+    std::fs::rename(fx.root().join("lib.git"), fx.root().join("gone.git")).unwrap();
+    let e = fails(&url, None, &recurse);
+    assert!(e.contains("submodule") && e.contains("lib.git"), "{e}");
+}
+
+#[test]
 fn git_smart_http_with_subdirs_and_credentials() {
     let fx = GitFixture::new();
     let open = HttpServer::start(HttpConfig {

@@ -99,6 +99,38 @@ impl GitFixture {
         GitFixture { dir, first, second, dev }
     }
 
+    /// Adds `lib.git` (`lib.txt` = `lib`) and `app.git`, whose `app.txt` = `app` and whose
+    /// submodule `modules/lib` points at `../lib.git` (relative, as projects write it).
+    pub fn add_superproject(&self) {
+        let root = self.dir.path();
+        let lib = root.join("lib-work");
+        std::fs::create_dir(&lib).unwrap();
+        git(&lib, &["init", "-q"]);
+        std::fs::write(lib.join("lib.txt"), "lib").unwrap();
+        git(&lib, &["add", "-A"]);
+        git(&lib, &["commit", "-q", "-m", "lib"]);
+        git(root, &["clone", "-q", "--bare", "lib-work", "lib.git"]);
+        let app = root.join("app-work");
+        std::fs::create_dir(&app).unwrap();
+        git(&app, &["init", "-q"]);
+        std::fs::write(app.join("app.txt"), "app").unwrap();
+        git(
+            &app,
+            &[
+                "-c",
+                "protocol.file.allow=always",
+                "submodule",
+                "add",
+                "-q",
+                "../lib.git",
+                "modules/lib",
+            ],
+        );
+        git(&app, &["add", "-A"]);
+        git(&app, &["commit", "-q", "-m", "app"]);
+        git(root, &["clone", "-q", "--bare", "app-work", "app.git"]);
+    }
+
     /// The directory holding `repo.git` (the servers' base path).
     pub fn root(&self) -> &Path {
         self.dir.path()
