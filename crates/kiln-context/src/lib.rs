@@ -120,6 +120,44 @@ impl FetchOptions {
     }
 }
 
+impl FetchOptions {
+    /// Applies kaniko's `--git` flag, `KEY=VALUE[,KEY=VALUE…]` with `branch`, `single-branch`,
+    /// `recurse-submodules` and `insecure-skip-tls`. `branch` names the ref of a git source
+    /// whose URL names none; `single-branch` is accepted and always true when a ref is named.
+    pub fn apply_git_flag(&mut self, spec: &str, source: &mut Source) -> Result<(), ContextError> {
+        let invalid =
+            |reason: String| ContextError::Invalid { context: format!("--git {spec}"), reason };
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) = part.split_once('=').unwrap_or((part, "true"));
+            let flag = || match value {
+                "true" => Ok(true),
+                "false" => Ok(false),
+                other => Err(invalid(format!("`{key}` takes `true` or `false`, not `{other}`"))),
+            };
+            match key {
+                "branch" => {
+                    if let Source::Git(g) = source
+                        && g.reference.is_none()
+                    {
+                        g.reference = Some(value.to_owned());
+                    }
+                }
+                "single-branch" => {
+                    flag()?;
+                }
+                "recurse-submodules" => self.git_recurse_submodules = flag()?,
+                "insecure-skip-tls" => self.insecure_tls = self.insecure_tls || flag()?,
+                other => {
+                    return Err(invalid(format!(
+                        "unknown option `{other}` (expected branch, single-branch, recurse-submodules, insecure-skip-tls)"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Why a build context could not be prepared. Every message names the context as written,
 /// with credentials removed.
 #[derive(Debug, thiserror::Error)]

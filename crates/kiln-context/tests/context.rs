@@ -354,7 +354,12 @@ fn git_submodules_when_asked() {
     let plain = fetch_ok(&url, work.path(), &git_opts(GitPullMethod::Git));
     assert_eq!(read(plain.path(), "app.txt"), "app");
     assert!(entries(&plain.path().join("modules/lib")).is_empty(), "not checked out unless asked");
-    let recurse = FetchOptions { git_recurse_submodules: true, ..git_opts(GitPullMethod::Git) };
+    let mut recurse = git_opts(GitPullMethod::Git);
+    let mut source = Source::parse(&url).unwrap();
+    recurse.apply_git_flag("recurse-submodules=true,single-branch=true", &mut source).unwrap();
+    assert!(recurse.git_recurse_submodules);
+    let e = recurse.apply_git_flag("depth=1", &mut source).unwrap_err().to_string();
+    assert!(e.contains("unknown option `depth`"), "{e}");
     let p = fetch_ok(&url, work.path(), &recurse);
     assert_eq!(read(p.path(), "modules/lib/lib.txt"), "lib");
     assert!(!p.path().join("modules/lib/.git").exists());

@@ -88,6 +88,9 @@ pub struct BuildArgs {
     /// A directory inside the build context to build from.
     #[arg(long, value_name = "DIR")]
     pub context_sub_path: Option<String>,
+    /// Git context options (kaniko's flag): `branch=B,single-branch=true,recurse-submodules=true,insecure-skip-tls=true`.
+    #[arg(long = "git", value_name = "KEY=VALUE,...")]
+    pub git: Option<String>,
 }
 
 /// Everything `kiln build` resolved from its flags before building.
@@ -247,8 +250,11 @@ fn fetch_context(args: &BuildArgs) -> anyhow::Result<kiln_context::PreparedConte
         let hint = e.hint().unwrap_or("check the build context argument");
         Hinted::error(e.to_string(), hint, None)
     };
-    let source = kiln_context::Source::parse(written).map_err(hinted)?;
-    let opts = kiln_context::FetchOptions::from_env().map_err(hinted)?;
+    let mut source = kiln_context::Source::parse(written).map_err(hinted)?;
+    let mut opts = kiln_context::FetchOptions::from_env().map_err(hinted)?;
+    if let Some(spec) = &args.git {
+        opts.apply_git_flag(spec, &mut source).map_err(hinted)?;
+    }
     let dir = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
     if !matches!(source, kiln_context::Source::Local(_)) {
         tracing::info!("fetching the build context {}", source.display());

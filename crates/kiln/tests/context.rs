@@ -92,6 +92,28 @@ fn build_from_a_git_daemon_with_a_sub_path() {
     assert_eq!(fs::read_to_string(rootfs.join("from-sub.txt")).unwrap(), "sub");
     assert!(leftovers(&work).is_empty(), "left in the work dir: {:?}", leftovers(&work));
 
+    // kaniko's `--git branch=` and a `-f` path that exists only inside the fetched context.
+    fs::remove_dir_all(&out).unwrap();
+    let o = kiln(
+        &[
+            "build",
+            "--work-dir",
+            work.to_str().unwrap(),
+            "-o",
+            &format!("type=oci,dest={}", out.display()),
+            "--git",
+            "branch=dev,single-branch=true",
+            "-f",
+            "sub/dir/Dockerfile",
+            &daemon.url("repo.git"),
+        ],
+        &[("GIT_PULL_METHOD", "git")],
+        None,
+    );
+    assert!(o.status.success(), "kiln build failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    let rootfs = unpack(&out, &dir.path().join("bundle2"));
+    assert_eq!(fs::read_to_string(rootfs.join("from-sub.txt")).unwrap(), "dev");
+
     // A ref that does not exist: one error naming the context, nothing left behind.
     let missing = format!("{}#refs/heads/nope", daemon.url("repo.git"));
     let o = kiln(
