@@ -352,11 +352,8 @@ fn http_transport_options(
 fn describe_fetch_error(e: &gix::Error, reference: Option<&str>) -> String {
     let text = format!("{e:#}");
     match reference {
-        Some(r)
-            if text.contains("doesn't have ref")
-                || text.contains("not found") && text.contains(r) =>
-        {
-            format!("the remote has no branch or tag `{r}` ({text})")
+        Some(r) if text.contains("didn't have any ref that matched") => {
+            format!("the remote has no branch or tag `{r}`")
         }
         _ => format!("fetch failed: {text}"),
     }

@@ -334,7 +334,7 @@ fn git_daemon_refs_tags_and_commits() {
     drop(p);
 
     let e = fails(&format!("{base}#no-such-branch"), None, &opts);
-    assert!(e.contains("no-such-branch") && e.contains(&base), "{e}");
+    assert!(e.contains("has no branch or tag `no-such-branch`") && e.contains(&base), "{e}");
     let e = fails(&format!("{base}#refs/heads/main#{}", "0".repeat(40)), None, &opts);
     assert!(e.contains(&"0".repeat(40)), "{e}");
     let e = fails(&daemon.url("missing.git"), None, &opts);
@@ -399,7 +399,7 @@ fn git_smart_http_with_subdirs_and_credentials() {
         "dev"
     );
     let e = fails(&format!("{url}#v9"), None, &opts);
-    assert!(e.contains("v9") && e.contains(&url), "{e}");
+    assert!(e.contains("has no branch or tag `v9`") && e.contains(&url), "{e}");
     let e = fails(&format!("{url}#main:no/such/dir"), None, &opts);
     assert!(e.contains("no/such/dir"), "{e}");
 
