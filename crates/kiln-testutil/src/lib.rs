@@ -5,8 +5,11 @@
 //! waits until it answers, and stops it (by PID) when dropped; its log is printed if a test
 //! panics while it runs. [`base_layouts`] builds (cached) busybox and Debian OCI layouts from
 //! local root filesystems with `scripts/base-images.sh`, and [`Registry::push_bases`] pushes
-//! them, so nothing needs the internet.
+//! them, so nothing needs the internet. [`serve`] has git and http servers for build-context
+//! tests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod serve;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -113,11 +113,22 @@ pub struct BuildArgs {
     #[arg(long = "cache-debug")]
     pub cache_debug: bool,
     /// Build the built-in example (a multi-stage `FROM scratch` image, no network needed).
-    #[arg(long, conflicts_with_all = ["file", "context"])]
+    #[arg(long, conflicts_with_all = ["file", "context", "context_flag"])]
     pub example: bool,
-    /// The build context directory.
+    /// The build context, as the last argument or with `--context` (kaniko's flag): a
+    /// directory, `tar://FILE`, `-` (a tar on stdin), a git URL (`git://HOST/REPO.git#REF#COMMIT`,
+    /// `https://HOST/REPO.git#REF:DIR`), `s3://`, `gs://`, an Azure Blob URL, or an http(s) URL
+    /// of a tar (default: `.`).
     #[arg(value_name = "CONTEXT")]
-    pub context: Option<PathBuf>,
+    pub context: Option<String>,
+    #[arg(long = "context", value_name = "CONTEXT", conflicts_with = "context", hide = true)]
+    pub context_flag: Option<String>,
+    /// A directory inside the build context to build from.
+    #[arg(long, value_name = "DIR")]
+    pub context_sub_path: Option<String>,
+    /// Git context options (kaniko's flag): `branch=B,single-branch=true,recurse-submodules=true,insecure-skip-tls=true`.
+    #[arg(long = "git", value_name = "KEY=VALUE,...")]
+    pub git: Option<String>,
 }
 
 /// Everything `kiln build` resolved from its flags before building.
@@ -139,6 +150,8 @@ pub struct Resolved {
     pub cache_ttl: Option<std::time::Duration>,
     /// Base images cached by `kiln warmer`.
     pub cache_dir: Option<PathBuf>,
+    /// A fetched (git, tar, URL) context: kept for the build, removed when this is dropped.
+    pub _prepared_context: Option<kiln_context::PreparedContext>,
 }
 
 /// The example `kiln build --example` builds (the repository's `examples/hello`, embedded).
@@ -148,23 +161,26 @@ const EXAMPLE_FILES: [(&str, &str); 1] =
 
 /// Resolves the flags: reads the Dockerfile and ignore file, parses every option value.
 pub fn resolve(args: &BuildArgs) -> anyhow::Result<Resolved> {
-    let (context, dockerfile_name, dockerfile) = if args.example {
+    let mut prepared_context = None;
+    let (context, dockerfile_name, dockerfile, ignore) = if args.example {
         let ctx = tempfile::Builder::new().prefix("kiln-example-").tempdir()?.keep();
         for (name, content) in EXAMPLE_FILES {
             std::fs::write(ctx.join(name), content)
                 .with_context(|| format!("cannot write the example's {name}"))?;
         }
-        (ctx, "examples/hello/Dockerfile".to_owned(), EXAMPLE.to_owned())
+        (ctx, "examples/hello/Dockerfile".to_owned(), EXAMPLE.to_owned(), None)
     } else {
-        let context = args.context.clone().unwrap_or_else(|| PathBuf::from("."));
-        if !context.is_dir() {
-            return Err(Hinted::error(
-                format!("the build context `{}` is not a directory", context.display()),
-                "pass the directory with your sources as the last argument (e.g. `kiln build .`)",
-                None,
-            ));
-        }
-        let file = args.file.clone().unwrap_or_else(|| context.join("Dockerfile"));
+        let prepared = fetch_context(args)?;
+        let context = prepared.path().to_path_buf();
+        prepared_context = Some(prepared);
+        // `-f` as given, else inside the context (kaniko's rule; needed for remote contexts).
+        let file = match &args.file {
+            Some(f) if !f.exists() && f.is_relative() && context.join(f).is_file() => {
+                context.join(f)
+            }
+            Some(f) => f.clone(),
+            None => context.join("Dockerfile"),
+        };
         let text = std::fs::read_to_string(&file).map_err(|e| {
             Hinted::error(
                 format!("cannot read the Dockerfile `{}`", file.display()),
@@ -172,9 +188,9 @@ pub fn resolve(args: &BuildArgs) -> anyhow::Result<Resolved> {
                 Some(e.into()),
             )
         })?;
-        (context, file.display().to_string(), text)
+        let ignore = read_ignore(&context, &file)?;
+        (context, file.display().to_string(), text, ignore)
     };
-    let ignore = if args.example { None } else { read_ignore(&context, args.file.as_deref())? };
 
     let mut build_args = Vec::new();
     for spec in &args.build_args {
@@ -271,6 +287,7 @@ pub fn resolve(args: &BuildArgs) -> anyhow::Result<Resolved> {
         caches,
         cache_ttl: (!ttl.is_zero()).then_some(ttl),
         cache_dir: args.cache_dir.clone(),
+        _prepared_context: prepared_context,
     })
 }
 
@@ -328,6 +345,26 @@ fn resolve_caches(
     Ok((caches, settings))
 }
 
+/// Fetches the build context (a local directory is used in place); temporary copies go to
+/// `--work-dir` or the system's temporary directory.
+fn fetch_context(args: &BuildArgs) -> anyhow::Result<kiln_context::PreparedContext> {
+    let written = args.context_flag.as_deref().or(args.context.as_deref()).unwrap_or(".");
+    let hinted = |e: kiln_context::ContextError| {
+        let hint = e.hint().unwrap_or("check the build context argument");
+        Hinted::error(e.to_string(), hint, None)
+    };
+    let mut source = kiln_context::Source::parse(written).map_err(hinted)?;
+    let mut opts = kiln_context::FetchOptions::from_env().map_err(hinted)?;
+    if let Some(spec) = &args.git {
+        opts.apply_git_flag(spec, &mut source).map_err(hinted)?;
+    }
+    let dir = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    if !matches!(source, kiln_context::Source::Local(_)) {
+        tracing::info!("fetching the build context {}", source.display());
+    }
+    kiln_context::fetch(&source, args.context_sub_path.as_deref(), &dir, &opts).map_err(hinted)
+}
+
 fn default_cache_mounts() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
@@ -337,9 +374,8 @@ fn default_cache_mounts() -> PathBuf {
 }
 
 /// The `.dockerignore` that applies (`<Dockerfile>.dockerignore` first, then the context's).
-fn read_ignore(context: &Path, dockerfile: Option<&Path>) -> anyhow::Result<Option<DockerIgnore>> {
-    let df = dockerfile.map_or_else(|| context.join("Dockerfile"), Path::to_path_buf);
-    for cand in ignore_file_candidates(&df.to_string_lossy()) {
+fn read_ignore(context: &Path, dockerfile: &Path) -> anyhow::Result<Option<DockerIgnore>> {
+    for cand in ignore_file_candidates(&dockerfile.to_string_lossy()) {
         let path = match &cand {
             IgnoreFileLocation::BesideDockerfile(p) => PathBuf::from(p),
             _ => context.join(cand.path()),
