@@ -1037,15 +1037,23 @@ impl StageBuild<'_, '_> {
                 };
                 return self.copy_step(state, step, &spec, line);
             }
-            Instruction::Add { sources, chown, chmod, exclude, unpack, checksum, .. } => {
-                if let Some(url) = sources.paths.iter().find(|p| crate::remote::is_git(p)) {
+            Instruction::Add {
+                sources,
+                chown,
+                chmod,
+                exclude,
+                unpack,
+                checksum,
+                keep_git_dir,
+                ..
+            } => {
+                if keep_git_dir == &Some(true)
+                    && let Some(url) = sources.paths.iter().find(|p| crate::remote::is_git(p))
+                {
                     return Err(self.step_err(
                         line,
-                        format!("ADD of git repositories (`{url}`) is not supported yet"),
-                        Some(
-                            "clone it in a RUN step, or use the repository as the build context"
-                                .into(),
-                        ),
+                        format!("ADD --keep-git-dir=true of `{url}`: kiln checks out the tree without `.git`"),
+                        Some("drop --keep-git-dir, or clone the repository in a RUN step".into()),
                     ));
                 }
                 if let Some(c) = checksum {
@@ -1328,15 +1336,20 @@ impl StageBuild<'_, '_> {
         let mut sources: Vec<String> = spec.paths.to_vec();
         sources.extend(spec.inline.iter().map(|f| format!("<<{}", f.name)));
         let created_by = history::copy(spec.keyword, &flags, &sources, spec.dest);
-        // A URL's content is only known once downloaded: such an ADD always runs, and the
-        // steps after it are keyed on the layer it made.
-        let has_url = spec.keyword == "ADD" && spec.paths.iter().any(|p| crate::remote::is_http(p));
+        // A URL's or repository's content is only known once downloaded: such an ADD always
+        // runs, and the steps after it are keyed on the layer it made.
+        let has_url = spec.keyword == "ADD"
+            && spec.paths.iter().any(|p| crate::remote::is_http(p) || crate::remote::is_git(p));
         let keyed_by_inputs = !has_url || spec.checksum.is_some();
         let enabled = self.req.cache.copy_layers;
         let mut keyed = None;
         if keyed_by_inputs && self.engine.cache.is_some() {
-            let local: Vec<String> =
-                spec.paths.iter().filter(|p| !crate::remote::is_http(p)).cloned().collect();
+            let local: Vec<String> = spec
+                .paths
+                .iter()
+                .filter(|p| !crate::remote::is_http(p) && !crate::remote::is_git(p))
+                .cloned()
+                .collect();
             let files = match spec.from {
                 Some(from) => self.source_identity(from, line)?,
                 None if local.is_empty() => String::new(),
@@ -1377,11 +1390,27 @@ impl StageBuild<'_, '_> {
             Some(from) => (self.copy_from_root(from, line)?, SourceKind::Stage),
         };
         let mut changed = Vec::new();
-        let (urls, local): (Vec<String>, Vec<String>) = if spec.keyword == "ADD" {
-            spec.paths.iter().cloned().partition(|p| crate::remote::is_http(p))
+        let (remote, local): (Vec<String>, Vec<String>) = if spec.keyword == "ADD" {
+            spec.paths
+                .iter()
+                .cloned()
+                .partition(|p| crate::remote::is_http(p) || crate::remote::is_git(p))
         } else {
             (Vec::new(), spec.paths.to_vec())
         };
+        let (repos, urls): (Vec<String>, Vec<String>) =
+            remote.into_iter().partition(|p| crate::remote::is_git(p));
+        for repo in &repos {
+            changed.extend(self.add_git(
+                state,
+                spec,
+                repo,
+                owner,
+                chmod.as_ref(),
+                exclude.as_ref(),
+                line,
+            )?);
+        }
         if !urls.is_empty() {
             changed.extend(self.add_urls(state, spec, &urls, owner, chmod.as_ref(), line)?);
         }
@@ -1532,6 +1561,48 @@ impl StageBuild<'_, '_> {
             changed.extend(outcome.changed);
         }
         Ok(changed)
+    }
+
+    /// `ADD <git repository> <dest>`: the repository's tree at the ref (Docker's
+    /// `URL#REF[:SUBDIR]`) is fetched without `.git` (`kiln-context`) and its contents copied
+    /// into the destination directory, owned by root unless `--chown`.
+    #[allow(clippy::too_many_arguments)]
+    fn add_git(
+        &self,
+        state: &StageState,
+        spec: &CopySpec<'_>,
+        repo: &str,
+        owner: Option<(u32, u32)>,
+        chmod: Option<&Chmod>,
+        exclude: Option<&DockerIgnore>,
+        line: usize,
+    ) -> Result<Vec<String>, BuildError> {
+        let fail = |e: kiln_context::ContextError| {
+            let hint = e.hint().map(str::to_owned);
+            self.step_err(line, format!("ADD {}", e), hint)
+        };
+        let source = kiln_context::Source::parse(repo).map_err(fail)?;
+        let opts = kiln_context::FetchOptions::from_env().map_err(fail)?;
+        let fetched =
+            kiln_context::fetch(&source, None, &self.req.work_dir, &opts).map_err(fail)?;
+        let sources = [".".to_owned()];
+        let req = CopyRequest {
+            src_root: fetched.path(),
+            src_kind: SourceKind::Context,
+            sources: &sources,
+            dest: spec.dest,
+            workdir: &state.config.workdir(),
+            ignore: None,
+            exclude,
+            parents: false,
+            owner,
+            chmod,
+        };
+        let outcome = crate::copy::copy(&req, &state.root).map_err(|e| {
+            let hint = e.hint();
+            self.step_err(line, e.to_string(), hint)
+        })?;
+        Ok(outcome.changed)
     }
 
     /// `COPY <<EOF /dst`: each heredoc becomes a file (mode 0644) named by its delimiter.

@@ -176,3 +176,59 @@ fn build_from_a_gzipped_tar_on_stdin_with_dockerignore() {
     assert!(!rootfs.join("ctx/secret.txt").exists(), ".dockerignore applies to a tar context");
     assert!(leftovers(&work).is_empty(), "left in the work dir: {:?}", leftovers(&work));
 }
+
+/// `ADD <git repository> <dest>` (Docker's form): the tree at the ref, without `.git`, owned by
+/// root unless `--chown`; a missing ref fails the step with the URL; `--keep-git-dir=true` is
+/// refused with a hint.
+#[test]
+fn add_of_a_git_repository() {
+    require_root!();
+    let fx = GitFixture::new();
+    let daemon = GitDaemon::start(fx.root());
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = dir.path().join("ctx");
+    let work = dir.path().join("work");
+    fs::create_dir_all(&ctx).unwrap();
+    fs::create_dir(&work).unwrap();
+    let repo = daemon.url("repo.git");
+    let build = |dockerfile: &str| {
+        fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
+        let out = dir.path().join("out");
+        let _ = fs::remove_dir_all(&out);
+        let o = kiln(
+            &[
+                "build",
+                "--progress",
+                "plain",
+                "--work-dir",
+                work.to_str().unwrap(),
+                "-o",
+                &format!("type=oci,dest={}", out.display()),
+                ctx.to_str().unwrap(),
+            ],
+            &[("GIT_PULL_METHOD", "git")],
+            None,
+        );
+        (o, out)
+    };
+    let (o, out) = build(&format!(
+        "FROM scratch\nADD {repo}#refs/heads/dev /src/\nADD --chown=7:8 {repo} /main\n"
+    ));
+    assert!(o.status.success(), "kiln build failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    let rootfs = unpack(&out, &dir.path().join("bundle"));
+    assert_eq!(fs::read_to_string(rootfs.join("src/hello.txt")).unwrap(), "dev");
+    assert!(rootfs.join("src/sub/dir/Dockerfile").is_file());
+    assert!(!rootfs.join("src/.git").exists(), "the tree comes without .git");
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(rootfs.join("main/hello.txt")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (7, 8));
+    assert_eq!(fs::read_to_string(rootfs.join("main/hello.txt")).unwrap(), "main");
+
+    let (o, _) = build(&format!("FROM scratch\nADD {repo}#refs/heads/nope /src/\n"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("repo.git") && err.contains(":2"), "{err}");
+    let (o, _) = build(&format!("FROM scratch\nADD --keep-git-dir=true {repo} /src/\n"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--keep-git-dir"), "{err}");
+    assert!(leftovers(&work).is_empty(), "left in the work dir: {:?}", leftovers(&work));
+}
