@@ -14,5 +14,8 @@
 pub mod client;
 pub mod credentials;
 
-pub use client::{PulledManifest, RegistryClient, RegistryError, RegistryOptions};
+pub use client::{
+    CaCertificate, ClientCertificate, PulledManifest, RegistryClient, RegistryError,
+    RegistryOptions, parse_registry_map,
+};
 pub use credentials::{Credential, Credentials};

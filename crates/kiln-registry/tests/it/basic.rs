@@ -1,27 +1,14 @@
-//! The client against the real distribution registry: pulls of what skopeo pushed, pushes
+//! Basics against the real distribution registry: pulls of what skopeo pushed, pushes
 //! skopeo can read (monolithic and chunked uploads, cross-repository mounts), basic auth with
 //! the errors a user sees.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
 
 use kiln_oci::Platform;
-use kiln_reference::Reference;
-use kiln_registry::{Credentials, RegistryClient, RegistryError, RegistryOptions};
+use kiln_registry::{Credentials, RegistryError};
 use kiln_testutil::Registry;
 
-fn client(reg: &Registry, credentials: Credentials, chunk: u64) -> RegistryClient {
-    let options = RegistryOptions {
-        insecure: vec![reg.host.clone()],
-        chunk_size: chunk,
-        ..RegistryOptions::default()
-    };
-    RegistryClient::new(options, credentials).unwrap()
-}
-
-fn r(s: &str) -> Reference {
-    Reference::parse(s).unwrap()
-}
+use crate::{client, r};
 
 #[test]
 fn pull_what_skopeo_pushed_and_push_what_skopeo_reads() {
