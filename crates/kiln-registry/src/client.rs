@@ -1000,6 +1000,135 @@ impl RegistryClient {
         check_created(r, resp)
     }
 
+    /// Copies a blob from `src` to `dst` without touching the disk: skipped when `dst` has
+    /// it, mounted when both are on the same registry, else the download streams straight
+    /// into a monolithic upload, verified on the way (the registry checks the digest too). A
+    /// copy interrupted by the network starts again, up to the configured attempts.
+    pub fn copy_blob(
+        &self,
+        src: &Reference,
+        dst: &Reference,
+        d: &Descriptor,
+    ) -> Result<(), RegistryError> {
+        if self.has_blob(dst, &d.digest)? {
+            return Ok(());
+        }
+        let from = self.route(src);
+        if from.registry == dst.registry && self.mount_blob(dst, &d.digest, &from.repository)? {
+            return Ok(());
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let e = match self.stream_blob(src, dst, d) {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            let transient = match &e {
+                RegistryError::Unreachable { .. } | RegistryError::RetriesExhausted { .. } => true,
+                RegistryError::Status { status, .. } => *status >= 500 || *status == 429,
+                _ => false,
+            };
+            if !transient {
+                return Err(e);
+            }
+            if attempt >= self.options.attempts {
+                return Err(RegistryError::RetriesExhausted {
+                    reference: format!("{}@{}", dst.name(), d.digest),
+                    attempts: attempt,
+                    detail: e.to_string(),
+                });
+            }
+            tracing::debug!(error = %e, attempt, "blob copy interrupted; starting again");
+            std::thread::sleep(backoff(attempt, None));
+        }
+    }
+
+    fn stream_blob(
+        &self,
+        src: &Reference,
+        dst: &Reference,
+        d: &Descriptor,
+    ) -> Result<(), RegistryError> {
+        let download = self.blob_response(src, d)?;
+        let start_url = format!("{}/blobs/uploads/", self.base(dst));
+        let resp = self
+            .send(dst, &push_scope(dst), &|c| Ok(c.post(&start_url).header(CONTENT_LENGTH, "0")))?;
+        if !resp.status().is_success() {
+            return Err(RegistryError::Status {
+                reference: dst.to_string(),
+                status: resp.status().as_u16(),
+                detail: error_detail(resp),
+            });
+        }
+        let location = self.upload_location(dst, &resp)?;
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let url = format!("{location}{sep}digest={}", d.digest);
+        // The reader records why it failed, so a digest mismatch is told apart from a drop.
+        let failure = std::sync::Arc::new(Mutex::new(None));
+        let reader = RecordingReader {
+            inner: VerifyingReader::new(download, d.digest.clone(), d.size),
+            failure: failure.clone(),
+        };
+        let body = Mutex::new(Some(Body::sized(reader, d.size)));
+        let sent = self.send_once_with_body(dst, &push_scope(dst), &|c| {
+            let body = body.lock().ok().and_then(|mut b| b.take()).ok_or_else(|| {
+                RegistryError::Unreachable {
+                    reference: format!("{}@{}", src.name(), d.digest),
+                    detail: "the streamed upload was interrupted".into(),
+                    hint: "check the network".into(),
+                }
+            })?;
+            Ok(c.put(&url)
+                .header(CONTENT_TYPE, "application/octet-stream")
+                .header(CONTENT_LENGTH, d.size)
+                .body(body))
+        });
+        let failed = failure.lock().ok().and_then(|mut f| f.take());
+        if let Some(e) = failed
+            && e.kind() == io::ErrorKind::InvalidData
+        {
+            return Err(RegistryError::Invalid {
+                reference: format!("{}@{}", src.name(), d.digest),
+                detail: e.to_string(),
+            });
+        }
+        let sent = sent?;
+        if !sent.status().is_success() {
+            return Err(RegistryError::Status {
+                reference: dst.to_string(),
+                status: sent.status().as_u16(),
+                detail: error_detail(sent),
+            });
+        }
+        Ok(())
+    }
+
+    /// [`Self::send`] for a request whose body can be sent once: no retry with the same body
+    /// (the caller starts over).
+    fn send_once_with_body(
+        &self,
+        r: &Reference,
+        scope: &str,
+        make: &dyn Fn(&Client) -> Result<RequestBuilder, RegistryError>,
+    ) -> Result<Response, RegistryError> {
+        let client = self.client_for(&r.registry);
+        let mut req = make(client)?;
+        if let Some(token) = self.cached_token(&r.registry, scope) {
+            req = req.header(AUTHORIZATION, format!("Bearer {token}"));
+        } else if let Some(Credential::Basic { username, password, .. }) = self.basic_hint(r) {
+            req = req.basic_auth(username, Some(password));
+        }
+        let response = req.send().map_err(|e| self.unreachable(r, &e))?;
+        let status = response.status();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            let cred = self.credential(r)?;
+            let detail = error_detail(response);
+            return Err(self.auth_error(r, status, &cred, &detail));
+        }
+        Ok(response)
+    }
+
     /// Uploads a manifest under `r`'s tag (or digest).
     pub fn put_manifest(
         &self,
@@ -1014,6 +1143,25 @@ impl RegistryClient {
         })?;
         check_created(r, resp)?;
         Ok(Digest::sha256_of(bytes))
+    }
+}
+
+/// A reader that keeps its first error where the caller can see it (the HTTP stack only
+/// reports "body error").
+struct RecordingReader<R> {
+    inner: R,
+    failure: std::sync::Arc<Mutex<Option<io::Error>>>,
+}
+
+impl<R: Read> Read for RecordingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf).inspect_err(|e| {
+            if let Ok(mut f) = self.failure.lock()
+                && f.is_none()
+            {
+                *f = Some(io::Error::new(e.kind(), e.to_string()));
+            }
+        })
     }
 }
 

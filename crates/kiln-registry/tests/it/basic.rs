@@ -89,3 +89,43 @@ fn basic_auth_with_config_json_and_clear_errors() {
     c.get_blob(&image, &d, &dir.path().join("back")).unwrap();
     assert_eq!(std::fs::read(dir.path().join("back")).unwrap(), b"{}");
 }
+
+#[test]
+fn blobs_stream_between_registries() {
+    let a = Registry::start();
+    let b = Registry::start();
+    let ca = client(&a, Credentials::anonymous(), 64 << 20);
+    let src = r(&format!("{}/src/app:1", a.host));
+    let (digest, _) = crate::push_small(&ca, &src, 3);
+    // One client for both registries.
+    let c = kiln_registry::RegistryClient::new(
+        kiln_registry::RegistryOptions {
+            insecure: vec![a.host.clone(), b.host.clone()],
+            ..Default::default()
+        },
+        Credentials::anonymous(),
+    )
+    .unwrap();
+    let pulled = c.pull_manifest(&src, &Platform::host()).unwrap();
+    let dst = r(&format!("{}/dst/app:1", b.host));
+    for d in pulled.layers.iter().chain([&pulled.config_descriptor]) {
+        c.copy_blob(&src, &dst, d).unwrap();
+        assert!(c.has_blob(&dst, &d.digest).unwrap());
+        // A second copy is skipped.
+        c.copy_blob(&src, &dst, d).unwrap();
+    }
+    assert_eq!(c.put_manifest(&dst, &pulled.manifest, &pulled.media_type).unwrap(), digest);
+    assert_eq!(crate::pull_all(&c, &dst).digest, digest);
+    // Within one registry the blob is mounted.
+    let same = r(&format!("{}/other/app:1", a.host));
+    c.copy_blob(&src, &same, &pulled.layers[0]).unwrap();
+    assert!(c.has_blob(&same, &pulled.layers[0].digest).unwrap());
+    // A blob that is not what its descriptor says is refused, naming it.
+    let mut wrong = pulled.layers[1].clone();
+    wrong.size += 1;
+    let fresh = r(&format!("{}/fresh/app:1", b.host));
+    let err = c.copy_blob(&src, &fresh, &wrong).unwrap_err();
+    assert!(matches!(err, kiln_registry::RegistryError::Invalid { .. }), "{err}");
+    assert!(err.to_string().contains(&wrong.digest.to_string()), "{err}");
+    assert!(!c.has_blob(&fresh, &wrong.digest).unwrap());
+}
