@@ -7,7 +7,12 @@
 //! `access_token`, cache it per scope) and the request is sent again once.
 //!
 //! Transient failures (connection errors, `5xx`, `429` honouring `Retry-After`) are retried
-//! with exponential backoff. Blobs stream to a temporary file in the destination directory,
+//! with exponential backoff, and the error says how many attempts were made.
+//!
+//! TLS: extra CA certificates for one registry or all, client certificates, skip-verify; each
+//! registry uses one of a few prebuilt HTTP clients. Pulls from a registry with mirrors try
+//! them in order (then the registry itself unless the fallback is off) and remember which one
+//! served the repository, so its blobs come from there too. Blobs stream to a temporary file in the destination directory,
 //! verified against their digest and size, then renamed: nothing half-written is left.
 
 use std::collections::HashMap;
