@@ -73,6 +73,10 @@ impl Default for RegistryOptions {
     }
 }
 
+/// The chunk size of streamed blob copies ([`RegistryClient::copy_blob`]): large buffers keep
+/// the HTTP stack efficient, and four copies at a time stay far below 100 MB.
+pub const STREAM_CHUNK: u64 = 4 << 20;
+
 /// A CA certificate file (PEM, one or more certificates) trusted for one registry, or for
 /// all when `registry` is `None`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1006,9 +1010,10 @@ impl RegistryClient {
     }
 
     /// Copies a blob from `src` to `dst` without touching the disk: skipped when `dst` has
-    /// it, mounted when both are on the same registry, else the download streams straight
-    /// into a monolithic upload, verified on the way (the registry checks the digest too). A
-    /// copy interrupted by the network starts again, up to the configured attempts.
+    /// it, mounted when both are on the same registry, else the download streams into the
+    /// upload in chunks of [`STREAM_CHUNK`] (one in memory per copy), verified on the way;
+    /// the last chunk completes the upload once the digest matched (the registry checks it
+    /// too). A copy interrupted by the network starts again, up to the configured attempts.
     pub fn copy_blob(
         &self,
         src: &Reference,
@@ -1066,72 +1071,64 @@ impl RegistryClient {
                 detail: error_detail(resp),
             });
         }
-        let location = self.upload_location(dst, &resp)?;
-        let sep = if location.contains('?') { '&' } else { '?' };
-        let url = format!("{location}{sep}digest={}", d.digest);
-        // The reader records why it failed, so a digest mismatch is told apart from a drop.
-        let failure = std::sync::Arc::new(Mutex::new(None));
-        let reader = RecordingReader {
-            inner: VerifyingReader::new(download, d.digest.clone(), d.size),
-            failure: failure.clone(),
-        };
-        let body = Mutex::new(Some(Body::sized(reader, d.size)));
-        let sent = self.send_once_with_body(dst, &push_scope(dst), &|c| {
-            let body = body.lock().ok().and_then(|mut b| b.take()).ok_or_else(|| {
+        let mut location = self.upload_location(dst, &resp)?;
+        let blob = format!("{}@{}", src.name(), d.digest);
+        let read_error = |e: io::Error| {
+            if e.kind() == io::ErrorKind::InvalidData {
+                RegistryError::Invalid { reference: blob.clone(), detail: e.to_string() }
+            } else {
                 RegistryError::Unreachable {
-                    reference: format!("{}@{}", src.name(), d.digest),
-                    detail: "the streamed upload was interrupted".into(),
-                    hint: "check the network".into(),
+                    reference: blob.clone(),
+                    detail: format!("the download was interrupted: {e}"),
+                    hint: "check the network and the source registry".into(),
                 }
+            }
+        };
+        let mut reader = VerifyingReader::new(download, d.digest.clone(), d.size);
+        let mut offset = 0u64;
+        loop {
+            let mut chunk = Vec::with_capacity(STREAM_CHUNK.min(d.size - offset) as usize);
+            (&mut reader).take(STREAM_CHUNK).read_to_end(&mut chunk).map_err(read_error)?;
+            let len = chunk.len() as u64;
+            let body = bytes::Bytes::from(chunk);
+            if offset + len >= d.size {
+                // Read to the end of the stream: the digest is checked before the upload is
+                // completed with the last chunk.
+                let mut probe = [0u8; 1];
+                if reader.read(&mut probe).map_err(read_error)? != 0 {
+                    return Err(RegistryError::Invalid {
+                        reference: blob,
+                        detail: format!("the blob is longer than {} bytes", d.size),
+                    });
+                }
+                let sep = if location.contains('?') { '&' } else { '?' };
+                let url = format!("{location}{sep}digest={}", d.digest);
+                let resp = self.send(dst, &push_scope(dst), &|c| {
+                    Ok(c.put(&url)
+                        .header(CONTENT_TYPE, "application/octet-stream")
+                        .header(CONTENT_LENGTH, len)
+                        .body(body.clone()))
+                })?;
+                return check_created(dst, resp);
+            }
+            let url = location.clone();
+            let resp = self.send(dst, &push_scope(dst), &|c| {
+                Ok(c.patch(&url)
+                    .header(CONTENT_TYPE, "application/octet-stream")
+                    .header("Content-Range", format!("{offset}-{}", offset + len - 1))
+                    .header(CONTENT_LENGTH, len)
+                    .body(body.clone()))
             })?;
-            Ok(c.put(&url)
-                .header(CONTENT_TYPE, "application/octet-stream")
-                .header(CONTENT_LENGTH, d.size)
-                .body(body))
-        });
-        let failed = failure.lock().ok().and_then(|mut f| f.take());
-        if let Some(e) = failed
-            && e.kind() == io::ErrorKind::InvalidData
-        {
-            return Err(RegistryError::Invalid {
-                reference: format!("{}@{}", src.name(), d.digest),
-                detail: e.to_string(),
-            });
+            if resp.status() != StatusCode::ACCEPTED {
+                return Err(RegistryError::Status {
+                    reference: dst.to_string(),
+                    status: resp.status().as_u16(),
+                    detail: error_detail(resp),
+                });
+            }
+            location = self.upload_location(dst, &resp)?;
+            offset += len;
         }
-        let sent = sent?;
-        if !sent.status().is_success() {
-            return Err(RegistryError::Status {
-                reference: dst.to_string(),
-                status: sent.status().as_u16(),
-                detail: error_detail(sent),
-            });
-        }
-        Ok(())
-    }
-
-    /// [`Self::send`] for a request whose body can be sent once: no retry with the same body
-    /// (the caller starts over).
-    fn send_once_with_body(
-        &self,
-        r: &Reference,
-        scope: &str,
-        make: &dyn Fn(&Client) -> Result<RequestBuilder, RegistryError>,
-    ) -> Result<Response, RegistryError> {
-        let client = self.client_for(&r.registry);
-        let mut req = make(client)?;
-        if let Some(token) = self.cached_token(&r.registry, scope) {
-            req = req.header(AUTHORIZATION, format!("Bearer {token}"));
-        } else if let Some(Credential::Basic { username, password, .. }) = self.basic_hint(r) {
-            req = req.basic_auth(username, Some(password));
-        }
-        let response = req.send().map_err(|e| self.unreachable(r, &e))?;
-        let status = response.status();
-        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            let cred = self.credential(r)?;
-            let detail = error_detail(response);
-            return Err(self.auth_error(r, status, &cred, &detail));
-        }
-        Ok(response)
     }
 
     /// Uploads a manifest under `r`'s tag (or digest).
@@ -1148,25 +1145,6 @@ impl RegistryClient {
         })?;
         check_created(r, resp)?;
         Ok(Digest::sha256_of(bytes))
-    }
-}
-
-/// A reader that keeps its first error where the caller can see it (the HTTP stack only
-/// reports "body error").
-struct RecordingReader<R> {
-    inner: R,
-    failure: std::sync::Arc<Mutex<Option<io::Error>>>,
-}
-
-impl<R: Read> Read for RecordingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.read(buf).inspect_err(|e| {
-            if let Ok(mut f) = self.failure.lock()
-                && f.is_none()
-            {
-                *f = Some(io::Error::new(e.kind(), e.to_string()));
-            }
-        })
     }
 }
 

@@ -116,6 +116,17 @@ fn blobs_stream_between_registries() {
     }
     assert_eq!(c.put_manifest(&dst, &pulled.manifest, &pulled.media_type).unwrap(), digest);
     assert_eq!(crate::pull_all(&c, &dst).digest, digest);
+    // A blob of several chunks (and not a multiple of the chunk size).
+    let big: Vec<u8> = (0..(2 * kiln_registry::client::STREAM_CHUNK + 12345) as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("big"), &big).unwrap();
+    let bd = kiln_oci::Descriptor::of_bytes("application/vnd.oci.image.layer.v1.tar", &big);
+    c.push_blob(&src, &bd, &dir.path().join("big")).unwrap();
+    c.copy_blob(&src, &dst, &bd).unwrap();
+    c.get_blob(&dst, &bd, &dir.path().join("back")).unwrap();
+    assert_eq!(std::fs::read(dir.path().join("back")).unwrap(), big);
     // Within one registry the blob is mounted.
     let same = r(&format!("{}/other/app:1", a.host));
     c.copy_blob(&src, &same, &pulled.layers[0]).unwrap();
