@@ -127,6 +127,20 @@ fn blobs_stream_between_registries() {
     c.copy_blob(&src, &dst, &bd).unwrap();
     c.get_blob(&dst, &bd, &dir.path().join("back")).unwrap();
     assert_eq!(std::fs::read(dir.path().join("back")).unwrap(), big);
+    // The same as one streamed request.
+    let single = kiln_registry::RegistryClient::new(
+        kiln_registry::RegistryOptions {
+            insecure: vec![a.host.clone(), b.host.clone()],
+            stream_chunk: 0,
+            ..Default::default()
+        },
+        Credentials::anonymous(),
+    )
+    .unwrap();
+    let one = r(&format!("{}/single/app:1", b.host));
+    single.copy_blob(&src, &one, &bd).unwrap();
+    single.get_blob(&one, &bd, &dir.path().join("one")).unwrap();
+    assert_eq!(std::fs::read(dir.path().join("one")).unwrap(), big);
     // Within one registry the blob is mounted.
     let same = r(&format!("{}/other/app:1", a.host));
     c.copy_blob(&src, &same, &pulled.layers[0]).unwrap();
