@@ -1027,6 +1027,18 @@ impl RegistryClient {
         dst: &Reference,
         d: &Descriptor,
     ) -> Result<(), RegistryError> {
+        self.copy_blob_in_chunks(src, dst, d, self.options.stream_chunk)
+    }
+
+    /// [`Self::copy_blob`] with another chunk size (0: one streamed request, which keeps a
+    /// single large blob flowing when nothing else runs next to it).
+    pub fn copy_blob_in_chunks(
+        &self,
+        src: &Reference,
+        dst: &Reference,
+        d: &Descriptor,
+        chunk: u64,
+    ) -> Result<(), RegistryError> {
         if self.has_blob(dst, &d.digest)? {
             return Ok(());
         }
@@ -1037,7 +1049,7 @@ impl RegistryClient {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let e = match self.stream_blob(src, dst, d) {
+            let e = match self.stream_blob(src, dst, d, chunk) {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
@@ -1066,11 +1078,11 @@ impl RegistryClient {
         src: &Reference,
         dst: &Reference,
         d: &Descriptor,
+        chunk_size: u64,
     ) -> Result<(), RegistryError> {
-        if self.options.stream_chunk == 0 {
+        if chunk_size == 0 {
             return self.stream_blob_single(src, dst, d);
         }
-        let chunk_size = self.options.stream_chunk;
         let download = self.blob_response(src, d)?;
         let start_url = format!("{}/blobs/uploads/", self.base(dst));
         let resp = self

@@ -178,6 +178,10 @@ fn copy_between_registries(
     let pulled = client.pull_manifest(src, &platform).map_err(registry_error)?;
     let blobs: Vec<&Descriptor> =
         pulled.layers.iter().chain(std::iter::once(&pulled.config_descriptor)).collect();
+    // Chunks keep the CPU low when several large blobs flow at once; a single large blob
+    // streams in one request so it never waits for a chunk's answer.
+    let large = blobs.iter().filter(|d| d.size > kiln_registry::client::STREAM_CHUNK).count();
+    let chunk = if large > 1 { kiln_registry::client::STREAM_CHUNK } else { 0 };
     let next = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| -> anyhow::Result<()> {
         let workers: Vec<_> = (0..PARALLEL_COPIES.min(blobs.len()))
@@ -186,7 +190,7 @@ fn copy_between_registries(
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let Some(d) = blobs.get(i) else { return Ok(()) };
-                        client.copy_blob(src, dst, d)?;
+                        client.copy_blob_in_chunks(src, dst, d, chunk)?;
                     }
                 })
             })
