@@ -7,7 +7,12 @@
 //! `access_token`, cache it per scope) and the request is sent again once.
 //!
 //! Transient failures (connection errors, `5xx`, `429` honouring `Retry-After`) are retried
-//! with exponential backoff. Blobs stream to a temporary file in the destination directory,
+//! with exponential backoff, and the error says how many attempts were made.
+//!
+//! TLS: extra CA certificates for one registry or all, client certificates, skip-verify; each
+//! registry uses one of a few prebuilt HTTP clients. Pulls from a registry with mirrors try
+//! them in order (then the registry itself unless the fallback is off) and remember which one
+//! served the repository, so its blobs come from there too. Blobs stream to a temporary file in the destination directory,
 //! verified against their digest and size, then renamed: nothing half-written is left.
 
 use std::collections::HashMap;
@@ -38,6 +43,21 @@ pub struct RegistryOptions {
     pub attempts: u32,
     /// Blobs larger than this are uploaded in chunks.
     pub chunk_size: u64,
+    /// Chunk size of streamed registry-to-registry copies; 0 streams each blob in one
+    /// request.
+    pub stream_chunk: u64,
+    /// Extra CA certificates (kaniko's `--registry-certificate`).
+    pub ca_certificates: Vec<CaCertificate>,
+    /// Client certificates for mutual TLS (kaniko's `--registry-client-cert`).
+    pub client_certificates: Vec<ClientCertificate>,
+    /// Mirrors tried, in order, for Docker Hub pulls (`host[:port][/prefix]`, kaniko's
+    /// `--registry-mirror`).
+    pub mirrors: Vec<String>,
+    /// Mirrors for other registries: `(registry, mirror)`, tried in order (kaniko's
+    /// `--registry-map`).
+    pub registry_map: Vec<(String, String)>,
+    /// Do not fall back to the registry itself when no mirror has the image.
+    pub skip_default_registry_fallback: bool,
 }
 
 impl Default for RegistryOptions {
@@ -47,7 +67,90 @@ impl Default for RegistryOptions {
             skip_tls_verify: Vec::new(),
             attempts: 4,
             chunk_size: 64 << 20,
+            stream_chunk: STREAM_CHUNK,
+            ca_certificates: Vec::new(),
+            client_certificates: Vec::new(),
+            mirrors: Vec::new(),
+            registry_map: Vec::new(),
+            skip_default_registry_fallback: false,
         }
+    }
+}
+
+/// The chunk size of streamed blob copies ([`RegistryClient::copy_blob`]): large buffers keep
+/// the HTTP stack efficient and the registry's per-request work rare (1 MiB chunks copied
+/// a 1 GiB image 40 % slower); a copy holds two (one downloading, one uploading), so four
+/// copies at a time stay under 100 MB whatever the image size.
+pub const STREAM_CHUNK: u64 = 4 << 20;
+
+/// A CA certificate file (PEM, one or more certificates) trusted for one registry, or for
+/// all when `registry` is `None`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaCertificate {
+    pub registry: Option<String>,
+    pub path: PathBuf,
+}
+
+impl std::str::FromStr for CaCertificate {
+    type Err = String;
+    /// `HOST[:PORT]=PATH` for one registry, or `PATH` for every registry.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((host, path)) if !host.is_empty() && !path.is_empty() => Ok(CaCertificate {
+                registry: Some(normalize_registry(host)),
+                path: PathBuf::from(path),
+            }),
+            Some(_) => Err(format!("`{s}`: expected HOST[:PORT]=PATH or PATH")),
+            None if !s.is_empty() => Ok(CaCertificate { registry: None, path: PathBuf::from(s) }),
+            None => Err("empty certificate path".into()),
+        }
+    }
+}
+
+/// A client certificate and key (PEM files) presented to one registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertificate {
+    pub registry: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl std::str::FromStr for ClientCertificate {
+    type Err = String;
+    /// `HOST[:PORT]=CERT,KEY`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}`: expected HOST[:PORT]=CERT.pem,KEY.pem");
+        let (host, files) = s.split_once('=').ok_or_else(bad)?;
+        let (cert, key) = files.split_once(',').ok_or_else(bad)?;
+        if host.is_empty() || cert.is_empty() || key.is_empty() {
+            return Err(bad());
+        }
+        Ok(ClientCertificate {
+            registry: normalize_registry(host),
+            cert: PathBuf::from(cert),
+            key: PathBuf::from(key),
+        })
+    }
+}
+
+/// Parses kaniko's `--registry-map` value: `REGISTRY=MIRROR[;REGISTRY=MIRROR…]`.
+pub fn parse_registry_map(s: &str) -> Result<Vec<(String, String)>, String> {
+    s.split(';')
+        .filter(|p| !p.trim().is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((from, to)) if !from.trim().is_empty() && !to.trim().is_empty() => {
+                Ok((normalize_registry(from.trim()), to.trim().trim_end_matches('/').to_owned()))
+            }
+            _ => Err(format!("`{pair}`: expected REGISTRY=MIRROR")),
+        })
+        .collect()
+}
+
+/// Docker Hub's other names (`index.docker.io`, the API host) are `docker.io`.
+fn normalize_registry(host: &str) -> String {
+    match host {
+        "index.docker.io" | "registry-1.docker.io" => kiln_reference::DOCKER_HUB.to_owned(),
+        h => h.to_owned(),
     }
 }
 
@@ -71,6 +174,14 @@ pub enum RegistryError {
     Credentials { reference: String, source: crate::credentials::CredentialError },
     #[error("{reference}: writing {}: {error}", path.display())]
     Io { reference: String, path: PathBuf, error: io::Error },
+    #[error("{reference}: gave up after {attempts} attempts: {detail}")]
+    RetriesExhausted { reference: String, attempts: u32, detail: String },
+    #[error(
+        "{reference}: not found on the mirrors ({tried}) and the fallback to {registry} is off"
+    )]
+    MirrorsFailed { reference: String, registry: String, tried: String },
+    #[error("{what} {}: {detail}", path.display())]
+    Certificate { what: &'static str, path: PathBuf, detail: String },
 }
 
 impl RegistryError {
@@ -82,6 +193,16 @@ impl RegistryError {
             | RegistryError::Unreachable { hint, .. } => Some(hint.clone()),
             RegistryError::NotFound { .. } => {
                 Some("check the name and tag; private images need credentials".into())
+            }
+            RegistryError::RetriesExhausted { .. } => Some(
+                "the registry kept failing; try again later or check its health".into(),
+            ),
+            RegistryError::MirrorsFailed { .. } => Some(
+                "check the mirrors, or drop --skip-default-registry-fallback to pull from the registry itself"
+                    .into(),
+            ),
+            RegistryError::Certificate { .. } => {
+                Some("give a readable PEM file (certificates, and for a client a key)".into())
             }
             _ => None,
         }
@@ -102,8 +223,14 @@ pub struct PulledManifest {
 
 /// A distribution API client shared by a whole build.
 pub struct RegistryClient {
+    /// Trusts the system roots and the global extra CAs.
     http: Client,
     http_insecure: Client,
+    /// Registries with their own CAs or client certificate.
+    per_registry: HashMap<String, Client>,
+    /// Where a pulled repository was found (`registry/repo` → a mirror's reference), so its
+    /// blobs come from the same place.
+    routes: Mutex<HashMap<String, Reference>>,
     options: RegistryOptions,
     credentials: Credentials,
     /// Bearer tokens per (registry, scope).
@@ -166,22 +293,82 @@ impl RegistryClient {
         options: RegistryOptions,
         credentials: Credentials,
     ) -> Result<RegistryClient, RegistryError> {
-        let build = |insecure: bool| {
-            Client::builder()
-                .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
-                .connect_timeout(Duration::from_secs(30))
-                .timeout(None)
-                .danger_accept_invalid_certs(insecure)
-                .build()
-                .map_err(|e| RegistryError::Unreachable {
-                    reference: String::new(),
-                    detail: e.to_string(),
-                    hint: "the TLS stack could not start".into(),
-                })
+        let read = |what: &'static str, path: &Path| {
+            fs::read(path).map_err(|e| RegistryError::Certificate {
+                what,
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            })
         };
+        let load_ca = |path: &Path| -> Result<Vec<reqwest::Certificate>, RegistryError> {
+            let pem = read("reading the CA certificate", path)?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                RegistryError::Certificate {
+                    what: "reading the CA certificate",
+                    path: path.to_path_buf(),
+                    detail: error_chain(&e),
+                }
+            })?;
+            if certs.is_empty() {
+                return Err(RegistryError::Certificate {
+                    what: "reading the CA certificate",
+                    path: path.to_path_buf(),
+                    detail: "no PEM certificate in the file".into(),
+                });
+            }
+            Ok(certs)
+        };
+        let mut global = Vec::new();
+        let mut by_host: HashMap<String, (Vec<reqwest::Certificate>, Option<reqwest::Identity>)> =
+            HashMap::new();
+        for ca in &options.ca_certificates {
+            let certs = load_ca(&ca.path)?;
+            match &ca.registry {
+                Some(h) => by_host.entry(h.clone()).or_default().0.extend(certs),
+                None => global.extend(certs),
+            }
+        }
+        for cc in &options.client_certificates {
+            let mut pem = read("reading the client certificate", &cc.cert)?;
+            pem.push(b'\n');
+            pem.extend(read("reading the client key", &cc.key)?);
+            let identity =
+                reqwest::Identity::from_pem(&pem).map_err(|e| RegistryError::Certificate {
+                    what: "reading the client certificate",
+                    path: cc.cert.clone(),
+                    detail: error_chain(&e),
+                })?;
+            by_host.entry(cc.registry.clone()).or_default().1 = Some(identity);
+        }
+        let build =
+            |insecure: bool, cas: &[reqwest::Certificate], identity: Option<reqwest::Identity>| {
+                let mut b = Client::builder()
+                    .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+                    .connect_timeout(Duration::from_secs(30))
+                    .timeout(None)
+                    .danger_accept_invalid_certs(insecure);
+                for c in cas {
+                    b = b.add_root_certificate(c.clone());
+                }
+                if let Some(id) = identity {
+                    b = b.identity(id);
+                }
+                b.build().map_err(|e| RegistryError::Unreachable {
+                    reference: String::new(),
+                    detail: error_chain(&e),
+                    hint: "the TLS stack could not start with these certificates".into(),
+                })
+            };
+        let mut per_registry = HashMap::new();
+        for (host, (cas, identity)) in by_host {
+            let all: Vec<reqwest::Certificate> = global.iter().cloned().chain(cas).collect();
+            per_registry.insert(host, build(false, &all, identity)?);
+        }
         Ok(RegistryClient {
-            http: build(false)?,
-            http_insecure: build(true)?,
+            http: build(false, &global, None)?,
+            http_insecure: build(true, &[], None)?,
+            per_registry,
+            routes: Mutex::new(HashMap::new()),
             options,
             credentials,
             tokens: Mutex::new(HashMap::new()),
@@ -197,7 +384,7 @@ impl RegistryClient {
         if self.options.skip_tls_verify.iter().any(|r| r == registry) {
             &self.http_insecure
         } else {
-            &self.http
+            self.per_registry.get(registry).unwrap_or(&self.http)
         }
     }
 
@@ -288,13 +475,16 @@ impl RegistryClient {
 
     fn unreachable(&self, r: &Reference, e: &reqwest::Error) -> RegistryError {
         let detail = error_chain(e);
-        let hint = if detail.contains("certificate")
-            || detail.contains("tls")
-            || detail.contains("TLS")
+        let hint = if detail.contains("alert") && detail.contains("ertificate") {
+            format!(
+                "{} wants a client certificate: give one with --registry-client-cert {}=CERT.pem,KEY.pem",
+                r.registry, r.registry
+            )
+        } else if detail.contains("certificate") || detail.contains("tls") || detail.contains("TLS")
         {
             format!(
-                "the TLS certificate of {} is not trusted: add its CA, or use --skip-tls-verify for a test registry",
-                r.registry
+                "the TLS certificate of {} is not trusted: give its CA with --registry-certificate {}=CA.pem, or use --skip-tls-verify-registry {} for a test registry",
+                r.registry, r.registry, r.registry
             )
         } else if self.is_insecure(&r.registry) {
             format!("is a registry running at http://{}?", r.registry)
@@ -370,7 +560,15 @@ impl RegistryClient {
                     std::thread::sleep(backoff(attempt, None));
                     continue;
                 }
-                Err(e) => return Err(self.unreachable(r, &e)),
+                Err(e) => {
+                    let mut err = self.unreachable(r, &e);
+                    if attempt > 1
+                        && let RegistryError::Unreachable { detail, .. } = &mut err
+                    {
+                        detail.push_str(&format!(" (gave up after {attempt} attempts)"));
+                    }
+                    return Err(err);
+                }
             };
             let status = response.status();
             if status == StatusCode::UNAUTHORIZED && !authed_once {
@@ -423,8 +621,18 @@ impl RegistryClient {
                     .get("retry-after")
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok());
+                tracing::debug!(reference = %r, %status, attempt, "retrying");
                 std::thread::sleep(backoff(attempt, retry_after));
                 continue;
+            }
+            if (status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS)
+                && self.options.attempts > 1
+            {
+                return Err(RegistryError::RetriesExhausted {
+                    reference: r.to_string(),
+                    attempts: attempt,
+                    detail: format!("the registry answered {status}"),
+                });
             }
             return Ok(response);
         }
@@ -479,8 +687,80 @@ fn push_scope(r: &Reference) -> String {
 }
 
 impl RegistryClient {
-    /// Fetches a manifest (or index) by tag or digest: bytes, media type, digest.
+    /// The mirrors configured for `r`'s registry, as references to try in order.
+    fn mirrors_for(&self, r: &Reference) -> Vec<Reference> {
+        let hub = r.registry == kiln_reference::DOCKER_HUB;
+        let mapped = self.options.registry_map.iter().filter(|(from, _)| *from == r.registry);
+        let mirrors = hub.then_some(self.options.mirrors.iter()).into_iter().flatten();
+        mirrors
+            .chain(mapped.map(|(_, to)| to))
+            .map(|m| {
+                let m = m.trim_start_matches("https://").trim_start_matches("http://");
+                let m = m.trim_end_matches('/');
+                let mut mirrored = r.clone();
+                match m.split_once('/') {
+                    Some((host, prefix)) => {
+                        mirrored.registry = host.to_owned();
+                        mirrored.repository = format!("{prefix}/{}", r.repository);
+                    }
+                    None => mirrored.registry = m.to_owned(),
+                }
+                mirrored
+            })
+            .collect()
+    }
+
+    /// Where `r`'s blobs come from: the mirror its manifest came from, or `r` itself.
+    fn route(&self, r: &Reference) -> Reference {
+        match self.routes.lock().ok().and_then(|m| m.get(&r.name()).cloned()) {
+            Some(m) => Reference { tag: r.tag.clone(), digest: r.digest.clone(), ..m },
+            None => r.clone(),
+        }
+    }
+
+    /// Fetches a manifest (or index) by tag or digest: bytes, media type, digest. Pulls from
+    /// a registry with mirrors try each mirror first, then (unless that is turned off) the
+    /// registry itself; the one that answered serves the repository's blobs too.
     pub fn get_manifest(&self, r: &Reference) -> Result<(Vec<u8>, String, Digest), RegistryError> {
+        let mirrors = self.mirrors_for(r);
+        if mirrors.is_empty() {
+            return self.get_manifest_at(r);
+        }
+        let mut tried = Vec::new();
+        for m in mirrors {
+            match self.get_manifest_at(&m) {
+                Ok(found) => {
+                    tracing::debug!(reference = %r, mirror = %m.registry, "pulled from a mirror");
+                    if let Ok(mut routes) = self.routes.lock() {
+                        routes.insert(r.name(), m);
+                    }
+                    return Ok(found);
+                }
+                Err(e) => {
+                    tracing::debug!(reference = %r, mirror = %m.registry, error = %e, "mirror failed");
+                    tried.push(format!("{}: {e}", m.registry));
+                }
+            }
+        }
+        if self.options.skip_default_registry_fallback {
+            return Err(RegistryError::MirrorsFailed {
+                reference: r.to_string(),
+                registry: r.registry.clone(),
+                tried: tried.join("; "),
+            });
+        }
+        if let Ok(mut routes) = self.routes.lock() {
+            routes.remove(&r.name());
+        }
+        self.get_manifest_at(r)
+    }
+
+    /// The registry (or mirror) that served `r`'s manifest.
+    pub fn source_of(&self, r: &Reference) -> String {
+        self.route(r).registry
+    }
+
+    fn get_manifest_at(&self, r: &Reference) -> Result<(Vec<u8>, String, Digest), RegistryError> {
         let url = format!("{}/manifests/{}", self.base(r), r.object());
         let accept = media_type::MANIFEST_ACCEPT.join(", ");
         let resp =
@@ -567,6 +847,7 @@ impl RegistryClient {
     }
 
     fn blob_response(&self, r: &Reference, d: &Descriptor) -> Result<Response, RegistryError> {
+        let r = &self.route(r);
         let url = format!("{}/blobs/{}", self.base(r), d.digest);
         let resp = self.send(r, &pull_scope(r), &|c| Ok(c.get(&url)))?;
         let status = resp.status();
@@ -734,6 +1015,270 @@ impl RegistryClient {
         check_created(r, resp)
     }
 
+    /// Copies a blob from `src` to `dst` without touching the disk: skipped when `dst` has
+    /// it, mounted when both are on the same registry, else the download streams into the
+    /// upload in chunks of [`STREAM_CHUNK`] (the next one downloads while one uploads),
+    /// verified on the way;
+    /// the last chunk completes the upload once the digest matched (the registry checks it
+    /// too). A copy interrupted by the network starts again, up to the configured attempts.
+    pub fn copy_blob(
+        &self,
+        src: &Reference,
+        dst: &Reference,
+        d: &Descriptor,
+    ) -> Result<(), RegistryError> {
+        self.copy_blob_in_chunks(src, dst, d, self.options.stream_chunk)
+    }
+
+    /// [`Self::copy_blob`] with another chunk size (0: one streamed request, which keeps a
+    /// single large blob flowing when nothing else runs next to it).
+    pub fn copy_blob_in_chunks(
+        &self,
+        src: &Reference,
+        dst: &Reference,
+        d: &Descriptor,
+        chunk: u64,
+    ) -> Result<(), RegistryError> {
+        if self.has_blob(dst, &d.digest)? {
+            return Ok(());
+        }
+        let from = self.route(src);
+        if from.registry == dst.registry && self.mount_blob(dst, &d.digest, &from.repository)? {
+            return Ok(());
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let e = match self.stream_blob(src, dst, d, chunk) {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            let transient = match &e {
+                RegistryError::Unreachable { .. } | RegistryError::RetriesExhausted { .. } => true,
+                RegistryError::Status { status, .. } => *status >= 500 || *status == 429,
+                _ => false,
+            };
+            if !transient {
+                return Err(e);
+            }
+            if attempt >= self.options.attempts {
+                return Err(RegistryError::RetriesExhausted {
+                    reference: format!("{}@{}", dst.name(), d.digest),
+                    attempts: attempt,
+                    detail: e.to_string(),
+                });
+            }
+            tracing::debug!(error = %e, attempt, "blob copy interrupted; starting again");
+            std::thread::sleep(backoff(attempt, None));
+        }
+    }
+
+    fn stream_blob(
+        &self,
+        src: &Reference,
+        dst: &Reference,
+        d: &Descriptor,
+        chunk_size: u64,
+    ) -> Result<(), RegistryError> {
+        if chunk_size == 0 {
+            return self.stream_blob_single(src, dst, d);
+        }
+        let download = self.blob_response(src, d)?;
+        let start_url = format!("{}/blobs/uploads/", self.base(dst));
+        let resp = self
+            .send(dst, &push_scope(dst), &|c| Ok(c.post(&start_url).header(CONTENT_LENGTH, "0")))?;
+        if !resp.status().is_success() {
+            return Err(RegistryError::Status {
+                reference: dst.to_string(),
+                status: resp.status().as_u16(),
+                detail: error_detail(resp),
+            });
+        }
+        let mut location = self.upload_location(dst, &resp)?;
+        let blob = format!("{}@{}", src.name(), d.digest);
+        let read_error = |e: io::Error| {
+            if e.kind() == io::ErrorKind::InvalidData {
+                RegistryError::Invalid { reference: blob.clone(), detail: e.to_string() }
+            } else {
+                RegistryError::Unreachable {
+                    reference: blob.clone(),
+                    detail: format!("the download was interrupted: {e}"),
+                    hint: "check the network and the source registry".into(),
+                }
+            }
+        };
+        // A reader thread fetches the next chunk while this one uploads the current one.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<(Vec<u8>, bool)>>(0);
+        // Uploaded buffers go back to the reader: two allocations per copy, not one per chunk
+        // (fresh multi-megabyte buffers per thread make the allocator hold on to memory).
+        let (recycle, recycled) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+        let size = d.size;
+        let mut reader = VerifyingReader::new(download, d.digest.clone(), d.size);
+        std::thread::scope(|scope| {
+            scope.spawn(move || {
+                let mut offset = 0u64;
+                loop {
+                    let mut chunk = recycled.try_recv().unwrap_or_default();
+                    chunk.clear();
+                    chunk.reserve(chunk_size.min(size - offset) as usize);
+                    if let Err(e) = (&mut reader).take(chunk_size).read_to_end(&mut chunk) {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                    offset += chunk.len() as u64;
+                    let last = offset >= size;
+                    if last {
+                        // Read to the end of the stream: the digest is checked before the
+                        // last chunk completes the upload.
+                        match reader.read(&mut [0u8; 1]) {
+                            Ok(0) => {}
+                            Ok(_) => {
+                                let _ = tx.send(Err(io::Error::new(
+                                    io::ErrorKind::InvalidData,
+                                    format!("the blob is longer than {size} bytes"),
+                                )));
+                                return;
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Err(e));
+                                return;
+                            }
+                        }
+                    }
+                    if tx.send(Ok((chunk, last))).is_err() || last {
+                        return;
+                    }
+                }
+            });
+            let mut offset = 0u64;
+            loop {
+                let (chunk, last) = rx
+                    .recv()
+                    .map_err(|_| read_error(io::Error::other("the download stopped")))?
+                    .map_err(read_error)?;
+                let len = chunk.len() as u64;
+                let body = bytes::Bytes::from(chunk);
+                if last {
+                    let sep = if location.contains('?') { '&' } else { '?' };
+                    let url = format!("{location}{sep}digest={}", d.digest);
+                    let resp = self.send(dst, &push_scope(dst), &|c| {
+                        Ok(c.put(&url)
+                            .header(CONTENT_TYPE, "application/octet-stream")
+                            .header(CONTENT_LENGTH, len)
+                            .body(body.clone()))
+                    })?;
+                    return check_created(dst, resp);
+                }
+                let url = location.clone();
+                let resp = self.send(dst, &push_scope(dst), &|c| {
+                    Ok(c.patch(&url)
+                        .header(CONTENT_TYPE, "application/octet-stream")
+                        .header("Content-Range", format!("{offset}-{}", offset + len - 1))
+                        .header(CONTENT_LENGTH, len)
+                        .body(body.clone()))
+                })?;
+                if resp.status() != StatusCode::ACCEPTED {
+                    return Err(RegistryError::Status {
+                        reference: dst.to_string(),
+                        status: resp.status().as_u16(),
+                        detail: error_detail(resp),
+                    });
+                }
+                location = self.upload_location(dst, &resp)?;
+                offset += len;
+                if let Ok(buffer) = body.try_into_mut() {
+                    let _ = recycle.try_send(buffer.into());
+                }
+            }
+        })
+    }
+
+    /// One upload request whose body is the download (reqwest moves it 8 KiB at a time).
+    fn stream_blob_single(
+        &self,
+        src: &Reference,
+        dst: &Reference,
+        d: &Descriptor,
+    ) -> Result<(), RegistryError> {
+        let download = self.blob_response(src, d)?;
+        let start_url = format!("{}/blobs/uploads/", self.base(dst));
+        let resp = self
+            .send(dst, &push_scope(dst), &|c| Ok(c.post(&start_url).header(CONTENT_LENGTH, "0")))?;
+        if !resp.status().is_success() {
+            return Err(RegistryError::Status {
+                reference: dst.to_string(),
+                status: resp.status().as_u16(),
+                detail: error_detail(resp),
+            });
+        }
+        let location = self.upload_location(dst, &resp)?;
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let url = format!("{location}{sep}digest={}", d.digest);
+        // The reader records why it failed, so a digest mismatch is told apart from a drop.
+        let failure = std::sync::Arc::new(Mutex::new(None));
+        let reader = RecordingReader {
+            inner: VerifyingReader::new(download, d.digest.clone(), d.size),
+            failure: failure.clone(),
+        };
+        let body = Mutex::new(Some(Body::sized(reader, d.size)));
+        let sent = self.send_once_with_body(dst, &push_scope(dst), &|c| {
+            let body = body.lock().ok().and_then(|mut b| b.take()).ok_or_else(|| {
+                RegistryError::Unreachable {
+                    reference: format!("{}@{}", src.name(), d.digest),
+                    detail: "the streamed upload was interrupted".into(),
+                    hint: "check the network".into(),
+                }
+            })?;
+            Ok(c.put(&url)
+                .header(CONTENT_TYPE, "application/octet-stream")
+                .header(CONTENT_LENGTH, d.size)
+                .body(body))
+        });
+        let failed = failure.lock().ok().and_then(|mut f| f.take());
+        if let Some(e) = failed
+            && e.kind() == io::ErrorKind::InvalidData
+        {
+            return Err(RegistryError::Invalid {
+                reference: format!("{}@{}", src.name(), d.digest),
+                detail: e.to_string(),
+            });
+        }
+        let sent = sent?;
+        if !sent.status().is_success() {
+            return Err(RegistryError::Status {
+                reference: dst.to_string(),
+                status: sent.status().as_u16(),
+                detail: error_detail(sent),
+            });
+        }
+        Ok(())
+    }
+
+    /// [`Self::send`] for a request whose body can be sent once: no retry with the same body
+    /// (the caller starts over).
+    fn send_once_with_body(
+        &self,
+        r: &Reference,
+        scope: &str,
+        make: &dyn Fn(&Client) -> Result<RequestBuilder, RegistryError>,
+    ) -> Result<Response, RegistryError> {
+        let client = self.client_for(&r.registry);
+        let mut req = make(client)?;
+        if let Some(token) = self.cached_token(&r.registry, scope) {
+            req = req.header(AUTHORIZATION, format!("Bearer {token}"));
+        } else if let Some(Credential::Basic { username, password, .. }) = self.basic_hint(r) {
+            req = req.basic_auth(username, Some(password));
+        }
+        let response = req.send().map_err(|e| self.unreachable(r, &e))?;
+        let status = response.status();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            let cred = self.credential(r)?;
+            let detail = error_detail(response);
+            return Err(self.auth_error(r, status, &cred, &detail));
+        }
+        Ok(response)
+    }
+
     /// Uploads a manifest under `r`'s tag (or digest).
     pub fn put_manifest(
         &self,
@@ -748,6 +1293,25 @@ impl RegistryClient {
         })?;
         check_created(r, resp)?;
         Ok(Digest::sha256_of(bytes))
+    }
+}
+
+/// A reader that keeps its first error where the caller can see it (the HTTP stack only
+/// reports "body error").
+struct RecordingReader<R> {
+    inner: R,
+    failure: std::sync::Arc<Mutex<Option<io::Error>>>,
+}
+
+impl<R: Read> Read for RecordingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf).inspect_err(|e| {
+            if let Ok(mut f) = self.failure.lock()
+                && f.is_none()
+            {
+                *f = Some(io::Error::new(e.kind(), e.to_string()));
+            }
+        })
     }
 }
 

@@ -5,8 +5,11 @@
 //! - [`client`]: [`RegistryClient`] — challenge-driven auth (basic, bearer tokens cached per
 //!   scope, identity tokens), manifests by tag or digest with an index narrowed to a platform,
 //!   verified blob downloads, uploads (existence check, cross-repo mount, monolithic or
-//!   chunked), manifest pushes, retries with backoff (`5xx`, `429` with `Retry-After`, dropped
-//!   connections).
+//!   chunked), manifest pushes, streamed registry-to-registry blob copies
+//!   ([`RegistryClient::copy_blob`]), retries with backoff (`5xx`, `429` with `Retry-After`,
+//!   dropped connections); TLS with extra CAs ([`CaCertificate`]) and client certificates
+//!   ([`ClientCertificate`]); pull mirrors for Docker Hub and any registry
+//!   ([`parse_registry_map`]) with optional fallback.
 //!
 //! The client is blocking (it runs reqwest's blocking client, which drives tokio underneath) so
 //! the synchronous build engine can call it from worker threads.
@@ -14,5 +17,8 @@
 pub mod client;
 pub mod credentials;
 
-pub use client::{PulledManifest, RegistryClient, RegistryError, RegistryOptions};
+pub use client::{
+    CaCertificate, ClientCertificate, PulledManifest, RegistryClient, RegistryError,
+    RegistryOptions, parse_registry_map,
+};
 pub use credentials::{Credential, Credentials};

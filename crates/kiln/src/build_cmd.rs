@@ -61,9 +61,8 @@ pub struct BuildArgs {
     /// Write build metadata (digest, size, per-step timings) as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub metadata_file: Option<PathBuf>,
-    /// A registry to reach over plain HTTP or without TLS verification (repeatable).
-    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
-    pub insecure_registries: Vec<String>,
+    #[command(flatten)]
+    pub registry: crate::registry_flags::RegistryFlags,
     /// kiln's working directory for stage roots and blobs (default: a temporary directory).
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
@@ -144,7 +143,6 @@ pub struct Resolved {
     pub image_name_with_digest_file: Option<PathBuf>,
     pub metadata_file: Option<PathBuf>,
     pub layouts: kiln_build::layout_source::LayoutImages,
-    pub insecure_registries: Vec<String>,
     /// Layer caches: (spec, read, write).
     pub caches: Vec<CacheUse>,
     pub cache_ttl: Option<std::time::Duration>,
@@ -152,6 +150,7 @@ pub struct Resolved {
     pub cache_dir: Option<PathBuf>,
     /// A fetched (git, tar, URL) context: kept for the build, removed when this is dropped.
     pub _prepared_context: Option<kiln_context::PreparedContext>,
+    pub registry: kiln_registry::RegistryOptions,
 }
 
 /// The example `kiln build --example` builds (the repository's `examples/hello`, embedded).
@@ -283,11 +282,11 @@ pub fn resolve(args: &BuildArgs) -> anyhow::Result<Resolved> {
         image_name_with_digest_file: args.image_name_with_digest_file.clone(),
         metadata_file: args.metadata_file.clone(),
         layouts,
-        insecure_registries: args.insecure_registries.clone(),
         caches,
         cache_ttl: (!ttl.is_zero()).then_some(ttl),
         cache_dir: args.cache_dir.clone(),
         _prepared_context: prepared_context,
+        registry: args.registry.options()?,
     })
 }
 
@@ -509,12 +508,11 @@ fn build_and_export(
             None,
         )
     })?;
-    let options = kiln_registry::RegistryOptions {
-        insecure: resolved.insecure_registries.clone(),
-        skip_tls_verify: resolved.insecure_registries.clone(),
-        ..Default::default()
-    };
-    let client = kiln_registry::RegistryClient::new(options, credentials)?;
+    let client = kiln_registry::RegistryClient::new(resolved.registry.clone(), credentials)
+        .map_err(|e| match e.hint() {
+            Some(h) => Hinted::error(e.to_string(), h, None),
+            None => anyhow::Error::new(e),
+        })?;
     let images = BaseImages {
         layouts: &resolved.layouts,
         cache_dir: resolved.cache_dir.as_deref(),

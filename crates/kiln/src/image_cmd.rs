@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use kiln_oci::{Descriptor, Image, ManifestFormat, OciLayout, PlatformMatcher, convert};
 use kiln_reference::Reference;
-use kiln_registry::{Credentials, RegistryClient, RegistryOptions};
+use kiln_registry::{Credentials, RegistryClient};
+
+use crate::registry_flags::RegistryFlags;
 
 use crate::diagnostic::Hinted;
 
@@ -25,17 +27,16 @@ pub enum ImageCommand {
         /// The platform to pick from a multi-platform source (default: this machine's).
         #[arg(long)]
         platform: Option<String>,
-        /// A registry reached over plain HTTP or without TLS verification (repeatable).
-        #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
-        insecure: Vec<String>,
+        #[command(flatten)]
+        registry: RegistryFlags,
     },
     /// Print an image's manifest and config as JSON.
     Inspect {
         reference: String,
         #[arg(long)]
         platform: Option<String>,
-        #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
-        insecure: Vec<String>,
+        #[command(flatten)]
+        registry: RegistryFlags,
     },
 }
 
@@ -79,14 +80,9 @@ fn matcher(platform: Option<&str>) -> anyhow::Result<PlatformMatcher> {
     Ok(PlatformMatcher::only(&p))
 }
 
-fn client(insecure: &[String]) -> anyhow::Result<RegistryClient> {
+fn client(flags: &RegistryFlags) -> anyhow::Result<RegistryClient> {
     let credentials = Credentials::load()?;
-    let options = RegistryOptions {
-        insecure: insecure.to_vec(),
-        skip_tls_verify: insecure.to_vec(),
-        ..Default::default()
-    };
-    Ok(RegistryClient::new(options, credentials)?)
+    RegistryClient::new(flags.options()?, credentials).map_err(registry_error)
 }
 
 /// An image read from a registry into files (blobs downloaded on demand into `dir`).
@@ -162,6 +158,53 @@ fn pull(
     })
 }
 
+/// Parallel blob copies between registries: at most this many at a time.
+const PARALLEL_COPIES: usize = 4;
+
+/// Registry to registry: every blob streams from the source into the destination (or is
+/// skipped or mounted), several at a time, then the manifest is put. Nothing goes to disk.
+fn copy_between_registries(
+    client: &RegistryClient,
+    src: &Reference,
+    dst: &Reference,
+    platform: Option<&str>,
+) -> anyhow::Result<kiln_oci::Digest> {
+    let platform = match platform {
+        Some(p) => p
+            .parse::<kiln_oci::Platform>()
+            .map_err(|e| Hinted::error(e.to_string(), "e.g. `linux/arm64`", None))?,
+        None => kiln_oci::Platform::host(),
+    };
+    let pulled = client.pull_manifest(src, &platform).map_err(registry_error)?;
+    let blobs: Vec<&Descriptor> =
+        pulled.layers.iter().chain(std::iter::once(&pulled.config_descriptor)).collect();
+    // Chunks keep the CPU low when several large blobs flow at once; a single large blob
+    // streams in one request so it never waits for a chunk's answer.
+    let large = blobs.iter().filter(|d| d.size > kiln_registry::client::STREAM_CHUNK).count();
+    let chunk = if large > 1 { kiln_registry::client::STREAM_CHUNK } else { 0 };
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let workers: Vec<_> = (0..PARALLEL_COPIES.min(blobs.len()))
+            .map(|_| {
+                s.spawn(|| -> Result<(), kiln_registry::RegistryError> {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let Some(d) = blobs.get(i) else { return Ok(()) };
+                        client.copy_blob_in_chunks(src, dst, d, chunk)?;
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a copy thread panicked"))?
+                .map_err(registry_error)?;
+        }
+        Ok(())
+    })?;
+    client.put_manifest(dst, &pulled.manifest, &pulled.media_type).map_err(registry_error)
+}
+
 fn registry_error(e: kiln_registry::RegistryError) -> anyhow::Error {
     match e.hint() {
         Some(h) => Hinted::error(e.to_string(), h, None),
@@ -187,13 +230,13 @@ fn read_local(loc: &Location, platform: Option<&str>) -> anyhow::Result<Box<dyn 
 /// Runs a `kiln image` command.
 pub fn run(cmd: &ImageCommand) -> anyhow::Result<String> {
     match cmd {
-        ImageCommand::Inspect { reference, platform, insecure } => {
+        ImageCommand::Inspect { reference, platform, registry } => {
             let loc = parse_location(reference)?;
             let tmp = tempfile::tempdir()?;
             let (manifest, config, digest): (serde_json::Value, serde_json::Value, String) =
                 match &loc {
                     Location::Registry(r) => {
-                        let c = client(insecure)?;
+                        let c = client(registry)?;
                         let img = pull(&c, r, platform.as_deref(), tmp.path(), false)?;
                         (
                             serde_json::from_slice(&img.manifest)?,
@@ -213,11 +256,15 @@ pub fn run(cmd: &ImageCommand) -> anyhow::Result<String> {
             let out = serde_json::json!({ "reference": reference, "digest": digest, "manifest": manifest, "config": config });
             Ok(format!("{}\n", serde_json::to_string_pretty(&out)?))
         }
-        ImageCommand::Copy { src, dst, platform, insecure } => {
+        ImageCommand::Copy { src, dst, platform, registry } => {
             let src_loc = parse_location(src)?;
             let dst_loc = parse_location(dst)?;
             let tmp = tempfile::tempdir()?;
-            let c = client(insecure)?;
+            let c = client(registry)?;
+            if let (Location::Registry(s), Location::Registry(d)) = (&src_loc, &dst_loc) {
+                let digest = copy_between_registries(&c, s, d, platform.as_deref())?;
+                return Ok(format!("{dst}: {digest}\n"));
+            }
             let image: Box<dyn Image> = match &src_loc {
                 Location::Registry(r) => {
                     // Same registry: the destination mounts blobs, nothing to download.

@@ -9,6 +9,7 @@ mod diagnostic;
 mod image_cmd;
 mod plan_cmd;
 mod progress;
+mod registry_flags;
 mod warmer_cmd;
 
 use std::io::Write as _;

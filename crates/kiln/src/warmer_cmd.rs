@@ -37,9 +37,8 @@ pub struct WarmerArgs {
     /// Images cached longer ago than this are downloaded again (Go duration).
     #[arg(long = "cache-ttl", value_name = "DURATION", default_value = "336h")]
     pub cache_ttl: String,
-    /// A registry reached over plain HTTP or without TLS verification (repeatable).
-    #[arg(long = "insecure-registry", alias = "insecure-pull", value_name = "HOST[:PORT]")]
-    pub insecure: Vec<String>,
+    #[command(flatten)]
+    pub registry: crate::registry_flags::RegistryFlags,
 }
 
 /// The directory name of `reference` for `platform` in a cache directory.
@@ -106,7 +105,7 @@ pub fn run(args: &WarmerArgs) -> anyhow::Result<String> {
             src: format!("docker://{image}"),
             dst: format!("oci:{}:img", partial.path().display()),
             platform: Some(platform_text.clone()),
-            insecure: args.insecure.clone(),
+            registry: args.registry.clone(),
         };
         let copied =
             crate::image_cmd::run(&copy).with_context(|| format!("cannot warm `{image}`"))?;

@@ -80,3 +80,67 @@ fn copies_between_registries_layouts_and_archives() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("invalid image location"));
 }
+
+#[test]
+fn registry_flags_certificates_and_mirrors() {
+    let plain = kiln_testutil::Registry::start();
+    plain.push_bases(false);
+    let tls = kiln_testutil::Registry::start_tls();
+    let ca = tls.ca.clone().unwrap();
+    let (p, t) = (plain.host.as_str(), tls.host.as_str());
+    let src = format!("docker://{p}/library/busybox:latest");
+    let dst = format!("docker://{t}/library/busybox:latest");
+    let cert = format!("{t}={}", ca.display());
+    // Registry to registry over TLS with the CA given.
+    let out = ok(kiln(&[
+        "image",
+        "copy",
+        "--insecure-registry",
+        p,
+        "--registry-certificate",
+        &cert,
+        &src,
+        &dst,
+    ]));
+    let digest = skopeo_digest(&format!("docker://{p}/library/busybox:latest"));
+    assert!(out.contains(&digest), "{out}");
+    // Without the CA: the error names the registry and the flags that help.
+    let o = kiln(&["image", "inspect", &dst]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(t) && err.contains("--registry-certificate"), "{err}");
+    // Skipping verification instead.
+    ok(kiln(&["image", "inspect", "--skip-tls-verify-registry", t, &dst]));
+
+    // A Docker Hub name served by a mirror, never by Docker Hub (no fallback).
+    let dir = tempfile::tempdir().unwrap();
+    let layout = format!("oci:{}:bb", dir.path().join("layout").display());
+    ok(kiln(&[
+        "image",
+        "copy",
+        "--insecure-registry",
+        p,
+        "--registry-mirror",
+        p,
+        "--skip-default-registry-fallback",
+        "busybox",
+        &layout,
+    ]));
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(kiln(&["image", "inspect", &layout]))).unwrap();
+    assert_eq!(v["manifest"]["layers"].as_array().unwrap().len(), 1);
+    // The same through --registry-map; a missing image names the mirror tried.
+    let o = kiln(&[
+        "image",
+        "inspect",
+        "--insecure-registry",
+        p,
+        "--registry-map",
+        &format!("index.docker.io={p}"),
+        "--skip-default-registry-fallback",
+        "docker.io/library/not-there:1",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(p) && err.contains("not-there"), "{err}");
+}

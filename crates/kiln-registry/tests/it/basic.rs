@@ -1,27 +1,14 @@
-//! The client against the real distribution registry: pulls of what skopeo pushed, pushes
+//! Basics against the real distribution registry: pulls of what skopeo pushed, pushes
 //! skopeo can read (monolithic and chunked uploads, cross-repository mounts), basic auth with
 //! the errors a user sees.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
 
 use kiln_oci::Platform;
-use kiln_reference::Reference;
-use kiln_registry::{Credentials, RegistryClient, RegistryError, RegistryOptions};
+use kiln_registry::{Credentials, RegistryError};
 use kiln_testutil::Registry;
 
-fn client(reg: &Registry, credentials: Credentials, chunk: u64) -> RegistryClient {
-    let options = RegistryOptions {
-        insecure: vec![reg.host.clone()],
-        chunk_size: chunk,
-        ..RegistryOptions::default()
-    };
-    RegistryClient::new(options, credentials).unwrap()
-}
-
-fn r(s: &str) -> Reference {
-    Reference::parse(s).unwrap()
-}
+use crate::{client, r};
 
 #[test]
 fn pull_what_skopeo_pushed_and_push_what_skopeo_reads() {
@@ -101,4 +88,69 @@ fn basic_auth_with_config_json_and_clear_errors() {
     assert!(c.has_blob(&image, &d.digest).unwrap());
     c.get_blob(&image, &d, &dir.path().join("back")).unwrap();
     assert_eq!(std::fs::read(dir.path().join("back")).unwrap(), b"{}");
+}
+
+#[test]
+fn blobs_stream_between_registries() {
+    let a = Registry::start();
+    let b = Registry::start();
+    let ca = client(&a, Credentials::anonymous(), 64 << 20);
+    let src = r(&format!("{}/src/app:1", a.host));
+    let (digest, _) = crate::push_small(&ca, &src, 3);
+    // One client for both registries.
+    let c = kiln_registry::RegistryClient::new(
+        kiln_registry::RegistryOptions {
+            insecure: vec![a.host.clone(), b.host.clone()],
+            ..Default::default()
+        },
+        Credentials::anonymous(),
+    )
+    .unwrap();
+    let pulled = c.pull_manifest(&src, &Platform::host()).unwrap();
+    let dst = r(&format!("{}/dst/app:1", b.host));
+    for d in pulled.layers.iter().chain([&pulled.config_descriptor]) {
+        c.copy_blob(&src, &dst, d).unwrap();
+        assert!(c.has_blob(&dst, &d.digest).unwrap());
+        // A second copy is skipped.
+        c.copy_blob(&src, &dst, d).unwrap();
+    }
+    assert_eq!(c.put_manifest(&dst, &pulled.manifest, &pulled.media_type).unwrap(), digest);
+    assert_eq!(crate::pull_all(&c, &dst).digest, digest);
+    // A blob of several chunks (and not a multiple of the chunk size).
+    let big: Vec<u8> = (0..(2 * kiln_registry::client::STREAM_CHUNK + 12345) as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("big"), &big).unwrap();
+    let bd = kiln_oci::Descriptor::of_bytes("application/vnd.oci.image.layer.v1.tar", &big);
+    c.push_blob(&src, &bd, &dir.path().join("big")).unwrap();
+    c.copy_blob(&src, &dst, &bd).unwrap();
+    c.get_blob(&dst, &bd, &dir.path().join("back")).unwrap();
+    assert_eq!(std::fs::read(dir.path().join("back")).unwrap(), big);
+    // The same as one streamed request.
+    let single = kiln_registry::RegistryClient::new(
+        kiln_registry::RegistryOptions {
+            insecure: vec![a.host.clone(), b.host.clone()],
+            stream_chunk: 0,
+            ..Default::default()
+        },
+        Credentials::anonymous(),
+    )
+    .unwrap();
+    let one = r(&format!("{}/single/app:1", b.host));
+    single.copy_blob(&src, &one, &bd).unwrap();
+    single.get_blob(&one, &bd, &dir.path().join("one")).unwrap();
+    assert_eq!(std::fs::read(dir.path().join("one")).unwrap(), big);
+    // Within one registry the blob is mounted.
+    let same = r(&format!("{}/other/app:1", a.host));
+    c.copy_blob(&src, &same, &pulled.layers[0]).unwrap();
+    assert!(c.has_blob(&same, &pulled.layers[0].digest).unwrap());
+    // A blob that is not what its descriptor says is refused, naming it.
+    let mut wrong = pulled.layers[1].clone();
+    wrong.size += 1;
+    let fresh = r(&format!("{}/fresh/app:1", b.host));
+    let err = c.copy_blob(&src, &fresh, &wrong).unwrap_err();
+    assert!(matches!(err, kiln_registry::RegistryError::Invalid { .. }), "{err}");
+    assert!(err.to_string().contains(&wrong.digest.to_string()), "{err}");
+    assert!(!c.has_blob(&fresh, &wrong.digest).unwrap());
 }
