@@ -232,3 +232,119 @@ fn add_of_a_git_repository() {
     assert!(!o.status.success() && err.contains("--keep-git-dir"), "{err}");
     assert!(leftovers(&work).is_empty(), "left in the work dir: {:?}", leftovers(&work));
 }
+
+/// A gzipped context tar with a Dockerfile that copies `hello.txt` (content `text`).
+fn context_tarball(text: &str) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in [("Dockerfile", "FROM scratch\nCOPY hello.txt /\n"), ("hello.txt", text)] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, name, data.as_bytes()).unwrap();
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&b.into_inner().unwrap()).unwrap();
+    gz.finish().unwrap()
+}
+
+/// Builds from `context` (with `env`) into a layout and returns `/hello.txt` of the result.
+fn build_hello(context: &str, env: &[(&str, &str)]) -> Result<String, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, work) = (dir.path().join("out"), dir.path().join("work"));
+    fs::create_dir(&work).unwrap();
+    let o = kiln(
+        &[
+            "build",
+            "--progress",
+            "plain",
+            "--work-dir",
+            work.to_str().unwrap(),
+            "-o",
+            &format!("type=oci,dest={}", out.display()),
+            context,
+        ],
+        env,
+        None,
+    );
+    assert!(leftovers(&work).is_empty(), "left in the work dir: {:?}", leftovers(&work));
+    if !o.status.success() {
+        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+    }
+    let rootfs = unpack(&out, &dir.path().join("bundle"));
+    Ok(fs::read_to_string(rootfs.join("hello.txt")).unwrap())
+}
+
+/// `kiln build https?://…/ctx.tar.gz` against a local HTTP server, and `kiln build s3://…`
+/// against moto (a real S3 emulator checking SigV4), each checked in the built image.
+#[test]
+fn build_from_an_http_tarball_and_an_s3_object() {
+    require_root!();
+    let http = kiln_testutil::serve::HttpServer::start(kiln_testutil::serve::HttpConfig {
+        files: [("/ctx.tar.gz".to_owned(), context_tarball("over http"))].into(),
+        ..Default::default()
+    });
+    let url = format!("{}/ctx.tar.gz", http.base("http"));
+    assert_eq!(build_hello(&url, &[]).unwrap(), "over http");
+    let err = build_hello(&format!("{}/missing.tar.gz", http.base("http")), &[]).unwrap_err();
+    assert!(err.contains("missing.tar.gz") && err.contains("404"), "{err}");
+
+    // S3: moto from scripts/install-emulators.sh, set up by scripts/emulators/s3-setup.py.
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let o = Command::new("bash").arg(repo.join("scripts/install-emulators.sh")).output().unwrap();
+    assert!(o.status.success(), "install-emulators.sh: {}", String::from_utf8_lossy(&o.stderr));
+    let cache = PathBuf::from(String::from_utf8(o.stdout).unwrap().lines().last().unwrap());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let tmp = tempfile::tempdir().unwrap();
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _moto = Killed(
+        Command::new(cache.join("venv/bin/moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("TMPDIR", tmp.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "moto did not start");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let tarball = tmp.path().join("ctx.tar.gz");
+    fs::write(&tarball, context_tarball("from s3")).unwrap();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let o = Command::new(cache.join("venv/bin/python"))
+        .arg(repo.join("scripts/emulators/s3-setup.py"))
+        .args([endpoint.as_str(), "ctx"])
+        .arg(format!("app/ctx.tar.gz={}", tarball.display()))
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "s3-setup.py: {}", String::from_utf8_lossy(&o.stderr));
+    let keys = String::from_utf8(o.stdout).unwrap();
+    let mut lines = keys.lines();
+    let (id, secret) = (lines.next().unwrap().to_owned(), lines.next().unwrap().to_owned());
+    let env = [
+        ("AWS_ACCESS_KEY_ID", id.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", secret.as_str()),
+        ("AWS_REGION", "us-east-1"),
+        ("S3_ENDPOINT", endpoint.as_str()),
+        ("S3_FORCE_PATH_STYLE", "true"),
+        ("AWS_CONFIG_FILE", "/dev/null"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+    ];
+    assert_eq!(build_hello("s3://ctx/app/ctx.tar.gz", &env).unwrap(), "from s3");
+    // A wrong secret: one error naming the object, the secret never shown.
+    let mut wrong = env;
+    wrong[1] = ("AWS_SECRET_ACCESS_KEY", "not-the-secret-value");
+    let err = build_hello("s3://ctx/app/ctx.tar.gz", &wrong).unwrap_err();
+    assert!(err.contains("s3://ctx/app/ctx.tar.gz"), "{err}");
+    assert!(!err.contains("not-the-secret-value") && !err.contains(&secret), "{err}");
+}
