@@ -5,7 +5,7 @@
 set -euo pipefail
 
 packages=(docker-registry skopeo umoci runc crun podman busybox-static debootstrap uidmap
-  git ca-certificates)
+  git ca-certificates curl)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -289,33 +289,12 @@ fn build_from_an_http_tarball_and_an_s3_object() {
     assert!(err.contains("missing.tar.gz") && err.contains("404"), "{err}");
 
     // S3: moto from scripts/install-emulators.sh, set up by scripts/emulators/s3-setup.py.
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let o = Command::new("bash").arg(repo.join("scripts/install-emulators.sh")).output().unwrap();
-    assert!(o.status.success(), "install-emulators.sh: {}", String::from_utf8_lossy(&o.stderr));
-    let cache = PathBuf::from(String::from_utf8(o.stdout).unwrap().lines().last().unwrap());
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (cache, repo) = (emulator_cache(), repo_root());
+    let port = free_port();
     let tmp = tempfile::tempdir().unwrap();
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _moto = Killed(
-        Command::new(cache.join("venv/bin/moto_server"))
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .env("TMPDIR", tmp.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(std::time::Instant::now() < deadline, "moto did not start");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let mut moto = Command::new(cache.join("venv/bin/moto_server"));
+    moto.args(["-H", "127.0.0.1", "-p", &port.to_string()]).env("TMPDIR", tmp.path());
+    let _moto = Emulator::start(moto, port);
     let tarball = tmp.path().join("ctx.tar.gz");
     fs::write(&tarball, context_tarball("from s3")).unwrap();
     let endpoint = format!("http://127.0.0.1:{port}");
@@ -347,4 +326,74 @@ fn build_from_an_http_tarball_and_an_s3_object() {
     let err = build_hello("s3://ctx/app/ctx.tar.gz", &wrong).unwrap_err();
     assert!(err.contains("s3://ctx/app/ctx.tar.gz"), "{err}");
     assert!(!err.contains("not-the-secret-value") && !err.contains(&secret), "{err}");
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The emulators' directory, after `scripts/install-emulators.sh` (idempotent).
+fn emulator_cache() -> PathBuf {
+    let script = repo_root().join("scripts/install-emulators.sh");
+    let o = Command::new("bash").arg(script).output().unwrap();
+    assert!(o.status.success(), "install-emulators.sh: {}", String::from_utf8_lossy(&o.stderr));
+    PathBuf::from(String::from_utf8(o.stdout).unwrap().lines().last().unwrap())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// An emulator process listening on `port`, killed (by PID) when dropped.
+struct Emulator(std::process::Child);
+
+impl Emulator {
+    fn start(mut cmd: Command, port: u16) -> Emulator {
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let emulator = Emulator(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "the emulator did not start");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        emulator
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `kiln build gs://…` against gcp-storage-emulator (`STORAGE_EMULATOR_HOST`), checked in the
+/// built image; a missing object is one error naming it.
+#[test]
+fn build_from_a_gcs_object() {
+    require_root!();
+    let cache = emulator_cache();
+    let port = free_port();
+    let mut cmd = Command::new(cache.join("venv/bin/gcp-storage-emulator"));
+    cmd.args(["start", "--host", "127.0.0.1", "--port", &port.to_string()]).args([
+        "--in-memory",
+        "--default-bucket",
+        "ctx",
+    ]);
+    let _gcs = Emulator::start(cmd, port);
+    let tmp = tempfile::tempdir().unwrap();
+    let tarball = tmp.path().join("ctx.tar.gz");
+    fs::write(&tarball, context_tarball("from gcs")).unwrap();
+    let host = format!("http://127.0.0.1:{port}");
+    let o = Command::new("curl")
+        .args(["-fsS", "-X", "POST", "-H", "Content-Type: application/gzip", "--data-binary"])
+        .arg(format!("@{}", tarball.display()))
+        .arg(format!("{host}/upload/storage/v1/b/ctx/o?uploadType=media&name=app/ctx.tar.gz"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "upload: {}", String::from_utf8_lossy(&o.stderr));
+    let env = [("STORAGE_EMULATOR_HOST", host.as_str())];
+    assert_eq!(build_hello("gs://ctx/app/ctx.tar.gz", &env).unwrap(), "from gcs");
+    let err = build_hello("gs://ctx/app/missing.tar.gz", &env).unwrap_err();
+    assert!(err.contains("gs://ctx/app/missing.tar.gz"), "{err}");
 }
