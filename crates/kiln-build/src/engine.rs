@@ -168,6 +168,7 @@ struct StageResult {
 }
 
 /// The engine's collaborators.
+#[derive(Clone, Copy)]
 pub struct Engine<'a> {
     pub images: &'a dyn ImageSource,
     pub layers: &'a dyn LayerOps,
@@ -210,16 +211,16 @@ impl Engine<'_> {
                         message: format!("{message}; building again without that cache entry"),
                     });
                     bad_keys.insert(key);
-                    // Stage roots of the failed attempt are stale.
-                    if let Ok(entries) = fs::read_dir(&req.work_dir) {
-                        for e in entries.flatten() {
-                            let name = e.file_name();
-                            let name = name.to_string_lossy();
-                            if name.starts_with("stage-") || name.starts_with("image-") {
-                                let _ = fs::remove_dir_all(e.path());
-                            }
-                        }
-                    }
+                    clear_stage_roots(&req.work_dir);
+                }
+                Err(BuildError::CacheBroken { message, .. }) => {
+                    // Too many broken entries: build once more without the cache at all.
+                    self.progress.event(Event::Warning {
+                        message: format!("{message}; building without the cache"),
+                    });
+                    clear_stage_roots(&req.work_dir);
+                    let uncached = Engine { cache: None, ..*self };
+                    return uncached.build_once(req, &bad_keys);
                 }
                 other => return other,
             }
@@ -382,6 +383,19 @@ impl Engine<'_> {
             ensure_local(self, &bases, &lazy, layer)?;
         }
         Ok(image)
+    }
+}
+
+/// Removes the stage roots of a failed attempt (they are stale for the next one).
+fn clear_stage_roots(work_dir: &Path) {
+    if let Ok(entries) = fs::read_dir(work_dir) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("stage-") || name.starts_with("image-") {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
     }
 }
 
