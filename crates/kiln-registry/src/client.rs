@@ -480,6 +480,16 @@ impl RegistryClient {
                 "{} wants a client certificate: give one with --registry-client-cert {}=CERT.pem,KEY.pem",
                 r.registry, r.registry
             )
+        } else if !self.is_insecure(&r.registry)
+            && detail.contains("connection closed")
+            && !self.options.client_certificates.iter().any(|c| c.registry == r.registry)
+        {
+            // With TLS 1.3 a server that wants a client certificate often just closes the
+            // connection after the handshake; the client never sees the alert.
+            format!(
+                "{} closed the TLS connection: if it requires a client certificate, give one with --registry-client-cert {}=CERT.pem,KEY.pem; if its certificate is not trusted, give its CA with --registry-certificate {}=CA.pem",
+                r.registry, r.registry, r.registry
+            )
         } else if detail.contains("certificate") || detail.contains("tls") || detail.contains("TLS")
         {
             format!(
