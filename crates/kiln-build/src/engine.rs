@@ -1191,10 +1191,11 @@ impl StageBuild<'_, '_> {
         let arg_names: Vec<String> = args.iter().map(|(k, _)| format!("build-arg {k}")).collect();
         let mut extra: Vec<(&str, String)> =
             arg_names.iter().zip(&args).map(|(n, (_, v))| (n.as_str(), v.clone())).collect();
-        for m in mount_specs {
-            if m.kind != kiln_dockerfile::instructions::MountType::Bind {
-                continue;
-            }
+        // Bind-mounted files are hashed only when a cache will use the key.
+        let bind_mounts = mount_specs.iter().filter(|m| {
+            self.engine.cache.is_some() && m.kind == kiln_dockerfile::instructions::MountType::Bind
+        });
+        for m in bind_mounts {
             let source = m.source.clone().unwrap_or_else(|| ".".into());
             let files = match &m.from {
                 Some(from) => format!("{} {source}", self.source_identity(from, line)?),
@@ -1414,16 +1415,14 @@ impl StageBuild<'_, '_> {
         };
         let (repos, urls): (Vec<String>, Vec<String>) =
             remote.into_iter().partition(|p| crate::remote::is_git(p));
+        let placed = ScratchCopy {
+            dest: spec.dest,
+            owner,
+            chmod: chmod.as_ref(),
+            exclude: exclude.as_ref(),
+        };
         for repo in &repos {
-            changed.extend(self.add_git(
-                state,
-                spec,
-                repo,
-                owner,
-                chmod.as_ref(),
-                exclude.as_ref(),
-                line,
-            )?);
+            changed.extend(self.add_git(state, repo, &placed, line)?);
         }
         if !urls.is_empty() {
             changed.extend(self.add_urls(state, spec, &urls, owner, chmod.as_ref(), line)?);
@@ -1556,39 +1555,55 @@ impl StageBuild<'_, '_> {
         let mut changed = Vec::new();
         for (scratch, name) in &names {
             let sources = [name.clone()];
-            let req = CopyRequest {
-                src_root: scratch.path(),
-                src_kind: SourceKind::Context,
-                sources: &sources,
-                dest: spec.dest,
-                workdir: &state.config.workdir(),
-                ignore: None,
-                exclude: None,
-                parents: false,
-                owner,
-                chmod,
-            };
-            let outcome = crate::copy::copy(&req, &state.root).map_err(|e| {
-                let hint = e.hint();
-                self.step_err(line, e.to_string(), hint)
-            })?;
-            changed.extend(outcome.changed);
+            let placed = ScratchCopy { dest: spec.dest, owner, chmod, exclude: None };
+            changed.extend(self.copy_from_scratch(
+                state,
+                scratch.path(),
+                &sources,
+                &placed,
+                line,
+            )?);
         }
         Ok(changed)
+    }
+
+    /// Copies `sources` of a scratch tree (a download, heredoc files, a fetched repository)
+    /// into the stage root with COPY's destination rules; owned by root unless `--chown`.
+    fn copy_from_scratch(
+        &self,
+        state: &StageState,
+        src_root: &Path,
+        sources: &[String],
+        placed: &ScratchCopy<'_>,
+        line: usize,
+    ) -> Result<Vec<String>, BuildError> {
+        let req = CopyRequest {
+            src_root,
+            src_kind: SourceKind::Context,
+            sources,
+            dest: placed.dest,
+            workdir: &state.config.workdir(),
+            ignore: None,
+            exclude: placed.exclude,
+            parents: false,
+            owner: placed.owner,
+            chmod: placed.chmod,
+        };
+        let outcome = crate::copy::copy(&req, &state.root).map_err(|e| {
+            let hint = e.hint();
+            self.step_err(line, e.to_string(), hint)
+        })?;
+        Ok(outcome.changed)
     }
 
     /// `ADD <git repository> <dest>`: the repository's tree at the ref (Docker's
     /// `URL#REF[:SUBDIR]`) is fetched without `.git` (`kiln-context`) and its contents copied
     /// into the destination directory, owned by root unless `--chown`.
-    #[allow(clippy::too_many_arguments)]
     fn add_git(
         &self,
         state: &StageState,
-        spec: &CopySpec<'_>,
         repo: &str,
-        owner: Option<(u32, u32)>,
-        chmod: Option<&Chmod>,
-        exclude: Option<&DockerIgnore>,
+        placed: &ScratchCopy<'_>,
         line: usize,
     ) -> Result<Vec<String>, BuildError> {
         let fail = |e: kiln_context::ContextError| {
@@ -1599,24 +1614,7 @@ impl StageBuild<'_, '_> {
         let opts = kiln_context::FetchOptions::from_env().map_err(fail)?;
         let fetched =
             kiln_context::fetch(&source, None, &self.req.work_dir, &opts).map_err(fail)?;
-        let sources = [".".to_owned()];
-        let req = CopyRequest {
-            src_root: fetched.path(),
-            src_kind: SourceKind::Context,
-            sources: &sources,
-            dest: spec.dest,
-            workdir: &state.config.workdir(),
-            ignore: None,
-            exclude,
-            parents: false,
-            owner,
-            chmod,
-        };
-        let outcome = crate::copy::copy(&req, &state.root).map_err(|e| {
-            let hint = e.hint();
-            self.step_err(line, e.to_string(), hint)
-        })?;
-        Ok(outcome.changed)
+        self.copy_from_scratch(state, fetched.path(), &[".".to_owned()], placed, line)
     }
 
     /// `COPY <<EOF /dst`: each heredoc becomes a file (mode 0644) named by its delimiter.
@@ -1652,23 +1650,8 @@ impl StageBuild<'_, '_> {
                 .map_err(io_err("writing an inline file"))?;
             names.push(f.name.clone());
         }
-        let req = CopyRequest {
-            src_root: scratch.path(),
-            src_kind: SourceKind::Context,
-            sources: &names,
-            dest: spec.dest,
-            workdir: &state.config.workdir(),
-            ignore: None,
-            exclude: None,
-            parents: false,
-            owner,
-            chmod,
-        };
-        let outcome = crate::copy::copy(&req, &state.root).map_err(|e| {
-            let hint = e.hint();
-            self.step_err(line, e.to_string(), hint)
-        })?;
-        Ok(outcome.changed)
+        let placed = ScratchCopy { dest: spec.dest, owner, chmod, exclude: None };
+        self.copy_from_scratch(state, scratch.path(), &names, &placed, line)
     }
 
     /// The root of `COPY --from=<from>`: a stage (name or index) or an image.
@@ -1717,6 +1700,14 @@ impl StageBuild<'_, '_> {
         }
         Ok(root)
     }
+}
+
+/// Where and how files from a scratch tree land (see `StageBuild::copy_from_scratch`).
+struct ScratchCopy<'a> {
+    dest: &'a str,
+    owner: Option<(u32, u32)>,
+    chmod: Option<&'a Chmod>,
+    exclude: Option<&'a DockerIgnore>,
 }
 
 /// What a COPY or ADD asks for, after expansion.
