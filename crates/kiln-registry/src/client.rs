@@ -543,6 +543,33 @@ impl RegistryClient {
     /// Sends a request built by `make` with authentication and retries. `scope` is the token
     /// scope (`repository:org/app:pull`). Body-carrying requests must be re-buildable: `make`
     /// is called again for every attempt.
+    /// PATCHes bytes `offset..offset + len` of a chunked upload at `location`; returns where
+    /// the upload continues.
+    fn patch_chunk(
+        &self,
+        r: &Reference,
+        location: &str,
+        offset: u64,
+        len: u64,
+        body: &dyn Fn() -> Result<Body, RegistryError>,
+    ) -> Result<String, RegistryError> {
+        let resp = self.send(r, &push_scope(r), &|c| {
+            Ok(c.patch(location)
+                .header(CONTENT_TYPE, "application/octet-stream")
+                .header("Content-Range", format!("{offset}-{}", offset + len - 1))
+                .header(CONTENT_LENGTH, len)
+                .body(body()?))
+        })?;
+        if resp.status() != StatusCode::ACCEPTED {
+            return Err(RegistryError::Status {
+                reference: r.to_string(),
+                status: resp.status().as_u16(),
+                detail: error_detail(resp),
+            });
+        }
+        self.upload_location(r, &resp)
+    }
+
     fn send(
         &self,
         r: &Reference,
@@ -999,24 +1026,11 @@ impl RegistryClient {
         let mut offset = 0u64;
         while offset < d.size {
             let len = self.options.chunk_size.min(d.size - offset);
-            let url = location.clone();
-            let resp = self.send(r, &push_scope(r), &|c| {
+            location = self.patch_chunk(r, &location, offset, len, &|| {
                 let mut file = fs::File::open(path).map_err(io)?;
                 io::Seek::seek(&mut file, io::SeekFrom::Start(offset)).map_err(io)?;
-                Ok(c.patch(&url)
-                    .header(CONTENT_TYPE, "application/octet-stream")
-                    .header("Content-Range", format!("{offset}-{}", offset + len - 1))
-                    .header(CONTENT_LENGTH, len)
-                    .body(Body::sized(file.take(len), len)))
+                Ok(Body::sized(file.take(len), len))
             })?;
-            if resp.status() != StatusCode::ACCEPTED {
-                return Err(RegistryError::Status {
-                    reference: r.to_string(),
-                    status: resp.status().as_u16(),
-                    detail: error_detail(resp),
-                });
-            }
-            location = self.upload_location(r, &resp)?;
             offset += len;
         }
         let url = format!("{location}{}digest={}", sep(&location), d.digest);
@@ -1179,22 +1193,8 @@ impl RegistryClient {
                     })?;
                     return check_created(dst, resp);
                 }
-                let url = location.clone();
-                let resp = self.send(dst, &push_scope(dst), &|c| {
-                    Ok(c.patch(&url)
-                        .header(CONTENT_TYPE, "application/octet-stream")
-                        .header("Content-Range", format!("{offset}-{}", offset + len - 1))
-                        .header(CONTENT_LENGTH, len)
-                        .body(body.clone()))
-                })?;
-                if resp.status() != StatusCode::ACCEPTED {
-                    return Err(RegistryError::Status {
-                        reference: dst.to_string(),
-                        status: resp.status().as_u16(),
-                        detail: error_detail(resp),
-                    });
-                }
-                location = self.upload_location(dst, &resp)?;
+                location = self
+                    .patch_chunk(dst, &location, offset, len, &|| Ok(Body::from(body.clone())))?;
                 offset += len;
                 if let Ok(buffer) = body.try_into_mut() {
                     let _ = recycle.try_send(buffer.into());
