@@ -442,7 +442,57 @@ fn loopback_up() -> Result<(), i32> {
     }
 }
 
+/// Close every descriptor except `keep` (negative entries ignored). Allocation-free.
+///
+/// Why: the child of `clone` inherits every descriptor of the multi-threaded parent, also
+/// ones another thread opened for writing a moment ago (say, `/bin/busybox` of a stage being
+/// unpacked in parallel). The init/reaper process never calls `execve`, so close-on-exec
+/// never drops them, and as long as it runs, executing that file fails with `ETXTBSY`.
+fn close_fds_except(mut keep: [RawFd; 5]) {
+    keep.sort_unstable();
+    let mut next: u32 = 3;
+    for fd in keep {
+        let Ok(fd) = u32::try_from(fd) else { continue };
+        if fd < next {
+            continue;
+        }
+        if fd > next {
+            close_range(next, fd - 1);
+        }
+        next = fd + 1;
+    }
+    close_range(next, u32::MAX);
+}
+
+/// `close_range(2)` (Linux 5.9), or a loop up to the descriptor limit where it is missing.
+fn close_range(first: u32, last: u32) {
+    // SAFETY: close_range/getrlimit/close are plain syscalls on stack data.
+    unsafe {
+        if libc::syscall(libc::SYS_close_range, first, last, 0u32) == 0 {
+            return;
+        }
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            u32::try_from(lim.rlim_cur).unwrap_or(65_536).min(1 << 20)
+        } else {
+            65_536
+        };
+        let mut fd = first;
+        while fd <= last && fd < max {
+            libc::close(fd as RawFd);
+            fd += 1;
+        }
+    }
+}
+
 fn child_main(plan: &ChildPlan) -> ! {
+    close_fds_except([
+        plan.report,
+        plan.sync_read,
+        plan.exec.stdin,
+        plan.exec.stdout,
+        plan.exec.stderr,
+    ]);
     for &fd in &plan.close_in_child {
         // SAFETY: close(2) is async-signal-safe; these are the parent's pipe ends.
         unsafe { libc::close(fd) };
@@ -702,7 +752,18 @@ fn exec_main(exec: &ExecPlan, report_fd: RawFd) -> ! {
         let mut err = libc::ENOENT;
         for path in &exec.candidates {
             libc::execve(path.as_ptr(), exec.argv.as_ptr(), exec.envp.as_ptr());
-            let e = errno();
+            let mut e = errno();
+            // ETXTBSY: some process (a fork of another thread of kiln, between its clone and
+            // its close of inherited descriptors) still holds the file open for writing for a
+            // moment. Retry for up to two seconds, as the holder lets go within microseconds.
+            let mut tries = 0;
+            while e == libc::ETXTBSY && tries < 100 {
+                let pause = libc::timespec { tv_sec: 0, tv_nsec: 20_000_000 };
+                libc::nanosleep(&pause, std::ptr::null_mut());
+                libc::execve(path.as_ptr(), exec.argv.as_ptr(), exec.envp.as_ptr());
+                e = errno();
+                tries += 1;
+            }
             // Like execvp: remember a permission problem, keep searching on "not found".
             if e != libc::ENOENT && e != libc::ENOTDIR {
                 err = e;

@@ -128,6 +128,21 @@ pub struct BuildArgs {
     /// Git context options (kaniko's flag): `branch=B,single-branch=true,recurse-submodules=true,insecure-skip-tls=true`.
     #[arg(long = "git", value_name = "KEY=VALUE,...")]
     pub git: Option<String>,
+    /// A path never snapshotted, and in in-place builds never cleared or unpacked over
+    /// (kaniko's `--ignore-path`; repeatable).
+    #[arg(long = "ignore-path", value_name = "PATH")]
+    pub ignore_paths: Vec<String>,
+    /// In-place builds: leave `/var/run` alone (kaniko's default; `false` snapshots it).
+    #[arg(long = "ignore-var-run", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ignore_var_run: bool,
+    /// In-place builds: clear the filesystem after the build (kaniko's `--cleanup`), so the
+    /// container can build again.
+    #[arg(long)]
+    pub cleanup: bool,
+    /// In-place builds: run even where no container is detected (this rewrites `/`).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Everything `kiln build` resolved from its flags before building.

@@ -218,3 +218,28 @@ fn a_panicking_callback_leaves_no_mounts() {
     assert!(mounts_under(&f.root()).is_empty());
     assert_eq!(tree(&f.root()), before);
 }
+
+/// A file that another thread had open for writing when a sandbox was cloned must be
+/// executable as soon as that thread closes it: the long-lived reaper of the first sandbox
+/// must not keep its inherited copy of the descriptor (which made `execve` fail with
+/// `ETXTBSY` while two stages were built in parallel, one unpacking `/bin/busybox`).
+#[test]
+fn descriptors_open_at_clone_time_do_not_stay_in_the_reaper() {
+    require_root!();
+    let f = Fixture::new();
+    let tool = f.root().join("bin/tool");
+    fs::copy(f.root().join("bin/busybox"), &tool).unwrap();
+    let writer = fs::OpenOptions::new().write(true).open(&tool).unwrap();
+    std::thread::scope(|s| {
+        let long = s.spawn(|| run(&chroot(), &sh(&f.root(), "sleep 4")));
+        // let the first sandbox's reaper start while `writer` is open, then close it
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        drop(writer);
+        let started = std::time::Instant::now();
+        let c = run(&chroot(), &RunSpec::new(f.root(), ["/bin/tool", "echo", "ran"]));
+        assert_eq!(c.outcome.status, ExitStatus::Code(0), "{}", c.stderr);
+        assert_eq!(c.stdout, "ran\n");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "waited for the reaper");
+        assert_eq!(long.join().unwrap().outcome.status, ExitStatus::Code(0));
+    });
+}
