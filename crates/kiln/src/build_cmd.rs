@@ -166,6 +166,12 @@ pub struct Resolved {
     /// A fetched (git, tar, URL) context: kept for the build, removed when this is dropped.
     pub _prepared_context: Option<kiln_context::PreparedContext>,
     pub registry: kiln_registry::RegistryOptions,
+    /// Paths snapshots never see; in-place builds also never clear or unpack over them.
+    pub ignore_paths: Vec<String>,
+    /// In-place builds: run where no container is detected.
+    pub force: bool,
+    /// In-place builds: clear `/` after the build.
+    pub cleanup: bool,
 }
 
 /// The example `kiln build --example` builds (the repository's `examples/hello`, embedded).
@@ -270,7 +276,32 @@ pub fn resolve(args: &BuildArgs) -> anyhow::Result<Resolved> {
             true,
         ),
     };
-    let cache_mounts = args.cache_mounts_dir.clone().unwrap_or_else(default_cache_mounts);
+    // In place, `$HOME` belongs to the image being built: cache mounts live in the work
+    // directory unless asked for elsewhere.
+    let cache_mounts = args.cache_mounts_dir.clone().unwrap_or_else(|| {
+        if isolation == Isolation::InPlace {
+            work_dir.join("cache-mounts")
+        } else {
+            default_cache_mounts()
+        }
+    });
+    let context_dir = context.clone();
+    let mut ignore_extra = vec![cache_mounts.clone()];
+    ignore_extra.extend(args.cache_dir.clone());
+    ignore_extra.extend(args.digest_file.clone());
+    ignore_extra.extend(args.image_name_with_digest_file.clone());
+    ignore_extra.extend(args.metadata_file.clone());
+    ignore_extra.extend(args.file.clone());
+    ignore_extra.push(context_dir);
+    ignore_extra.push(work_dir.clone());
+    for o in &outputs {
+        match o {
+            Output::OciDir { dest, .. }
+            | Output::OciTar { dest, .. }
+            | Output::DockerArchive { dest, .. } => ignore_extra.push(dest.clone()),
+            Output::Registry { .. } => {}
+        }
+    }
     let (caches, cache) = resolve_caches(args, &outputs)?;
     let ttl = kiln_build::options::parse_duration("--cache-ttl", &args.cache_ttl)?;
     Ok(Resolved {
@@ -300,9 +331,42 @@ pub fn resolve(args: &BuildArgs) -> anyhow::Result<Resolved> {
         caches,
         cache_ttl: (!ttl.is_zero()).then_some(ttl),
         cache_dir: args.cache_dir.clone(),
+        ignore_paths: ignore_paths(args, isolation, ignore_extra),
+        force: args.force,
+        cleanup: args.cleanup,
         _prepared_context: prepared_context,
         registry: args.registry.options()?,
     })
+}
+
+/// What snapshots leave out: `--ignore-path`s, and for in-place builds (where `/` is the
+/// root) everything of kiln's own that lives there: the context, the work directory, caches,
+/// the Dockerfile and the outputs, and `/var/run` unless `--ignore-var-run=false`.
+fn ignore_paths(
+    args: &BuildArgs,
+    isolation: Isolation,
+    in_place_extra: Vec<PathBuf>,
+) -> Vec<String> {
+    let mut out: Vec<String> = args.ignore_paths.clone();
+    if isolation == Isolation::InPlace {
+        if args.ignore_var_run {
+            out.push("/var/run".into());
+        }
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+        for p in in_place_extra {
+            let abs = if p.is_absolute() { p } else { cwd.join(p) };
+            let abs = abs.canonicalize().unwrap_or(abs);
+            let text = abs.to_string_lossy().into_owned();
+            // `/` itself would keep everything (and nothing would be built): never added.
+            if text.trim_matches('/').is_empty() {
+                continue;
+            }
+            out.push(text);
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// A layer cache and whether the build reads and writes it.
@@ -468,6 +532,7 @@ pub fn run(args: &BuildArgs) -> anyhow::Result<String> {
 
 fn sandbox_for(
     isolation: Isolation,
+    force: bool,
     progress: &dyn kiln_build::progress::Progress,
 ) -> anyhow::Result<kiln_sandbox::Sandbox> {
     use kiln_build::progress::Event;
@@ -495,11 +560,23 @@ fn sandbox_for(
         Isolation::Rootless => Sandbox::new(Mode::Rootless),
         Isolation::Chroot => Sandbox::new(Mode::Chroot),
         Isolation::InPlace => {
-            return Err(Hinted::error(
-                "`kiln build --isolation in-place` is not available",
-                "in-place builds rewrite `/`; use chroot or rootless isolation",
-                None,
-            ));
+            // Decided once, before anything touches `/`: the first stage empties it, and
+            // with it the markers (`/.dockerenv`) the check reads.
+            let evidence = match kiln_sandbox::ContainerCheck::default().detect() {
+                Ok(evidence) => evidence,
+                Err(_) if force => "outside a detected container, forced".to_owned(),
+                Err(checked) => {
+                    return Err(Hinted::error(
+                        format!(
+                            "in-place build refused: this does not look like a container ({checked})"
+                        ),
+                        "an in-place build replaces the files of `/` with the image's: run it only inside a throwaway container (kaniko's model), pass --force if this is one, or use --isolation rootless|chroot",
+                        None,
+                    ));
+                }
+            };
+            progress.event(Event::Isolation { mode: "in-place".into(), reason: evidence });
+            return Ok(Sandbox::new(Mode::InPlace { force: true }));
         }
     };
     progress
@@ -511,11 +588,34 @@ fn build_and_export(
     resolved: &Resolved,
     progress: &dyn kiln_build::progress::Progress,
 ) -> anyhow::Result<String> {
+    let sandbox = sandbox_for(resolved.isolation, resolved.force, progress)?;
+    let layers = kiln_build::fs_layers::FsLayers {
+        epoch: resolved.request.epoch,
+        ignore: resolved.ignore_paths.clone(),
+        ..Default::default()
+    };
+    let result = build_with(resolved, &sandbox, &layers, progress);
+    if resolved.cleanup && resolved.isolation == Isolation::InPlace {
+        use kiln_build::image::LayerOps as _;
+        layers.clear_root(Path::new("/")).map_err(|e| {
+            Hinted::error(
+                format!("cannot clean up `/` after the build: {}", e.message),
+                "the container's filesystem is left as the last stage made it",
+                None,
+            )
+        })?;
+    }
+    result
+}
+
+fn build_with(
+    resolved: &Resolved,
+    sandbox: &kiln_sandbox::Sandbox,
+    layers: &kiln_build::fs_layers::FsLayers,
+    progress: &dyn kiln_build::progress::Progress,
+) -> anyhow::Result<String> {
     use kiln_build::export;
     use kiln_build::progress::Event;
-    let sandbox = sandbox_for(resolved.isolation, progress)?;
-    let layers =
-        kiln_build::fs_layers::FsLayers { epoch: resolved.request.epoch, ..Default::default() };
     let credentials = kiln_registry::Credentials::load().map_err(|e| {
         Hinted::error(
             e.to_string(),
@@ -563,8 +663,8 @@ fn build_and_export(
     }
     let engine = kiln_build::engine::Engine {
         images: &images,
-        layers: &layers,
-        sandbox: &sandbox,
+        layers,
+        sandbox,
         progress,
         cache: if cache.is_empty() { None } else { Some(&cache) },
     };
