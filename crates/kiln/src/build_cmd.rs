@@ -516,13 +516,29 @@ impl kiln_build::image::ImageSource for BaseImages<'_> {
     }
 }
 
+/// The work directory this process made, removed by [`remove_owned_work_dir`] when kiln
+/// exits on a signal before the build returned.
+static OWNED_WORK_DIR: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// Removes the work directory kiln made for the build in progress, if any.
+pub fn remove_owned_work_dir() {
+    let dir = OWNED_WORK_DIR.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+    if let Some(d) = dir {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
 /// `kiln build`.
 pub fn run(args: &BuildArgs) -> anyhow::Result<String> {
     let resolved = resolve(args)?;
+    if resolved.owns_work_dir {
+        *OWNED_WORK_DIR.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(resolved.work_dir.clone());
+    }
     let progress = crate::progress::renderer(args.progress);
     let result = build_and_export(&resolved, progress.as_ref());
     if resolved.owns_work_dir {
-        let _ = std::fs::remove_dir_all(&resolved.work_dir);
+        remove_owned_work_dir();
     }
     if args.example {
         let _ = std::fs::remove_dir_all(&resolved.request.context);

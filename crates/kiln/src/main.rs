@@ -105,6 +105,30 @@ fn enter_user_namespace(isolation: &str) -> Option<ExitCode> {
     }
 }
 
+/// Exit code after SIGINT/SIGTERM (128 + SIGINT, as shells report it).
+const INTERRUPTED: u8 = 130;
+
+/// How long a RUN step gets to notice a SIGINT/SIGTERM (it kills its process tree and removes
+/// its mounts, then the build returns and cleans up) before kiln exits regardless.
+const GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// SIGINT/SIGTERM no longer kill kiln on the spot: a running RUN step ends its whole process
+/// tree and its mounts first (`kiln_sandbox`), and the build returns through its cleanup.
+/// Outside a RUN step nothing polls for the signal, so a watcher thread exits after
+/// [`GRACE`], removing the work directory kiln made.
+fn handle_termination_signals() {
+    kiln_sandbox::install_signal_handlers();
+    std::thread::spawn(|| {
+        while !kiln_sandbox::termination_requested() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        eprintln!("interrupted: stopping the build");
+        std::thread::sleep(GRACE);
+        build_cmd::remove_owned_work_dir();
+        std::process::exit(i32::from(INTERRUPTED));
+    });
+}
+
 fn main() -> ExitCode {
     // A re-run started by `enter_user_namespace` joins its namespace before anything else
     // (unshare needs a single-threaded process).
@@ -114,9 +138,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Build(args) => {
+            // The parent of a user-namespace re-run keeps the default signal actions: when it
+            // dies, the re-run gets SIGTERM (its parent-death signal) and stops as below.
             if let Some(code) = enter_user_namespace(&args.isolation) {
                 return code;
             }
+            handle_termination_signals();
             build_cmd::run(&args)
         }
         Command::Image(cmd) => image_cmd::run(&cmd),
@@ -139,7 +166,11 @@ fn main() -> ExitCode {
         }
         Err(err) => {
             eprint!("{}", diagnostic::render(&err));
-            ExitCode::FAILURE
+            if kiln_sandbox::termination_requested() {
+                ExitCode::from(INTERRUPTED)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -775,3 +775,67 @@ fn rootless_build_as_an_unprivileged_user() {
         assert_eq!((meta.uid(), meta.gid()), (0, 0), "{path} is root's in the image");
     }
 }
+
+/// SIGINT during a RUN step: the step's whole process tree ends, its mounts go, the work
+/// directory kiln made is removed, and kiln exits with 130 at once (not when `sleep` ends).
+#[test]
+fn sigint_during_run_stops_the_tree_and_cleans_up() {
+    require_root!();
+    // a number no other process sleeps for
+    let token = format!("{}", 900_000 + std::process::id() % 99_999);
+    let b = Build::new(&format!("FROM busybox\nRUN echo started && sleep {token}\n"));
+    let tmp = b.path("tmp");
+    fs::create_dir(&tmp).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["build", "--progress", "plain", "--isolation", "chroot", "--base-layout"])
+        .arg(busybox())
+        .arg("--cache-mounts-dir")
+        .arg(b.path("mounts"))
+        .arg("-o")
+        .arg(format!("type=oci,dest={}", b.path("out").display()))
+        .arg(b.ctx())
+        .env("TMPDIR", &tmp)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sleeping = || {
+        fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| fs::read(e.path().join("cmdline")).ok())
+            .any(|c| String::from_utf8_lossy(&c).contains(&token) && c.starts_with(b"sleep"))
+    };
+    // kiln must not outlive a failed assertion
+    struct KillOnDrop(u32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            if let Some(pid) = rustix::process::Pid::from_raw(i32::try_from(self.0).unwrap_or(0)) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
+    let guard = KillOnDrop(child.id());
+    let started = std::time::Instant::now();
+    while !sleeping() {
+        assert!(started.elapsed().as_secs() < 60, "the RUN step never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let listing = |d: &Path| -> Vec<PathBuf> {
+        fs::read_dir(d).unwrap().flatten().map(|e| e.path()).collect()
+    };
+    assert!(!listing(&tmp).is_empty(), "kiln made no work directory in TMPDIR");
+    let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let signalled = std::time::Instant::now();
+    let status = child.wait().unwrap();
+    // reaped: its pid may be reused, so nothing is killed any more
+    std::mem::forget(guard);
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(signalled.elapsed().as_secs() < 10, "kiln took {:?} to stop", signalled.elapsed());
+    assert!(!sleeping(), "the RUN step's process outlived kiln");
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mountinfo.contains(&*tmp.to_string_lossy()), "mounts left behind:\n{mountinfo}");
+    assert_eq!(listing(&tmp), Vec::<PathBuf>::new(), "temporary directories were left behind");
+}
