@@ -194,6 +194,11 @@ struct Applier<'a> {
 
 /// An entry name made safe: relative, no `..`, no empty components.
 fn clean_entry_name(raw: &Path) -> Result<String, String> {
+    // Linux's PATH_MAX: a longer name cannot be created, and walking it would only cost time.
+    const PATH_MAX: usize = 4096;
+    if raw.as_os_str().len() > PATH_MAX {
+        return Err(format!("is {} bytes long (more than {PATH_MAX})", raw.as_os_str().len()));
+    }
     let mut parts: Vec<String> = Vec::new();
     for c in raw.components() {
         match c {
