@@ -311,8 +311,7 @@ pub struct ExecutorArgs {
     /// Output image media type (docker, oci; no effect: kiln writes OCI manifests).
     #[arg(long, value_name = "FORMAT", value_parser = ["docker", "oci"])]
     pub image_format: Option<String>,
-    /// Clean the filesystem before the build (no effect: in-place builds start by
-    /// clearing what is not ignored; env KANIKO_PRE_CLEANUP).
+    /// Clean the filesystem before the build (no effect yet; env KANIKO_PRE_CLEANUP).
     #[arg(long = "pre-cleanup", value_name = "BOOL", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", default_value = "false", value_parser = go_bool,
           action = clap::ArgAction::Set, env = "KANIKO_PRE_CLEANUP")]
@@ -423,11 +422,7 @@ fn warn_no_effect(args: &ExecutorArgs) {
             "--image-format",
             "kiln writes OCI manifests (docker-archive output with --tar-path)",
         ),
-        (
-            args.pre_cleanup,
-            "--pre-cleanup",
-            "an in-place build clears what the first stage replaces",
-        ),
+        (args.pre_cleanup, "--pre-cleanup", "not implemented; start from a clean container"),
         (
             args.preserve_context,
             "--preserve-context",
