@@ -924,3 +924,40 @@ fn build_error(
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kaniko_name_files() {
+        let names = ["app".to_owned(), "localhost:5000/team/app:1".to_owned()];
+        assert_eq!(
+            kaniko_names(&names, false, "sha256:ab"),
+            "index.docker.io/library/app@sha256:ab\nlocalhost:5000/team/app@sha256:ab\n"
+        );
+        assert_eq!(
+            kaniko_names(&names, true, "sha256:ab"),
+            "index.docker.io/library/app:latest@sha256:ab\nlocalhost:5000/team/app:1@sha256:ab\n"
+        );
+    }
+
+    #[test]
+    fn compression_flags() {
+        use kiln_fs::writer::Compression;
+        assert_eq!(compression("gzip", Some(-1)).unwrap(), Compression::default());
+        assert_eq!(compression("gzip", Some(9)).unwrap(), Compression::Gzip { level: 9 });
+        assert_eq!(compression("zstd", None).unwrap(), Compression::Zstd { level: 3 });
+        assert_eq!(compression("uncompressed", None).unwrap(), Compression::None);
+        assert!(compression("gzip", Some(10)).is_err());
+        assert!(compression("brotli", None).unwrap_err().to_string().contains("--compression"));
+    }
+
+    #[test]
+    fn immutable_tag_messages() {
+        assert!(is_immutable_tag_error(
+            "MANIFEST_INVALID: The repository has enabled tag immutability"
+        ));
+        assert!(!is_immutable_tag_error("unauthorized"));
+    }
+}
