@@ -191,6 +191,18 @@ impl Registry {
         false
     }
 
+    /// Where the registry stores the blob `digest` (`sha256:…`): deleting or changing this
+    /// file breaks the blob for every repository that links it.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
     /// The registry's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
