@@ -427,6 +427,12 @@ fn ignore_paths(
         if args.ignore_var_run {
             out.push("/var/run".into());
         }
+        // The container's markers: a second build in the same container must still see one.
+        for marker in ["/.dockerenv", "/run/.containerenv"] {
+            if Path::new(marker).exists() {
+                out.push(marker.into());
+            }
+        }
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
         for p in in_place_extra {
             let abs = if p.is_absolute() { p } else { cwd.join(p) };

@@ -95,13 +95,19 @@ impl Throwaway {
 
     /// Runs `kiln ARGS` as pid 1's child in the throwaway root.
     fn kiln(&self, args: &str) -> Output {
+        self.run_as("/kaniko/kiln", args, "")
+    }
+
+    /// Runs `PROGRAM ARGS` (kiln, or a link to it) in the throwaway root, after `extra`
+    /// shell commands run with `$R` the root, before `pivot_root`.
+    fn run_as(&self, program: &str, args: &str, extra: &str) -> Output {
         let script = format!(
             "set -e; R={root}; mount --bind $R $R; mount --bind {ctx} $R/workspace; \
              mount --bind {bases} $R/bases; mount --bind {out} $R/out; mount --rbind /dev $R/dev; \
-             mount -t proc proc $R/proc; cd $R; mkdir .old; pivot_root . .old; \
+             mount -t proc proc $R/proc; {extra} cd $R; mkdir .old; pivot_root . .old; \
              /.old/bin/busybox umount -l /.old; /.old/bin/busybox rmdir /.old 2>/dev/null || true; \
              cd /workspace; \
-             exec /kaniko/lib/ld.so --library-path /kaniko/lib /kaniko/kiln {args}",
+             exec /kaniko/lib/ld.so --library-path /kaniko/lib {program} {args}",
             root = self.root().display(),
             ctx = self.ctx().display(),
             bases = busybox_layout().display(),
@@ -225,4 +231,72 @@ fn refuses_outside_a_container_before_touching_anything() {
         fs::read_to_string(t.root().join("etc/container-file")).unwrap(),
         "from the container\n"
     );
+}
+
+/// kaniko's command line, unchanged, through a `/kaniko/executor` link: in place by default,
+/// the base pulled from one registry and the result pushed to an auth-protected one with the
+/// credentials from `/kaniko/.docker/config.json` (a mounted secret); with `--cache=true` the
+/// second build reuses the RUN layers and gives the same image.
+#[test]
+fn kaniko_command_line_builds_in_place_and_pushes() {
+    require_root!();
+    let bases = kiln_testutil::Registry::start();
+    bases.push_bases(false);
+    let registry = kiln_testutil::Registry::start_with_basic_auth("ci", "s3cret-pass");
+    let base = &bases.host;
+    let t = Throwaway::new();
+    std::os::unix::fs::symlink("kiln", t.root().join("kaniko/executor")).unwrap();
+    fs::create_dir_all(t.root().join("kaniko/.docker")).unwrap();
+    let config = registry.docker_config();
+    fs::write(t.root().join(".dockerenv"), "").unwrap();
+    let host = &registry.host;
+    fs::write(
+        t.ctx().join("Dockerfile"),
+        format!(
+            "FROM {base}/library/busybox AS build\nRUN echo built > /artifact\n\
+             FROM {base}/library/busybox\nCOPY --from=build /artifact /artifact\n\
+             COPY hello.txt /hello.txt\nRUN cat /artifact /hello.txt > /both\n"
+        ),
+    )
+    .unwrap();
+    fs::write(t.ctx().join("hello.txt"), "hello\n").unwrap();
+    let kaniko_args = format!(
+        "--context=dir:///workspace --dockerfile=Dockerfile --destination={host}/app:1 \
+         --insecure --insecure-pull --cache=true --cache-repo={host}/app/cache --reproducible \
+         --digest-file=/out/digest"
+    );
+    let mount_config = format!("mount --bind {} $R/kaniko/.docker;", config.path().display());
+    let first = t.run_as("/kaniko/executor", &kaniko_args, &mount_config);
+    let err = text(&first.stderr);
+    assert!(first.status.success(), "executor failed:\n{err}");
+    assert!(err.contains("in-place"), "{err}");
+    assert!(!err.contains("s3cret-pass"), "a credential was printed:\n{err}");
+    let digest1 = fs::read_to_string(t.out().join("digest")).unwrap();
+
+    let second = t.run_as("/kaniko/executor", &kaniko_args, &mount_config);
+    let err2 = text(&second.stderr);
+    assert!(second.status.success(), "second executor run failed:\n{err2}");
+    // kaniko's defaults: RUN layers are cached, COPY layers (`--cache-copy-layers`) are not
+    assert_eq!(err2.matches("CACHED").count(), 2, "the RUN layers were not reused:\n{err2}");
+    assert_eq!(fs::read_to_string(t.out().join("digest")).unwrap(), digest1);
+
+    // What was pushed, read back with skopeo and unpacked with umoci.
+    let layout = t.dir.path().join("pulled");
+    let o = Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false", "--src-creds", "ci:s3cret-pass"])
+        .arg(format!("docker://{host}/app:1"))
+        .arg(format!("oci:{}:latest", layout.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "skopeo copy: {}", text(&o.stderr));
+    let bundle = t.dir.path().join("pulled-bundle");
+    let o = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:latest", layout.display()))
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "umoci unpack: {}", text(&o.stderr));
+    assert_eq!(fs::read_to_string(bundle.join("rootfs/both")).unwrap(), "built\nhello\n");
+    assert!(!bundle.join("rootfs/kaniko").exists() && !bundle.join("rootfs/workspace").exists());
 }
