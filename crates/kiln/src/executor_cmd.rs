@@ -422,7 +422,11 @@ fn warn_no_effect(args: &ExecutorArgs) {
             "--image-format",
             "kiln writes OCI manifests (docker-archive output with --tar-path)",
         ),
-        (args.pre_cleanup, "--pre-cleanup", "not implemented; start from a clean container"),
+        (
+            args.pre_cleanup,
+            "--pre-cleanup",
+            "an in-place build empties `/` before every stage anyway",
+        ),
         (
             args.preserve_context,
             "--preserve-context",
