@@ -191,13 +191,18 @@ impl Registry {
         false
     }
 
-    /// Where the registry stores the blob `digest` (`sha256:…`): deleting or changing this
-    /// file breaks the blob for every repository that links it.
-    pub fn blob_path(&self, digest: &str) -> PathBuf {
-        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-        self.dir
-            .path()
-            .join("data/docker/registry/v2/blobs/sha256")
+    /// The registry's filesystem storage (`rootdirectory`), for tests that damage what it
+    /// serves.
+    pub fn storage(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The file holding blob `digest` (`sha256:…`) in [`Registry::storage`]: deleting or
+    /// changing it breaks the blob for every repository that links it.
+    pub fn blob_data(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+        self.storage()
+            .join("docker/registry/v2/blobs/sha256")
             .join(&hex[..2])
             .join(hex)
             .join("data")

@@ -242,6 +242,9 @@ pub fn tls_wrap(cert: &crate::CertFiles) -> Wrap {
 pub struct HttpConfig {
     /// Static files: request path → body. Anything else is a 404 (or git, below).
     pub files: BTreeMap<String, Vec<u8>>,
+    /// `Content-Type` of some of the static files (request path → media type), e.g. to stand
+    /// in for a registry serving a manifest.
+    pub content_types: BTreeMap<String, String>,
     /// Serve the repositories under this directory with `git http-backend`.
     pub git_root: Option<PathBuf>,
     /// Require basic auth `user:password` for git requests.
@@ -361,7 +364,13 @@ fn serve_one(
     let (status, extra, payload): (String, Vec<String>, Vec<u8>) = if let Some(file) =
         config.files.get(path)
     {
-        ("200 OK".into(), vec![], file.clone())
+        let extra = config
+            .content_types
+            .get(path)
+            .map(|t| format!("Content-Type: {t}"))
+            .into_iter()
+            .collect();
+        ("200 OK".into(), extra, file.clone())
     } else if let Some(root) = config.git_root.as_ref().filter(|_| path.contains(".git")) {
         let authorized = match &config.basic_auth {
             None => Ok(None),

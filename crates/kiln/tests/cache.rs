@@ -555,7 +555,7 @@ fn broken_registry_cache_blobs_fall_back_to_building() {
 
     // Same size, other bytes: the registry serves them; kiln finds the digest wrong.
     for digest in &layers {
-        let path = reg.blob_path(digest);
+        let path = reg.blob_data(digest);
         let mut bytes = fs::read(&path).unwrap();
         let n = bytes.len();
         bytes[n / 2] ^= 0xff;
@@ -569,7 +569,7 @@ fn broken_registry_cache_blobs_fall_back_to_building() {
 
     // Deleted: the registry has the manifests but not the layers.
     for digest in cache_layers(host, "cache") {
-        let _ = fs::remove_file(reg.blob_path(&digest));
+        let _ = fs::remove_file(reg.blob_data(&digest));
     }
     let third = Build::from(p.build(&flags), p.path("out"));
     assert!(third.log.contains("building again without that cache entry"), "{}", third.log);
