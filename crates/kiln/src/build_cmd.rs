@@ -143,6 +143,54 @@ pub struct BuildArgs {
     /// In-place builds: run even where no container is detected (this rewrites `/`).
     #[arg(long)]
     pub force: bool,
+    /// Build and write the `--output`s and digest files, but push nothing: `-t` references only
+    /// name the image (kaniko's `--no-push`).
+    #[arg(long = "no-push", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub no_push: bool,
+    /// Write `NAME:TAG@DIGEST` for every `-t` reference, one a line (kaniko's format).
+    #[arg(long, value_name = "FILE")]
+    pub image_name_tag_with_digest_file: Option<PathBuf>,
+    /// Layer compression: gzip, zstd or uncompressed.
+    #[arg(long, value_name = "ALGORITHM", default_value = "gzip")]
+    pub compression: String,
+    /// Compression level (gzip 0-9, default 6; zstd 1-22, default 3; -1 is the default).
+    #[arg(long, value_name = "LEVEL", allow_hyphen_values = true)]
+    pub compression_level: Option<i32>,
+    /// A push refused because the tag is immutable (Artifact Registry, ECR) counts as done
+    /// (kaniko's flag).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub push_ignore_immutable_tag_errors: bool,
+    /// `--cache`: read the cache repository, never write to it (kaniko's `--no-push-cache`).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub no_push_cache: bool,
+    /// Push over plain HTTP to the registries of `-t` and `--cache-repo` (kaniko's `--insecure`).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub insecure: bool,
+    /// Push without verifying the TLS certificates of the registries of `-t` and `--cache-repo`
+    /// (kaniko's `--skip-tls-verify`).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub skip_tls_verify: bool,
+    /// Pull base images over plain HTTP (their registries and the mirrors; kaniko's flag).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub insecure_pull: bool,
+    /// Pull base images without verifying TLS certificates (kaniko's flag).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub skip_tls_verify_pull: bool,
+    /// Name files in kaniko's format (`kiln executor`): `--image-name-with-digest-file` holds
+    /// `REPOSITORY@DIGEST` lines for every `-t`, pushed or not.
+    #[arg(skip)]
+    pub kaniko_digest_files: bool,
+    /// The Docker config file to read when `DOCKER_CONFIG` is unset and it exists
+    /// (`kiln executor`: `<kaniko-dir>/.docker/config.json`).
+    #[arg(skip)]
+    pub docker_config: Option<PathBuf>,
 }
 
 /// Everything `kiln build` resolved from its flags before building.
@@ -172,6 +220,13 @@ pub struct Resolved {
     pub force: bool,
     /// In-place builds: clear `/` after the build.
     pub cleanup: bool,
+    /// The `-t` references, pushed or not (`--no-push`): the names in the digest files.
+    pub names: Vec<String>,
+    pub image_name_tag_with_digest_file: Option<PathBuf>,
+    pub kaniko_digest_files: bool,
+    pub compression: kiln_fs::writer::Compression,
+    pub push_ignore_immutable_tag_errors: bool,
+    pub docker_config: Option<PathBuf>,
 }
 
 /// The example `kiln build --example` builds (the repository's `examples/hello`, embedded).
@@ -249,8 +304,19 @@ pub fn resolve(args: &BuildArgs) -> anyhow::Result<Resolved> {
     }
     let mut outputs: Vec<Output> =
         args.outputs.iter().map(|o| Output::parse(o)).collect::<Result<_, _>>()?;
-    outputs.extend(args.tags.iter().map(|t| Output::Registry { reference: t.clone() }));
-    if outputs.is_empty() {
+    // A docker archive without `name=` is named after the `-t` references (kaniko's
+    // `--tar-path` with `--destination`).
+    for o in &mut outputs {
+        if let Output::DockerArchive { tags, .. } = o
+            && tags.is_empty()
+        {
+            tags.clone_from(&args.tags);
+        }
+    }
+    if !args.no_push {
+        outputs.extend(args.tags.iter().map(|t| Output::Registry { reference: t.clone() }));
+    }
+    if outputs.is_empty() && !args.no_push {
         outputs
             .push(Output::OciDir { dest: PathBuf::from("kiln-out"), tag: Some("latest".into()) });
     }
@@ -303,6 +369,9 @@ pub fn resolve(args: &BuildArgs) -> anyhow::Result<Resolved> {
         }
     }
     let (caches, cache) = resolve_caches(args, &outputs)?;
+    let mut registry = args.registry.options()?;
+    add_insecure_hosts(args, &dockerfile, &build_args, &caches, &mut registry);
+    let compression = compression(&args.compression, args.compression_level)?;
     let ttl = kiln_build::options::parse_duration("--cache-ttl", &args.cache_ttl)?;
     Ok(Resolved {
         request: kiln_build::engine::BuildRequest {
@@ -335,7 +404,13 @@ pub fn resolve(args: &BuildArgs) -> anyhow::Result<Resolved> {
         force: args.force,
         cleanup: args.cleanup,
         _prepared_context: prepared_context,
-        registry: args.registry.options()?,
+        registry,
+        names: args.tags.clone(),
+        image_name_tag_with_digest_file: args.image_name_tag_with_digest_file.clone(),
+        kaniko_digest_files: args.kaniko_digest_files,
+        compression,
+        push_ignore_immutable_tag_errors: args.push_ignore_immutable_tag_errors,
+        docker_config: args.docker_config.clone(),
     })
 }
 
@@ -369,6 +444,108 @@ fn ignore_paths(
     out
 }
 
+/// `--compression` and `--compression-level` as the layer writer's setting.
+fn compression(name: &str, level: Option<i32>) -> anyhow::Result<kiln_fs::writer::Compression> {
+    use kiln_fs::writer::Compression;
+    // kaniko's default level is -1: the algorithm's own default.
+    let level = level.filter(|l| *l >= 0);
+    match name {
+        "gzip" => match level.map(u32::try_from) {
+            None => Ok(Compression::default()),
+            Some(Ok(l)) if l <= 9 => Ok(Compression::Gzip { level: l }),
+            Some(_) => Err(Hinted::error(
+                format!("invalid `--compression-level` for gzip: {}", level.unwrap_or_default()),
+                "gzip levels go from 0 (none) to 9 (smallest)",
+                None,
+            )),
+        },
+        "zstd" => match level {
+            None => Ok(Compression::Zstd { level: 3 }),
+            Some(l @ 0..=22) => Ok(Compression::Zstd { level: l.max(1) }),
+            Some(l) => Err(Hinted::error(
+                format!("invalid `--compression-level` for zstd: {l}"),
+                "zstd levels go from 1 (fastest) to 22 (smallest)",
+                None,
+            )),
+        },
+        "uncompressed" | "none" => Ok(Compression::None),
+        other => Err(Hinted::error(
+            format!("invalid `--compression {other}`"),
+            "use gzip, zstd or uncompressed",
+            None,
+        )),
+    }
+}
+
+/// kaniko's registry-wide switches, as host lists: `--insecure`/`--skip-tls-verify` name the
+/// registries pushed to (`-t`, the cache repository), `--insecure-pull`/`--skip-tls-verify-pull`
+/// those of the Dockerfile's base images and of the mirrors.
+fn add_insecure_hosts(
+    args: &BuildArgs,
+    dockerfile: &str,
+    build_args: &[(String, String)],
+    caches: &[CacheUse],
+    registry: &mut kiln_registry::RegistryOptions,
+) {
+    let host_of = |r: &str| kiln_reference::Reference::parse(r).ok().map(|r| r.registry);
+    if args.insecure || args.skip_tls_verify {
+        let mut hosts: Vec<String> = args.tags.iter().filter_map(|t| host_of(t)).collect();
+        for (spec, _, _) in caches {
+            if let CacheSpec::Registry { reference, .. } = spec
+                && let Some(h) = host_of(reference)
+            {
+                hosts.push(h);
+            }
+        }
+        add_hosts(registry, &hosts, args.insecure);
+    }
+    if args.insecure_pull || args.skip_tls_verify_pull {
+        let mut hosts: Vec<String> =
+            dockerfile_bases(dockerfile, build_args).iter().filter_map(|b| host_of(b)).collect();
+        let mirror_host = |m: &str| m.split('/').next().unwrap_or(m).to_owned();
+        hosts.extend(registry.mirrors.iter().map(|m| mirror_host(m)));
+        hosts.extend(registry.registry_map.iter().map(|(_, m)| mirror_host(m)));
+        add_hosts(registry, &hosts, args.insecure_pull);
+    }
+}
+
+/// Adds `hosts` to the hosts not verified over TLS and, when `plain_http`, reached over HTTP.
+fn add_hosts(registry: &mut kiln_registry::RegistryOptions, hosts: &[String], plain_http: bool) {
+    for h in hosts {
+        if plain_http && !registry.insecure.contains(h) {
+            registry.insecure.push(h.clone());
+        }
+        if !registry.skip_tls_verify.contains(h) {
+            registry.skip_tls_verify.push(h.clone());
+        }
+    }
+}
+
+/// The base images a Dockerfile's stages name (not `scratch`, not earlier stages); none when
+/// it does not plan (the build then reports why).
+pub fn dockerfile_bases(text: &str, build_args: &[(String, String)]) -> Vec<String> {
+    let Ok(parsed) = kiln_dockerfile::parse_instructions(text) else {
+        return Vec::new();
+    };
+    let opts = kiln_dockerfile::plan::PlanOptions {
+        build_args: build_args.to_vec(),
+        escape: parsed.escape,
+        ..Default::default()
+    };
+    let Ok(plan) = kiln_dockerfile::plan::plan(&parsed.instructions, &opts) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for stage in &plan.stages {
+        if let kiln_dockerfile::plan::Base::Image(r) = &stage.base
+            && !out.contains(r)
+        {
+            out.push(r.clone());
+        }
+    }
+    out
+}
+
 /// A layer cache and whether the build reads and writes it.
 pub type CacheUse = (CacheSpec, bool, bool);
 
@@ -382,9 +559,11 @@ fn resolve_caches(
         let repo = match &args.cache_repo {
             Some(r) => r.clone(),
             None => {
-                let first = outputs.iter().find_map(|o| match o {
-                    Output::Registry { reference } => Some(reference.clone()),
-                    _ => None,
+                let first = args.tags.first().cloned().or_else(|| {
+                    outputs.iter().find_map(|o| match o {
+                        Output::Registry { reference } => Some(reference.clone()),
+                        _ => None,
+                    })
                 });
                 let Some(first) = first else {
                     return Err(Hinted::error(
@@ -399,7 +578,12 @@ fn resolve_caches(
             }
         };
         // kaniko's --cache-repo takes a bare repository; a local directory is `type=local`.
-        caches.push((CacheSpec::Registry { reference: repo, mode_max: true }, true, true));
+        // `--no-push-cache`: the entries are read, never written.
+        caches.push((
+            CacheSpec::Registry { reference: repo, mode_max: true },
+            true,
+            !args.no_push_cache,
+        ));
     } else if args.cache_repo.is_some() {
         return Err(Hinted::error(
             "--cache-repo is given but the cache is off",
@@ -592,6 +776,7 @@ fn build_and_export(
     let layers = kiln_build::fs_layers::FsLayers {
         epoch: resolved.request.epoch,
         ignore: resolved.ignore_paths.clone(),
+        compression: resolved.compression,
         ..Default::default()
     };
     let result = build_with(resolved, &sandbox, &layers, progress);
@@ -616,7 +801,7 @@ fn build_with(
 ) -> anyhow::Result<String> {
     use kiln_build::export;
     use kiln_build::progress::Event;
-    let credentials = kiln_registry::Credentials::load().map_err(|e| {
+    let credentials = load_credentials(resolved.docker_config.as_deref()).map_err(|e| {
         Hinted::error(
             e.to_string(),
             "fix or remove the Docker config file (DOCKER_CONFIG, ~/.docker/config.json)",
@@ -670,7 +855,13 @@ fn build_with(
     };
     let req = &resolved.request;
     let image = engine.build(req).map_err(|e| build_error(req, e))?;
-    let mut digest = String::new();
+    let image_digest = {
+        use kiln_oci::Image as _;
+        export::to_image(&image)
+            .map_err(|e| anyhow::anyhow!("cannot assemble the image: {e}"))?
+            .digest()
+    };
+    let mut digest = image_digest.to_string();
     let mut summary = String::new();
     let mut pushed: Vec<String> = Vec::new();
     for output in &resolved.outputs {
@@ -686,16 +877,30 @@ fn build_with(
                 (dest.display().to_string(), export::write_docker_archive(&image, dest, tags)?)
             }
             Output::Registry { reference } => {
-                let d =
-                    kiln_build::registry_source::push(&client, &image, reference).map_err(|e| {
-                        Hinted::error(
+                let d = match kiln_build::registry_source::push(&client, &image, reference) {
+                    Ok(d) => d,
+                    Err(e)
+                        if resolved.push_ignore_immutable_tag_errors
+                            && is_immutable_tag_error(&e.message) =>
+                    {
+                        progress.event(Event::Warning {
+                            message: format!(
+                                "`{reference}` is an immutable tag, not pushed (--push-ignore-immutable-tag-errors): {}",
+                                e.message
+                            ),
+                        });
+                        image_digest.clone()
+                    }
+                    Err(e) => {
+                        return Err(Hinted::error(
                             format!("cannot push to `{reference}`: {}", e.message),
                             e.hint.clone().unwrap_or_else(|| {
                                 "check the registry and your credentials".into()
                             }),
                             None,
-                        )
-                    })?;
+                        ));
+                    }
+                };
                 pushed.push(format!("{reference}@{d}"));
                 (reference.clone(), d)
             }
@@ -709,7 +914,15 @@ fn build_with(
         write_atomically(f, digest.as_bytes())?;
     }
     if let Some(f) = &resolved.image_name_with_digest_file {
-        write_atomically(f, pushed.join("\n").as_bytes())?;
+        let text = if resolved.kaniko_digest_files {
+            kaniko_names(&resolved.names, false, &digest)
+        } else {
+            pushed.join("\n")
+        };
+        write_atomically(f, text.as_bytes())?;
+    }
+    if let Some(f) = &resolved.image_name_tag_with_digest_file {
+        write_atomically(f, kaniko_names(&resolved.names, true, &digest).as_bytes())?;
     }
     if let Some(f) = &resolved.metadata_file {
         let steps: Vec<serde_json::Value> = image
@@ -727,6 +940,55 @@ fn build_with(
         write_atomically(f, serde_json::to_string_pretty(&meta).unwrap_or_default().as_bytes())?;
     }
     Ok(summary)
+}
+
+/// The registry answers kaniko treats as "this tag is immutable" (Artifact Registry, ECR).
+fn is_immutable_tag_error(message: &str) -> bool {
+    [
+        "The repository has enabled tag immutability",
+        "cannot be overwritten because the repository is immutable",
+    ]
+    .iter()
+    .any(|m| message.contains(m))
+}
+
+/// kaniko's name files: `REPOSITORY[:TAG]@DIGEST` for every name, each line ending in a
+/// newline, Docker Hub written `index.docker.io` (as go-containerregistry names it).
+fn kaniko_names(names: &[String], with_tag: bool, digest: &str) -> String {
+    let mut out = String::new();
+    for n in names {
+        let name = match kiln_reference::Reference::parse(n) {
+            Ok(r) => {
+                let registry = if r.registry == kiln_reference::DOCKER_HUB {
+                    "index.docker.io"
+                } else {
+                    &r.registry
+                };
+                let mut s = format!("{registry}/{}", r.repository);
+                if with_tag {
+                    s.push(':');
+                    s.push_str(r.tag.as_deref().unwrap_or("latest"));
+                }
+                s
+            }
+            Err(_) => n.clone(),
+        };
+        out.push_str(&format!("{name}@{digest}\n"));
+    }
+    out
+}
+
+/// Registry credentials: `fallback` (kiln executor's `<kaniko-dir>/.docker/config.json`) when
+/// `DOCKER_CONFIG` is unset and it exists, else Docker's and kaniko's search.
+fn load_credentials(
+    fallback: Option<&Path>,
+) -> Result<kiln_registry::Credentials, kiln_registry::credentials::CredentialError> {
+    match fallback {
+        Some(f) if std::env::var_os("DOCKER_CONFIG").is_none() && f.is_file() => {
+            kiln_registry::Credentials::from_file(f)
+        }
+        _ => kiln_registry::Credentials::load(),
+    }
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename.

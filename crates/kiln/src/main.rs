@@ -1,11 +1,16 @@
 //! `kiln`: the command-line front of the builder.
 //!
-//! Subcommands: `plan` (resolve stages, args and steps of a Dockerfile without building) and
-//! `debug dump-ast` (the parser's AST in BuildKit's dump format). Errors are rendered here, with
-//! `file:line`, the source line and `hint:` lines ([`diagnostic`]); libraries return typed errors.
+//! Subcommands: `build` (Docker's conventions), `executor` (kaniko's executor flags, verbatim),
+//! `warmer` (kaniko's warmer), `image` (copy and inspect images), `plan` (resolve stages, args
+//! and steps of a Dockerfile without building) and `debug dump-ast` (the parser's AST in
+//! BuildKit's dump format). Run through a link named `executor` or `warmer` (kaniko's
+//! `/kaniko/executor`), the binary takes that command's flags directly. Errors are rendered
+//! here, with `file:line`, the source line and `hint:` lines ([`diagnostic`]); libraries return
+//! typed errors.
 
 mod build_cmd;
 mod diagnostic;
+mod executor_cmd;
 mod image_cmd;
 mod plan_cmd;
 mod progress;
@@ -33,6 +38,8 @@ enum Command {
     /// Copy and inspect images: registries, OCI layouts, docker-archives.
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
+    /// Build an image with kaniko's executor flags (`--context`, `--destination`, ...).
+    Executor(Box<executor_cmd::ExecutorCommand>),
     /// Download base images into a cache directory for later builds (kaniko's warmer).
     Warmer(warmer_cmd::WarmerArgs),
     /// Show the stages and steps a build would run, after ARG expansion, without building.
@@ -105,19 +112,46 @@ fn enter_user_namespace(isolation: &str) -> Option<ExitCode> {
     }
 }
 
+/// kaniko's warmer command line, for the binary run as `warmer`.
+#[derive(Debug, Parser)]
+#[command(name = "warmer", version, about = "Download base images into a cache directory (kiln)")]
+struct WarmerCli {
+    #[command(flatten)]
+    args: warmer_cmd::WarmerArgs,
+}
+
+/// The file name the binary was run as, when it names one of kaniko's commands.
+fn invoked_as() -> Option<String> {
+    let argv0 = std::env::args_os().next()?;
+    let name = std::path::Path::new(&argv0).file_name()?.to_str()?.to_owned();
+    matches!(name.as_str(), "executor" | "warmer").then_some(name)
+}
+
 fn main() -> ExitCode {
     // A re-run started by `enter_user_namespace` joins its namespace before anything else
     // (unshare needs a single-threaded process).
     if let Err(e) = kiln_sandbox::finish_entering_user_namespace() {
         eprintln!("warning: {e}; going on without a user namespace");
     }
-    let cli = Cli::parse();
-    let result = match cli.command {
+    let command = match invoked_as().as_deref() {
+        Some("executor") => Command::Executor(Box::new(executor_cmd::ExecutorCli::parse().command)),
+        Some("warmer") => Command::Warmer(WarmerCli::parse().args),
+        _ => Cli::parse().command,
+    };
+    let result = match command {
         Command::Build(args) => {
             if let Some(code) = enter_user_namespace(&args.isolation) {
                 return code;
             }
             build_cmd::run(&args)
+        }
+        Command::Executor(cmd) => {
+            if cmd.command.is_none()
+                && let Some(code) = enter_user_namespace(executor_cmd::isolation(&cmd))
+            {
+                return code;
+            }
+            executor_cmd::run(&cmd)
         }
         Command::Image(cmd) => image_cmd::run(&cmd),
         Command::Warmer(args) => warmer_cmd::run(&args),

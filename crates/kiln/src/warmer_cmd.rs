@@ -136,19 +136,12 @@ fn dockerfile_bases(file: &Path, build_args: &[String]) -> anyhow::Result<Vec<St
         }
     }
     let opts = kiln_dockerfile::plan::PlanOptions {
-        build_args: args,
+        build_args: args.clone(),
         escape: parsed.escape,
         ..Default::default()
     };
-    let plan = kiln_dockerfile::plan::plan(&parsed.instructions, &opts)
+    // Report a Dockerfile that does not plan; then list its bases.
+    kiln_dockerfile::plan::plan(&parsed.instructions, &opts)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    let mut out = Vec::new();
-    for stage in &plan.stages {
-        if let kiln_dockerfile::plan::Base::Image(r) = &stage.base
-            && !out.contains(r)
-        {
-            out.push(r.clone());
-        }
-    }
-    Ok(out)
+    Ok(crate::build_cmd::dockerfile_bases(&text, &args))
 }
