@@ -628,8 +628,8 @@ impl StageBuild<'_, '_> {
     }
 
     /// The stage's initial state from its base. The root directory is made later, when a step
-    /// first needs it ([`Self::materialize`]), except for `scratch`, a stage whose parent's root
-    /// exists, and in-place mode.
+    /// first needs it ([`Self::materialize`]), except for `scratch` and a stage whose parent's
+    /// root exists (never in place, where `/` is emptied and the layers applied to it).
     fn prepare_root(&mut self, root: &Path) -> Result<StageState, BuildError> {
         let platform =
             self.stage.platform.clone().unwrap_or_else(|| self.plan.target_platform.clone());
@@ -655,7 +655,7 @@ impl StageBuild<'_, '_> {
             key,
             parent_hit: true,
         };
-        let mut state = match &self.stage.base {
+        let state = match &self.stage.base {
             Base::Scratch => {
                 if self.in_place() {
                     self.clear_in_place_root(root)?;
@@ -728,9 +728,8 @@ impl StageBuild<'_, '_> {
                 fresh(config, base.layers.clone(), base.media_types, false, key.finish().0)
             }
         };
-        if matches!(self.engine.sandbox.mode(), kiln_sandbox::Mode::InPlace { .. }) {
-            self.materialize(&mut state)?;
-        }
+        // In place too the root is made only when a step misses: a build whose steps all hit
+        // the cache then leaves `/` as it was and unpacks nothing.
         Ok(state)
     }
 
