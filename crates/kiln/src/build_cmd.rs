@@ -167,12 +167,12 @@ pub struct BuildArgs {
           default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub no_push_cache: bool,
     /// Push over plain HTTP to the registries of `-t` and `--cache-repo` (kaniko's `--insecure`).
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+    #[arg(id = "insecure_push", long = "insecure", value_name = "BOOL", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub insecure: bool,
     /// Push without verifying the TLS certificates of the registries of `-t` and `--cache-repo`
     /// (kaniko's `--skip-tls-verify`).
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+    #[arg(id = "skip_tls_verify_push", long = "skip-tls-verify", value_name = "BOOL", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
     pub skip_tls_verify: bool,
     /// Pull base images over plain HTTP (their registries and the mirrors; kaniko's flag).

@@ -383,7 +383,7 @@ fn warn_no_effect(args: &ExecutorArgs) {
     let mode = args.snapshot_mode_deprecated.as_deref().unwrap_or(&args.snapshot_mode);
     if mode != "full" {
         warn(&format!(
-            "--snapshot-mode={mode} has no effect: kiln finds changed files by their lstat metadata (inode, size, mode, owner, mtime and ctime, which any write moves), or by the overlay upper directory, which covers full, redo and time"
+            "--snapshot-mode={mode} has no effect in kiln: it finds changed files by their lstat metadata (inode, size, mode, owner, mtime and ctime, which any write moves), or by the overlay upper directory, which covers full, redo and time"
         ));
     }
     if args.custom_platform_deprecated.is_some() {
