@@ -87,7 +87,8 @@ certs=/etc/ssl/certs/ca-certificates.crt
 [[ -f "$certs" ]] || { echo "build-executor-image.sh: $certs missing (apt-get install ca-certificates)" >&2; exit 1; }
 context="$target_dir/executor-image/$target-context"
 rm -rf "$context"
-mkdir -p "$context/empty"
+mkdir -p "$context/empty" "$context/links"
+ln -s executor "$context/links/warmer"
 cp "$binary" "$context/kiln"
 cp "$certs" "$context/ca-certificates.crt"
 cp deploy/executor/nsswitch.conf "$context/nsswitch.conf"
