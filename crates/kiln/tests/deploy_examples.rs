@@ -403,8 +403,16 @@ fn examples_name_no_real_registry() {
     for dir in ["kubernetes", "tekton", "gitlab", "github-actions", "jenkins"] {
         for entry in fs::read_dir(examples().join(dir)).unwrap() {
             let text = fs::read_to_string(entry.unwrap().path()).unwrap();
-            for line in text.lines().filter(|l| l.contains("image:") && !l.contains("$(")) {
-                assert!(line.contains("example.com"), "{dir}: {line}");
+            let code = |l: &&str| {
+                let l = l.trim_start();
+                !l.starts_with('#') && !l.starts_with("//") && !l.contains("$(")
+            };
+            for line in text.lines().filter(code) {
+                let value = line.split_once("image:").map_or("", |(_, v)| v.trim());
+                let value = line.trim().strip_prefix("name:").map_or(value, str::trim);
+                if !value.is_empty() && (line.contains("image:") || value.contains("/executor")) {
+                    assert!(value.contains("example.com"), "{dir}: {line}");
+                }
             }
         }
     }
