@@ -25,3 +25,16 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "installing cargo-nextest"
   cargo install --locked cargo-nextest
 fi
+
+# rustfmt and clippy ship with most toolchain profiles, not with `minimal`.
+for component in rustfmt clippy; do
+  if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    if command -v rustup >/dev/null; then
+      echo "installing the $component toolchain component"
+      rustup component add "$component"
+    else
+      echo "error: cargo $component is missing and there is no rustup to add it" >&2
+      exit 1
+    fi
+  fi
+done

@@ -362,7 +362,11 @@ impl Engine<'_> {
                 for d in &plan.stages[i].dependencies {
                     if let Some(r) = all.get_mut(&d.stage) {
                         r.users_left = r.users_left.saturating_sub(1);
-                        if r.users_left == 0 && d.stage != plan.target && r.root.exists() {
+                        if r.users_left == 0
+                            && d.stage != plan.target
+                            && r.root != Path::new("/")
+                            && r.root.exists()
+                        {
                             let _ = fs::remove_dir_all(&r.root);
                         }
                     }
@@ -449,10 +453,19 @@ fn apply_layers(
     root: &Path,
     progress: &dyn Fn(u64, u64),
 ) -> Result<(), BuildError> {
-    if root.symlink_metadata().is_ok() {
-        fs::remove_dir_all(root).map_err(io_err("clearing a stage root"))?;
+    if root == Path::new("/") {
+        // An in-place build: `/` is emptied around what must stay (kiln's own directory,
+        // mount points), never removed.
+        engine.layers.clear_root(root).map_err(|e| BuildError::Io {
+            context: "clearing `/` for the next stage".into(),
+            error: io::Error::other(e.message),
+        })?;
+    } else {
+        if root.symlink_metadata().is_ok() {
+            fs::remove_dir_all(root).map_err(io_err("clearing a stage root"))?;
+        }
+        fs::create_dir_all(root).map_err(io_err("creating the stage root"))?;
     }
-    fs::create_dir_all(root).map_err(io_err("creating the stage root"))?;
     let total: u64 = layers.iter().map(|l| l.size).sum();
     let mut done = 0;
     for layer in layers {
@@ -526,6 +539,10 @@ impl StageBuild<'_, '_> {
         self.stage.display_name()
     }
 
+    fn in_place(&self) -> bool {
+        matches!(self.engine.sandbox.mode(), kiln_sandbox::Mode::InPlace { .. })
+    }
+
     fn stage_dir(&self) -> PathBuf {
         self.req.work_dir.join(format!("stage-{}", self.stage.index))
     }
@@ -552,7 +569,11 @@ impl StageBuild<'_, '_> {
         let dir = self.stage_dir();
         fs::create_dir_all(&dir).map_err(io_err("creating a stage directory"))?;
         fs::create_dir_all(self.blob_dir()).map_err(io_err("creating the blob directory"))?;
-        let root = dir.join("rootfs");
+        // In-place builds (kaniko's model) build every stage in `/` itself, one at a time; a
+        // stage that later stages use is unpacked again from its layers into its directory
+        // when they need it.
+        let in_place = self.in_place();
+        let root = if in_place { PathBuf::from("/") } else { dir.join("rootfs") };
         let base_text = match &self.stage.base {
             Base::Scratch => "scratch".to_owned(),
             Base::Stage(i) => self.plan.stages[*i].display_name(),
@@ -593,8 +614,8 @@ impl StageBuild<'_, '_> {
         }
         state.config.set_created(&created_time(self.req.epoch));
         Ok(StageResult {
-            root,
-            materialized: state.materialized,
+            root: if in_place { dir.join("rootfs") } else { root },
+            materialized: state.materialized && !in_place,
             key: state.key,
             image: BuiltImage {
                 config: state.config,
@@ -636,7 +657,11 @@ impl StageBuild<'_, '_> {
         };
         let mut state = match &self.stage.base {
             Base::Scratch => {
-                fs::create_dir_all(root).map_err(io_err("creating the stage root"))?;
+                if self.in_place() {
+                    self.clear_in_place_root(root)?;
+                } else {
+                    fs::create_dir_all(root).map_err(io_err("creating the stage root"))?;
+                }
                 let config = ImageConfig::scratch(
                     &platform.os,
                     &platform.architecture,
@@ -656,7 +681,7 @@ impl StageBuild<'_, '_> {
                         context: format!("stage {name}"),
                         error: io::Error::other("its base stage was not built"),
                     })?;
-                    let take = parent.users_left <= 1 && *i != self.plan.target;
+                    let take = parent.users_left <= 1 && *i != self.plan.target && !self.in_place();
                     if take {
                         parent.users_left = 0;
                     }
@@ -670,6 +695,8 @@ impl StageBuild<'_, '_> {
                         parent.image.media_types,
                     )
                 };
+                // In place, the parent's layers are applied to `/` (see `materialize`).
+                let materialized = materialized && !self.in_place();
                 if materialized {
                     if take {
                         fs::rename(&parent_root, root).map_err(io_err("moving a stage root"))?;
@@ -705,6 +732,14 @@ impl StageBuild<'_, '_> {
             self.materialize(&mut state)?;
         }
         Ok(state)
+    }
+
+    /// Empties `/` for a stage of an in-place build, keeping what the layer operations keep.
+    fn clear_in_place_root(&self, root: &Path) -> Result<(), BuildError> {
+        self.engine.layers.clear_root(root).map_err(|e| BuildError::Io {
+            context: format!("clearing `{}` for stage {}", root.display(), self.name()),
+            error: io::Error::other(e.message),
+        })
     }
 
     /// Makes the stage's root hold its layers, if it does not yet: applies every layer of the

@@ -4,6 +4,7 @@ use std::any::Any;
 use std::path::Path;
 
 use kiln_fs::apply::{self, ApplyOptions};
+use kiln_fs::keep::KeepList;
 use kiln_fs::snapshot::{Snapshot as FsSnapshot, SnapshotOptions};
 use kiln_fs::writer::{self, Compression, LayerEntry, WriteOptions, WrittenLayer};
 
@@ -73,10 +74,39 @@ impl FsLayers {
     }
 }
 
+impl FsLayers {
+    /// What applying a layer to `root` and clearing it leave alone: for `/` (in-place builds)
+    /// everything a snapshot ignores (`/proc`, `/sys`, `/dev`, mount points, kiln's own and
+    /// ignored paths); nothing for a private stage directory.
+    pub fn keep_for(&self, root: &Path) -> KeepList {
+        if root == Path::new("/") {
+            KeepList::new(self.snapshot_options(root).ignore)
+        } else {
+            KeepList::default()
+        }
+    }
+}
+
 impl LayerOps for FsLayers {
     fn apply(&self, layer: &LayerBlob, root: &Path) -> Result<(), SeamError> {
-        let opts = ApplyOptions { name: layer.digest.clone(), ..ApplyOptions::default() };
+        let opts = ApplyOptions {
+            name: layer.digest.clone(),
+            keep: self.keep_for(root),
+            ..ApplyOptions::default()
+        };
         apply::apply_file(&layer.path, root, &opts).map_err(seam)?;
+        Ok(())
+    }
+
+    fn clear_root(&self, root: &Path) -> Result<(), SeamError> {
+        let keep = self.keep_for(root);
+        if keep.is_empty() {
+            return Err(SeamError::new(format!(
+                "refusing to clear `{}`: nothing would be kept",
+                root.display()
+            )));
+        }
+        kiln_fs::keep::clear_root(root, &keep).map_err(seam)?;
         Ok(())
     }
 

@@ -145,6 +145,11 @@ pub trait LayerOps: Send + Sync {
         media_types: MediaTypes,
     ) -> Result<(Option<LayerBlob>, Box<dyn Snapshot>), SeamError>;
 
+    /// Empties `root` for the next stage, except what the build must keep (in-place builds,
+    /// where `root` is `/`: kiln's own directory, mount points, ignored paths). Other roots
+    /// are private directories and are removed whole by the engine instead.
+    fn clear_root(&self, root: &Path) -> Result<(), SeamError>;
+
     /// Writes the given paths of `root` (relative, parents before children) as a layer into
     /// `blob_dir` (`None` for an empty list). Used after COPY, which knows what it wrote.
     fn paths_layer(

@@ -31,6 +31,7 @@ pub(crate) fn tar_stream<R: Read>(reader: R, dest: &Path, shown: &str) -> Result
         // setting them would fail for an unprivileged build.
         chown: false,
         name: shown.to_owned(),
+        keep: kiln_fs::keep::KeepList::default(),
     };
     let outcome = apply_reader(decoded, dest, &opts).map_err(|e| match e {
         FsError::Layer { entry, reason, .. } => {

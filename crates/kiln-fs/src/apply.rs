@@ -32,6 +32,8 @@ pub struct ApplyOptions {
     pub chown: bool,
     /// Names the layer in errors (its digest, or the archive's path).
     pub name: String,
+    /// Paths never written, replaced or removed (in-place builds: `/kaniko`, mount points).
+    pub keep: crate::keep::KeepList,
 }
 
 impl Default for ApplyOptions {
@@ -40,6 +42,7 @@ impl Default for ApplyOptions {
             whiteouts: true,
             chown: rustix::process::geteuid().is_root(),
             name: String::from("layer"),
+            keep: crate::keep::KeepList::default(),
         }
     }
 }
@@ -191,6 +194,11 @@ struct Applier<'a> {
 
 /// An entry name made safe: relative, no `..`, no empty components.
 fn clean_entry_name(raw: &Path) -> Result<String, String> {
+    // Linux's PATH_MAX: a longer name cannot be created, and walking it would only cost time.
+    const PATH_MAX: usize = 4096;
+    if raw.as_os_str().len() > PATH_MAX {
+        return Err(format!("is {} bytes long (more than {PATH_MAX})", raw.as_os_str().len()));
+    }
     let mut parts: Vec<String> = Vec::new();
     for c in raw.components() {
         match c {
@@ -241,6 +249,9 @@ impl Applier<'_> {
             // The root itself (`./`): only its metadata; keep the root's own.
             return Ok(());
         }
+        if self.opts.keep.is_kept(&rel) {
+            return Ok(());
+        }
         let (parent_rel, name) = match rel.rsplit_once('/') {
             Some((p, n)) => (p.to_owned(), n.to_owned()),
             None => (String::new(), rel.clone()),
@@ -265,6 +276,15 @@ impl Applier<'_> {
         let mtime = filetime::FileTime::from_unix_time(meta.mtime, 0);
         let xattrs = meta.xattrs;
         let existing = target.symlink_metadata().ok();
+        if kind != tar::EntryType::Directory
+            && existing.as_ref().is_some_and(fs::Metadata::is_dir)
+            && self.opts.keep.holds_kept(&rel)
+        {
+            // A directory holding a kept path (say `/etc` with a mounted `resolv.conf`)
+            // cannot become a file or link.
+            self.warn(format!("skipped /{rel}: it would replace a directory kiln keeps"));
+            return Ok(());
+        }
         let replace = |this: &Self, keep_dir: bool| -> Result<(), FsError> {
             match &existing {
                 Some(m) if m.is_dir() && keep_dir => Ok(()),
@@ -430,13 +450,7 @@ impl Applier<'_> {
                 if self.written.contains(&child_rel) {
                     continue;
                 }
-                let p = e.path();
-                let r = match p.symlink_metadata() {
-                    Ok(m) if m.is_dir() => fs::remove_dir_all(&p),
-                    Ok(_) => fs::remove_file(&p),
-                    Err(_) => Ok(()),
-                };
-                r.map_err(self.io(rel))?;
+                self.opts.keep.remove(&e.path(), &child_rel).map_err(self.io(rel))?;
             }
             return Ok(());
         }
@@ -445,11 +459,12 @@ impl Applier<'_> {
             return Err(self.err(rel, "whiteout of an invalid name"));
         }
         let victim = parent.join(victim_name);
-        match victim.symlink_metadata() {
-            Ok(m) if m.is_dir() => fs::remove_dir_all(&victim).map_err(self.io(rel))?,
-            Ok(_) => fs::remove_file(&victim).map_err(self.io(rel))?,
-            Err(_) => {}
-        }
+        let victim_rel = if parent_rel.is_empty() {
+            victim_name.to_owned()
+        } else {
+            format!("{parent_rel}/{victim_name}")
+        };
+        self.opts.keep.remove(&victim, &victim_rel).map_err(self.io(rel))?;
         Ok(())
     }
 

@@ -6,12 +6,14 @@
 //! - [`snapshot`]: parallel `lstat` tables of a root and their diff as layer entries.
 //! - [`writer`]: layer entries to a compressed blob in one pass (diffID, digest, size).
 //! - [`rootpath`]: resolving paths inside a root as a chrooted process would.
+//! - [`keep`]: paths an in-place build never touches, and emptying a root around them.
 //!
 //! Data flow of a build step: `Snapshot::take` before, the step runs, `Snapshot::take` after,
 //! `before.diff(&after)` gives [`writer::LayerEntry`]s, `writer::write_layer` turns them into a
 //! blob. COPY, which knows what it wrote, calls `write_layer` with its paths directly.
 
 pub mod apply;
+pub mod keep;
 pub mod rootpath;
 pub mod snapshot;
 pub mod writer;

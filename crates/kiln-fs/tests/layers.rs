@@ -543,3 +543,124 @@ fn overlay_upper_dirs_translate_to_oci_whiteouts() {
     assert_eq!(fs::read_to_string(lower.join("new")).unwrap(), "n");
     assert_eq!(fs::read_to_string(lower.join("keep")).unwrap(), "k");
 }
+
+/// A tar with one entry named by a GNU long-name record (`name` may hold anything).
+fn long_name_tar(name: &[u8], content: &[u8]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut long = tar::Header::new_gnu();
+    long.set_entry_type(tar::EntryType::GNULongName);
+    long.as_old_mut().name[..13].copy_from_slice(b"././@LongLink");
+    let mut data = name.to_vec();
+    data.push(0);
+    long.set_size(data.len() as u64);
+    long.set_cksum();
+    b.append(&long, &data[..]).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.as_old_mut().name[..5].copy_from_slice(b"short");
+    h.set_size(content.len() as u64);
+    h.set_cksum();
+    b.append(&h, content).unwrap();
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn huge_names_are_rejected_or_stay_inside_the_root() {
+    let deep = format!("{}file", "d/".repeat(300)); // 300 levels
+    let long_component = "x".repeat(300); // over NAME_MAX
+    let escape = format!("{}{}", "a/".repeat(2000), "../".repeat(2001)) + "escape";
+    let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+        ("300 levels deep", deep.clone().into_bytes(), false),
+        ("a component over NAME_MAX", long_component.clone().into_bytes(), true),
+        ("a long name climbing out", escape.into_bytes(), true),
+        ("a 1 MB name", "y/".repeat(512 * 1024).into_bytes(), true),
+    ];
+    for (name, entry, must_fail) in cases {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        fs::create_dir_all(&root).unwrap();
+        let result =
+            apply::apply_reader(&long_name_tar(&entry, b"x")[..], &root, &ApplyOptions::default());
+        assert_eq!(result.is_err(), must_fail, "{name}: {result:?}");
+        if let Err(e) = &result {
+            let shown = e.to_string();
+            assert!(shown.contains("entry"), "{name}: the error names the entry: {shown:.300}");
+        }
+        let mut outside: Vec<String> = fs::read_dir(t.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        outside.sort();
+        assert_eq!(outside, ["root"], "{name}: nothing written beside the root");
+    }
+    // the deep one really landed, inside
+    let t = tempfile::tempdir().unwrap();
+    apply::apply_reader(
+        &long_name_tar(deep.as_bytes(), b"deep")[..],
+        t.path(),
+        &ApplyOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(fs::read(t.path().join(&deep)).unwrap(), b"deep");
+}
+
+/// `security.capability` (file capabilities, e.g. `ping`'s `cap_net_raw`) survives writing a
+/// layer and applying it. Setting it needs root.
+#[test]
+fn file_capabilities_survive_a_round_trip() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED: setting security.capability needs root (CI runs as root)");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir_all(src.join("bin")).unwrap();
+    fs::write(src.join("bin/ping"), "binary").unwrap();
+    // VFS_CAP_REVISION_2 | effective, permitted = cap_net_raw (13) + cap_net_bind_service (10)
+    let mut cap = vec![0x01, 0x00, 0x00, 0x02];
+    cap.extend_from_slice(&((1u32 << 13) | (1u32 << 10)).to_le_bytes());
+    cap.extend_from_slice(&[0; 12]);
+    xattr::set(src.join("bin/ping"), "security.capability", &cap).unwrap();
+    let blobs = t.path().join("blobs");
+    let layer =
+        writer::write_layer(&src, &all_paths(&src), &blobs, &WriteOptions::default()).unwrap();
+    let dst = t.path().join("dst");
+    fs::create_dir_all(&dst).unwrap();
+    let outcome = apply::apply_file(&layer.path, &dst, &ApplyOptions::default()).unwrap();
+    assert!(outcome.warnings.is_empty(), "{:?}", outcome.warnings);
+    let got = xattr::get(dst.join("bin/ping"), "security.capability").unwrap();
+    assert_eq!(got.as_deref(), Some(&cap[..]));
+}
+
+/// FIFOs and device nodes are made with their numbers when kiln may (root).
+#[test]
+fn fifos_and_device_nodes_are_made() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED: making device nodes needs root (CI runs as root)");
+        return;
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, kind, major, minor) in
+        [("fifo", tar::EntryType::Fifo, 0, 0), ("null", tar::EntryType::Char, 1, 3)]
+    {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_path(name).unwrap();
+        h.set_mode(0o666);
+        h.set_device_major(major).unwrap();
+        h.set_device_minor(minor).unwrap();
+        h.set_size(0);
+        h.set_cksum();
+        b.append(&h, std::io::empty()).unwrap();
+    }
+    let tar = b.into_inner().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let outcome = apply::apply_reader(&tar[..], t.path(), &ApplyOptions::default()).unwrap();
+    assert!(outcome.warnings.is_empty(), "{:?}", outcome.warnings);
+    use std::os::unix::fs::FileTypeExt;
+    assert!(fs::symlink_metadata(t.path().join("fifo")).unwrap().file_type().is_fifo());
+    let null = fs::symlink_metadata(t.path().join("null")).unwrap();
+    assert!(null.file_type().is_char_device());
+    assert_eq!(null.rdev(), rustix::fs::makedev(1, 3));
+}

@@ -1228,6 +1228,7 @@ impl RegistryClient {
         let failure = std::sync::Arc::new(Mutex::new(None));
         let reader = RecordingReader {
             inner: VerifyingReader::new(download, d.digest.clone(), d.size),
+            size: d.size,
             failure: failure.clone(),
         };
         let body = Mutex::new(Some(Body::sized(reader, d.size)));
@@ -1306,16 +1307,29 @@ impl RegistryClient {
     }
 }
 
-/// A reader that keeps its first error where the caller can see it (the HTTP stack only
-/// reports "body error").
+/// A verifying reader that keeps its first error where the caller can see it (the HTTP stack
+/// only reports "body error"), and checks the digest as soon as the expected size is read: the
+/// HTTP stack stops reading at the declared length, before the end of the stream where
+/// [`VerifyingReader`] would check it, so a corrupt blob would reach the destination (which
+/// refuses it, naming only itself).
 struct RecordingReader<R> {
-    inner: R,
+    inner: VerifyingReader<R>,
+    size: u64,
     failure: std::sync::Arc<Mutex<Option<io::Error>>>,
 }
 
 impl<R: Read> Read for RecordingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.read(buf).inspect_err(|e| {
+        let result = self.inner.read(buf).and_then(|n| {
+            if n > 0 && self.inner.bytes_read() == self.size {
+                // At the expected size: the end of the stream must follow, and the digest
+                // match (a longer stream fails here too).
+                self.inner.read(&mut [0u8; 1]).map(|_| n)
+            } else {
+                Ok(n)
+            }
+        });
+        result.inspect_err(|e| {
             if let Ok(mut f) = self.failure.lock()
                 && f.is_none()
             {

@@ -380,6 +380,10 @@ pub fn run_in_user_namespace(warnings: &mut Vec<String>) -> Result<Option<i32>, 
         source,
     })?;
     let mut cmd = std::process::Command::new(exe);
+    // The same argv[0]: run as `executor` or `warmer`, kiln parses kaniko's command line.
+    if let Some(arg0) = std::env::args_os().next() {
+        std::os::unix::process::CommandExt::arg0(&mut cmd, arg0);
+    }
     cmd.args(std::env::args_os().skip(1))
         .env(REEXEC_ENV, format!("{},{}", go_read.as_raw_fd(), unshared_write.as_raw_fd()));
     let mut child =

@@ -191,6 +191,23 @@ impl Registry {
         false
     }
 
+    /// The registry's filesystem storage (`rootdirectory`), for tests that damage what it
+    /// serves.
+    pub fn storage(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The file holding blob `digest` (`sha256:…`) in [`Registry::storage`]: deleting or
+    /// changing it breaks the blob for every repository that links it.
+    pub fn blob_data(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+        self.storage()
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
     /// The registry's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()

@@ -1,8 +1,8 @@
 //! Real servers for build-context tests, on 127.0.0.1 with free ports, stopped when dropped:
 //! [`GitDaemon`] (`git daemon`), [`HttpServer`] (static files, and git's smart HTTP protocol
 //! through `git http-backend` run as a CGI program, optionally behind basic auth; TLS when the
-//! test supplies a wrapper) and [`GitFixture`], a repository with branches, a tag and a
-//! sub-directory, made with the `git` binary.
+//! test supplies a wrapper such as [`tls_wrap`]) and [`GitFixture`], a repository with
+//! branches, a tag and a sub-directory, made with the `git` binary.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -209,11 +209,42 @@ impl<T: Read + Write + Send> Stream for T {}
 /// Turns an accepted connection into the stream to serve (e.g. a TLS handshake).
 pub type Wrap = Arc<dyn Fn(TcpStream) -> Option<Box<dyn Stream>> + Send + Sync>;
 
+/// A [`Wrap`] that serves TLS with `cert` (for example a [`crate::TestCa::server_cert`]).
+/// The handshake is finished before the request is read, so a client that rejects the
+/// certificate ends the connection quietly.
+pub fn tls_wrap(cert: &crate::CertFiles) -> Wrap {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain =
+        CertificateDer::pem_file_iter(&cert.cert).unwrap().collect::<Result<Vec<_>, _>>().unwrap();
+    let key = PrivateKeyDer::from_pem_file(&cert.key).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap(),
+    );
+    Arc::new(move |tcp| {
+        let conn = rustls::ServerConnection::new(config.clone()).ok()?;
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock).ok()?;
+        }
+        Some(Box::new(tls) as Box<dyn Stream>)
+    })
+}
+
 /// What an [`HttpServer`] serves.
 #[derive(Default, Clone)]
 pub struct HttpConfig {
     /// Static files: request path → body. Anything else is a 404 (or git, below).
     pub files: BTreeMap<String, Vec<u8>>,
+    /// `Content-Type` of some of the static files (request path → media type), e.g. to stand
+    /// in for a registry serving a manifest.
+    pub content_types: BTreeMap<String, String>,
     /// Serve the repositories under this directory with `git http-backend`.
     pub git_root: Option<PathBuf>,
     /// Require basic auth `user:password` for git requests.
@@ -333,7 +364,13 @@ fn serve_one(
     let (status, extra, payload): (String, Vec<String>, Vec<u8>) = if let Some(file) =
         config.files.get(path)
     {
-        ("200 OK".into(), vec![], file.clone())
+        let extra = config
+            .content_types
+            .get(path)
+            .map(|t| format!("Content-Type: {t}"))
+            .into_iter()
+            .collect();
+        ("200 OK".into(), extra, file.clone())
     } else if let Some(root) = config.git_root.as_ref().filter(|_| path.contains(".git")) {
         let authorized = match &config.basic_auth {
             None => Ok(None),

@@ -3,9 +3,15 @@
 //! carries the certificate the registry trusts (`rootcertbundle`). It checks basic credentials,
 //! grants the intersection of the requested and allowed actions, and records every request
 //! so tests can count them.
+//!
+//! It also speaks the OAuth2 side of the token spec (distribution's `spec/auth/oauth.md`):
+//! `POST /token` with a form `grant_type=refresh_token&refresh_token=…&service=…&scope=…&
+//! client_id=…`, the exchange Docker clients make with an `identitytoken` from `config.json`,
+//! answered with `{"access_token": …}` for a refresh token given in
+//! [`IssuerOptions::refresh_token`] and `401 {"error": "invalid_grant"}` otherwise.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +46,8 @@ pub struct IssuerOptions {
     /// `expires_in` of the tokens, in seconds: the tokens really stop working after it.
     pub expires_in: Option<u64>,
     pub field: TokenField,
+    /// `refresh token → (user, actions)` accepted by the OAuth2 refresh-token grant.
+    pub refresh_tokens: HashMap<String, (String, Vec<String>)>,
 }
 
 impl Default for IssuerOptions {
@@ -49,6 +57,7 @@ impl Default for IssuerOptions {
             anonymous: Vec::new(),
             expires_in: None,
             field: TokenField::Token,
+            refresh_tokens: HashMap::new(),
         }
     }
 }
@@ -62,6 +71,15 @@ impl IssuerOptions {
         );
         self
     }
+
+    /// Accepts `token` in the refresh-token grant, as `user` allowed `actions`.
+    pub fn refresh_token(mut self, token: &str, user: &str, actions: &[&str]) -> Self {
+        self.refresh_tokens.insert(
+            token.to_owned(),
+            (user.to_owned(), actions.iter().map(|a| (*a).to_owned()).collect()),
+        );
+        self
+    }
 }
 
 /// One request the issuer answered.
@@ -72,6 +90,14 @@ pub struct TokenRequest {
     pub scopes: Vec<String>,
     /// Whether a token was issued (false: bad credentials).
     pub issued: bool,
+    /// `POST` (the OAuth2 form) or `GET`.
+    pub method: String,
+    /// The OAuth2 `grant_type` (POST only).
+    pub grant_type: Option<String>,
+    /// The OAuth2 `client_id` (POST only).
+    pub client_id: Option<String>,
+    /// The `service` asked for.
+    pub service: Option<String>,
 }
 
 /// A running token issuer; stopped when dropped.
@@ -211,54 +237,98 @@ fn respond(conn: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()
     conn.flush()
 }
 
+/// `key=value&…` pairs, percent-decoded.
+fn form_pairs(s: &str) -> Vec<(String, String)> {
+    s.split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (percent_decode(k), percent_decode(v)))
+        .collect()
+}
+
 fn serve(shared: &Shared, mut conn: TcpStream) -> std::io::Result<()> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
-    let target = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_owned();
+    let target = parts.next().unwrap_or("").to_owned();
     let mut authorization = None;
+    let mut content_length = 0usize;
     loop {
         let mut h = String::new();
         if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
             break;
         }
-        if let Some((k, v)) = h.split_once(':')
-            && k.trim().eq_ignore_ascii_case("authorization")
-        {
-            authorization = Some(v.trim().to_owned());
+        if let Some((k, v)) = h.split_once(':') {
+            if k.trim().eq_ignore_ascii_case("authorization") {
+                authorization = Some(v.trim().to_owned());
+            } else if k.trim().eq_ignore_ascii_case("content-length") {
+                content_length = v.trim().parse().unwrap_or(0);
+            }
         }
     }
     let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
-    let mut scopes = Vec::new();
-    for pair in query.split('&') {
-        if let Some(("scope", v)) = pair.split_once('=') {
-            scopes.push(percent_decode(v));
-        }
+    let mut params = form_pairs(query);
+    if method == "POST" {
+        let mut body = vec![0u8; content_length.min(1 << 20)];
+        reader.read_exact(&mut body)?;
+        params.extend(form_pairs(&String::from_utf8_lossy(&body)));
     }
-    // Basic credentials, checked against the users.
-    let user = authorization
-        .as_deref()
-        .and_then(|a| a.strip_prefix("Basic "))
-        .and_then(|b| STANDARD.decode(b.trim()).ok())
-        .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|s| s.split_once(':').map(|(u, p)| (u.to_owned(), p.to_owned())));
-    let allowed: Vec<String> = match &user {
-        Some((u, p)) => match shared.options.users.get(u) {
-            Some((password, actions)) if password == p => actions.clone(),
-            _ => {
-                shared.requests.lock().unwrap().push(TokenRequest {
-                    user: Some(u.clone()),
-                    scopes,
-                    issued: false,
-                });
-                return respond(
-                    &mut conn,
-                    "401 Unauthorized",
-                    r#"{"details":"incorrect username or password"}"#,
-                );
+    let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    // OAuth2 puts several scopes in one space-separated `scope`; the GET form repeats it.
+    let scopes: Vec<String> = params
+        .iter()
+        .filter(|(k, _)| k == "scope")
+        .flat_map(|(_, v)| v.split(' ').filter(|s| !s.is_empty()).map(str::to_owned))
+        .collect();
+    let mut record = TokenRequest {
+        user: None,
+        scopes: scopes.clone(),
+        issued: false,
+        method: method.clone(),
+        grant_type: param("grant_type"),
+        client_id: param("client_id"),
+        service: param("service"),
+    };
+    let refused = |mut record: TokenRequest, conn: &mut TcpStream, body: &str| {
+        record.issued = false;
+        shared.requests.lock().unwrap().push(record);
+        respond(conn, "401 Unauthorized", body)
+    };
+    let (user, allowed): (Option<String>, Vec<String>) = if method == "POST" {
+        // The OAuth2 refresh-token grant: the refresh token stands for a user.
+        let grant = match (param("grant_type").as_deref(), param("refresh_token")) {
+            (Some("refresh_token"), Some(t)) => shared.options.refresh_tokens.get(&t).cloned(),
+            _ => None,
+        };
+        match grant {
+            Some((u, actions)) if param("client_id").is_some_and(|c| !c.is_empty()) => {
+                (Some(u), actions)
             }
-        },
-        None => shared.options.anonymous.clone(),
+            _ => return refused(record, &mut conn, r#"{"error":"invalid_grant"}"#),
+        }
+    } else {
+        // Basic credentials, checked against the users.
+        let basic = authorization
+            .as_deref()
+            .and_then(|a| a.strip_prefix("Basic "))
+            .and_then(|b| STANDARD.decode(b.trim()).ok())
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|s| s.split_once(':').map(|(u, p)| (u.to_owned(), p.to_owned())));
+        match &basic {
+            Some((u, p)) => match shared.options.users.get(u) {
+                Some((password, actions)) if password == p => (Some(u.clone()), actions.clone()),
+                _ => {
+                    record.user = Some(u.clone());
+                    return refused(
+                        record,
+                        &mut conn,
+                        r#"{"details":"incorrect username or password"}"#,
+                    );
+                }
+            },
+            None => (None, shared.options.anonymous.clone()),
+        }
     };
     let mut access = Vec::new();
     for scope in &scopes {
@@ -282,7 +352,7 @@ fn serve(shared: &Shared, mut conn: TcpStream) -> std::io::Result<()> {
     let header = serde_json::json!({"typ": "JWT", "alg": "ES256", "x5c": [shared.x5c]});
     let claims = serde_json::json!({
         "iss": shared.issuer,
-        "sub": user.as_ref().map(|(u, _)| u.as_str()).unwrap_or(""),
+        "sub": user.as_deref().unwrap_or(""),
         "aud": shared.service,
         "exp": exp,
         "nbf": now - 10,
@@ -301,7 +371,12 @@ fn serve(shared: &Shared, mut conn: TcpStream) -> std::io::Result<()> {
     if let Some(s) = shared.options.expires_in {
         body["expires_in"] = s.into();
     }
-    match shared.options.field {
+    // The OAuth2 answer always carries `access_token` (with the scope granted).
+    let field = if method == "POST" { TokenField::AccessToken } else { shared.options.field };
+    if method == "POST" {
+        body["scope"] = scopes.join(" ").into();
+    }
+    match field {
         TokenField::Token => body["token"] = token.into(),
         TokenField::AccessToken => body["access_token"] = token.into(),
         TokenField::Both => {
@@ -309,10 +384,8 @@ fn serve(shared: &Shared, mut conn: TcpStream) -> std::io::Result<()> {
             body["access_token"] = token.into();
         }
     }
-    shared.requests.lock().unwrap().push(TokenRequest {
-        user: user.map(|(u, _)| u),
-        scopes,
-        issued: true,
-    });
+    record.user = user;
+    record.issued = true;
+    shared.requests.lock().unwrap().push(record);
     respond(&mut conn, "200 OK", &body.to_string())
 }

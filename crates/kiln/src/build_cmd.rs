@@ -214,6 +214,12 @@ pub struct Resolved {
     /// A fetched (git, tar, URL) context: kept for the build, removed when this is dropped.
     pub _prepared_context: Option<kiln_context::PreparedContext>,
     pub registry: kiln_registry::RegistryOptions,
+    /// Paths snapshots never see; in-place builds also never clear or unpack over them.
+    pub ignore_paths: Vec<String>,
+    /// In-place builds: run where no container is detected.
+    pub force: bool,
+    /// In-place builds: clear `/` after the build.
+    pub cleanup: bool,
     /// The `-t` references, pushed or not (`--no-push`): the names in the digest files.
     pub names: Vec<String>,
     pub image_name_tag_with_digest_file: Option<PathBuf>,
@@ -336,7 +342,32 @@ pub fn resolve(args: &BuildArgs) -> anyhow::Result<Resolved> {
             true,
         ),
     };
-    let cache_mounts = args.cache_mounts_dir.clone().unwrap_or_else(default_cache_mounts);
+    // In place, `$HOME` belongs to the image being built: cache mounts live in the work
+    // directory unless asked for elsewhere.
+    let cache_mounts = args.cache_mounts_dir.clone().unwrap_or_else(|| {
+        if isolation == Isolation::InPlace {
+            work_dir.join("cache-mounts")
+        } else {
+            default_cache_mounts()
+        }
+    });
+    let context_dir = context.clone();
+    let mut ignore_extra = vec![cache_mounts.clone()];
+    ignore_extra.extend(args.cache_dir.clone());
+    ignore_extra.extend(args.digest_file.clone());
+    ignore_extra.extend(args.image_name_with_digest_file.clone());
+    ignore_extra.extend(args.metadata_file.clone());
+    ignore_extra.extend(args.file.clone());
+    ignore_extra.push(context_dir);
+    ignore_extra.push(work_dir.clone());
+    for o in &outputs {
+        match o {
+            Output::OciDir { dest, .. }
+            | Output::OciTar { dest, .. }
+            | Output::DockerArchive { dest, .. } => ignore_extra.push(dest.clone()),
+            Output::Registry { .. } => {}
+        }
+    }
     let (caches, cache) = resolve_caches(args, &outputs)?;
     let mut registry = args.registry.options()?;
     add_insecure_hosts(args, &dockerfile, &build_args, &caches, &mut registry);
@@ -369,6 +400,9 @@ pub fn resolve(args: &BuildArgs) -> anyhow::Result<Resolved> {
         caches,
         cache_ttl: (!ttl.is_zero()).then_some(ttl),
         cache_dir: args.cache_dir.clone(),
+        ignore_paths: ignore_paths(args, isolation, ignore_extra),
+        force: args.force,
+        cleanup: args.cleanup,
         _prepared_context: prepared_context,
         registry,
         names: args.tags.clone(),
@@ -378,6 +412,42 @@ pub fn resolve(args: &BuildArgs) -> anyhow::Result<Resolved> {
         push_ignore_immutable_tag_errors: args.push_ignore_immutable_tag_errors,
         docker_config: args.docker_config.clone(),
     })
+}
+
+/// What snapshots leave out: `--ignore-path`s, and for in-place builds (where `/` is the
+/// root) everything of kiln's own that lives there: the context, the work directory, caches,
+/// the Dockerfile and the outputs, and `/var/run` unless `--ignore-var-run=false`.
+fn ignore_paths(
+    args: &BuildArgs,
+    isolation: Isolation,
+    in_place_extra: Vec<PathBuf>,
+) -> Vec<String> {
+    let mut out: Vec<String> = args.ignore_paths.clone();
+    if isolation == Isolation::InPlace {
+        if args.ignore_var_run {
+            out.push("/var/run".into());
+        }
+        // The container's markers: a second build in the same container must still see one.
+        for marker in ["/.dockerenv", "/run/.containerenv"] {
+            if Path::new(marker).exists() {
+                out.push(marker.into());
+            }
+        }
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+        for p in in_place_extra {
+            let abs = if p.is_absolute() { p } else { cwd.join(p) };
+            let abs = abs.canonicalize().unwrap_or(abs);
+            let text = abs.to_string_lossy().into_owned();
+            // `/` itself would keep everything (and nothing would be built): never added.
+            if text.trim_matches('/').is_empty() {
+                continue;
+            }
+            out.push(text);
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// `--compression` and `--compression-level` as the layer writer's setting.
@@ -636,13 +706,29 @@ impl kiln_build::image::ImageSource for BaseImages<'_> {
     }
 }
 
+/// The work directory this process made, removed by [`remove_owned_work_dir`] when kiln
+/// exits on a signal before the build returned.
+static OWNED_WORK_DIR: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// Removes the work directory kiln made for the build in progress, if any.
+pub fn remove_owned_work_dir() {
+    let dir = OWNED_WORK_DIR.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+    if let Some(d) = dir {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
 /// `kiln build`.
 pub fn run(args: &BuildArgs) -> anyhow::Result<String> {
     let resolved = resolve(args)?;
+    if resolved.owns_work_dir {
+        *OWNED_WORK_DIR.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(resolved.work_dir.clone());
+    }
     let progress = crate::progress::renderer(args.progress);
     let result = build_and_export(&resolved, progress.as_ref());
     if resolved.owns_work_dir {
-        let _ = std::fs::remove_dir_all(&resolved.work_dir);
+        remove_owned_work_dir();
     }
     if args.example {
         let _ = std::fs::remove_dir_all(&resolved.request.context);
@@ -652,6 +738,7 @@ pub fn run(args: &BuildArgs) -> anyhow::Result<String> {
 
 fn sandbox_for(
     isolation: Isolation,
+    force: bool,
     progress: &dyn kiln_build::progress::Progress,
 ) -> anyhow::Result<kiln_sandbox::Sandbox> {
     use kiln_build::progress::Event;
@@ -679,11 +766,23 @@ fn sandbox_for(
         Isolation::Rootless => Sandbox::new(Mode::Rootless),
         Isolation::Chroot => Sandbox::new(Mode::Chroot),
         Isolation::InPlace => {
-            return Err(Hinted::error(
-                "`kiln build --isolation in-place` is not available",
-                "in-place builds rewrite `/`; use chroot or rootless isolation",
-                None,
-            ));
+            // Decided once, before anything touches `/`: the first stage empties it, and
+            // with it the markers (`/.dockerenv`) the check reads.
+            let evidence = match kiln_sandbox::ContainerCheck::default().detect() {
+                Ok(evidence) => evidence,
+                Err(_) if force => "outside a detected container, forced".to_owned(),
+                Err(checked) => {
+                    return Err(Hinted::error(
+                        format!(
+                            "in-place build refused: this does not look like a container ({checked})"
+                        ),
+                        "an in-place build replaces the files of `/` with the image's: run it only inside a throwaway container (kaniko's model), pass --force if this is one, or use --isolation rootless|chroot",
+                        None,
+                    ));
+                }
+            };
+            progress.event(Event::Isolation { mode: "in-place".into(), reason: evidence });
+            return Ok(Sandbox::new(Mode::InPlace { force: true }));
         }
     };
     progress
@@ -695,14 +794,34 @@ fn build_and_export(
     resolved: &Resolved,
     progress: &dyn kiln_build::progress::Progress,
 ) -> anyhow::Result<String> {
-    use kiln_build::export;
-    use kiln_build::progress::Event;
-    let sandbox = sandbox_for(resolved.isolation, progress)?;
+    let sandbox = sandbox_for(resolved.isolation, resolved.force, progress)?;
     let layers = kiln_build::fs_layers::FsLayers {
         epoch: resolved.request.epoch,
+        ignore: resolved.ignore_paths.clone(),
         compression: resolved.compression,
-        ..Default::default()
     };
+    let result = build_with(resolved, &sandbox, &layers, progress);
+    if resolved.cleanup && resolved.isolation == Isolation::InPlace {
+        use kiln_build::image::LayerOps as _;
+        layers.clear_root(Path::new("/")).map_err(|e| {
+            Hinted::error(
+                format!("cannot clean up `/` after the build: {}", e.message),
+                "the container's filesystem is left as the last stage made it",
+                None,
+            )
+        })?;
+    }
+    result
+}
+
+fn build_with(
+    resolved: &Resolved,
+    sandbox: &kiln_sandbox::Sandbox,
+    layers: &kiln_build::fs_layers::FsLayers,
+    progress: &dyn kiln_build::progress::Progress,
+) -> anyhow::Result<String> {
+    use kiln_build::export;
+    use kiln_build::progress::Event;
     let credentials = load_credentials(resolved.docker_config.as_deref()).map_err(|e| {
         Hinted::error(
             e.to_string(),
@@ -750,8 +869,8 @@ fn build_and_export(
     }
     let engine = kiln_build::engine::Engine {
         images: &images,
-        layers: &layers,
-        sandbox: &sandbox,
+        layers,
+        sandbox,
         progress,
         cache: if cache.is_empty() { None } else { Some(&cache) },
     };
@@ -922,5 +1041,42 @@ fn build_error(
             Some(h) => Hinted::error(e.to_string(), h, None),
             None => anyhow::Error::new(e),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kaniko_name_files() {
+        let names = ["app".to_owned(), "localhost:5000/team/app:1".to_owned()];
+        assert_eq!(
+            kaniko_names(&names, false, "sha256:ab"),
+            "index.docker.io/library/app@sha256:ab\nlocalhost:5000/team/app@sha256:ab\n"
+        );
+        assert_eq!(
+            kaniko_names(&names, true, "sha256:ab"),
+            "index.docker.io/library/app:latest@sha256:ab\nlocalhost:5000/team/app:1@sha256:ab\n"
+        );
+    }
+
+    #[test]
+    fn compression_flags() {
+        use kiln_fs::writer::Compression;
+        assert_eq!(compression("gzip", Some(-1)).unwrap(), Compression::default());
+        assert_eq!(compression("gzip", Some(9)).unwrap(), Compression::Gzip { level: 9 });
+        assert_eq!(compression("zstd", None).unwrap(), Compression::Zstd { level: 3 });
+        assert_eq!(compression("uncompressed", None).unwrap(), Compression::None);
+        assert!(compression("gzip", Some(10)).is_err());
+        assert!(compression("brotli", None).unwrap_err().to_string().contains("--compression"));
+    }
+
+    #[test]
+    fn immutable_tag_messages() {
+        assert!(is_immutable_tag_error(
+            "MANIFEST_INVALID: The repository has enabled tag immutability"
+        ));
+        assert!(!is_immutable_tag_error("unauthorized"));
     }
 }

@@ -311,8 +311,7 @@ pub struct ExecutorArgs {
     /// Output image media type (docker, oci; no effect: kiln writes OCI manifests).
     #[arg(long, value_name = "FORMAT", value_parser = ["docker", "oci"])]
     pub image_format: Option<String>,
-    /// Clean the filesystem before the build (no effect: in-place builds start by
-    /// clearing what is not ignored; env KANIKO_PRE_CLEANUP).
+    /// Clean the filesystem before the build (no effect yet; env KANIKO_PRE_CLEANUP).
     #[arg(long = "pre-cleanup", value_name = "BOOL", num_args = 0..=1, require_equals = true,
           default_missing_value = "true", default_value = "false", value_parser = go_bool,
           action = clap::ArgAction::Set, env = "KANIKO_PRE_CLEANUP")]
@@ -426,7 +425,7 @@ fn warn_no_effect(args: &ExecutorArgs) {
         (
             args.pre_cleanup,
             "--pre-cleanup",
-            "an in-place build clears what the first stage replaces",
+            "an in-place build empties `/` before every stage anyway",
         ),
         (
             args.preserve_context,
@@ -613,6 +612,14 @@ pub fn translate(args: &ExecutorArgs) -> anyhow::Result<BuildArgs> {
     if !b.ignore_paths.contains(&kaniko_dir) {
         b.ignore_paths.push(kaniko_dir);
     }
+    // The `:debug` image's shell: a CI job's script (GitLab) goes on after the build, so an
+    // in-place build must not clear it away.
+    if b.isolation == "in-place"
+        && std::path::Path::new(DEBUG_SHELL_DIR).join("sh").exists()
+        && !b.ignore_paths.iter().any(|p| p == DEBUG_SHELL_DIR)
+    {
+        b.ignore_paths.push(DEBUG_SHELL_DIR.to_owned());
+    }
     b.cleanup = args.cleanup;
     b.force = args.force;
     b.work_dir = work_dir(args)?;
@@ -681,6 +688,9 @@ fn remove_work_dir(dir: &Path) {
         warn(&format!("cannot remove the work directory `{}`: {e}", dir.display()));
     }
 }
+
+/// Where the executor's `:debug` image keeps its busybox shell (kaniko's layout).
+const DEBUG_SHELL_DIR: &str = "/busybox";
 
 /// The isolation `kiln executor` will use (for the user-namespace decision in `main`).
 pub fn isolation(cmd: &ExecutorCommand) -> &str {

@@ -112,6 +112,30 @@ fn enter_user_namespace(isolation: &str) -> Option<ExitCode> {
     }
 }
 
+/// Exit code after SIGINT/SIGTERM (128 + SIGINT, as shells report it).
+const INTERRUPTED: u8 = 130;
+
+/// How long a RUN step gets to notice a SIGINT/SIGTERM (it kills its process tree and removes
+/// its mounts, then the build returns and cleans up) before kiln exits regardless.
+const GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// SIGINT/SIGTERM no longer kill kiln on the spot: a running RUN step ends its whole process
+/// tree and its mounts first (`kiln_sandbox`), and the build returns through its cleanup.
+/// Outside a RUN step nothing polls for the signal, so a watcher thread exits after
+/// [`GRACE`], removing the work directory kiln made.
+fn handle_termination_signals() {
+    kiln_sandbox::install_signal_handlers();
+    std::thread::spawn(|| {
+        while !kiln_sandbox::termination_requested() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        eprintln!("interrupted: stopping the build");
+        std::thread::sleep(GRACE);
+        build_cmd::remove_owned_work_dir();
+        std::process::exit(i32::from(INTERRUPTED));
+    });
+}
+
 /// kaniko's warmer command line, for the binary run as `warmer`.
 #[derive(Debug, Parser)]
 #[command(name = "warmer", version, about = "Download base images into a cache directory (kiln)")]
@@ -140,9 +164,12 @@ fn main() -> ExitCode {
     };
     let result = match command {
         Command::Build(args) => {
+            // The parent of a user-namespace re-run keeps the default signal actions: when it
+            // dies, the re-run gets SIGTERM (its parent-death signal) and stops as below.
             if let Some(code) = enter_user_namespace(&args.isolation) {
                 return code;
             }
+            handle_termination_signals();
             build_cmd::run(&args)
         }
         Command::Executor(cmd) => {
@@ -151,6 +178,7 @@ fn main() -> ExitCode {
             {
                 return code;
             }
+            handle_termination_signals();
             executor_cmd::run(&cmd)
         }
         Command::Image(cmd) => image_cmd::run(&cmd),
@@ -173,7 +201,11 @@ fn main() -> ExitCode {
         }
         Err(err) => {
             eprint!("{}", diagnostic::render(&err));
-            ExitCode::FAILURE
+            if kiln_sandbox::termination_requested() {
+                ExitCode::from(INTERRUPTED)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

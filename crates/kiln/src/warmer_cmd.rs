@@ -39,6 +39,18 @@ pub struct WarmerArgs {
     pub cache_ttl: String,
     #[command(flatten)]
     pub registry: crate::registry_flags::RegistryFlags,
+    /// Pull over plain HTTP from the registries of the images (kaniko's flag).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub insecure_pull: bool,
+    /// Pull without verifying the TLS certificates of the images' registries (kaniko's flag).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", default_value_t = false, action = clap::ArgAction::Set)]
+    pub skip_tls_verify_pull: bool,
+    /// Log level (kaniko's flag; the warmer prints one line per image whatever the level).
+    #[arg(short = 'v', long, value_name = "LEVEL", default_value = "info",
+          value_parser = ["trace", "debug", "info", "warn", "error", "fatal", "panic"])]
+    pub verbosity: String,
 }
 
 /// The directory name of `reference` for `platform` in a cache directory.
@@ -78,6 +90,16 @@ pub fn run(args: &WarmerArgs) -> anyhow::Result<String> {
     let root = args.cache_dir.join("images");
     std::fs::create_dir_all(&root)
         .with_context(|| format!("cannot create the cache directory {}", root.display()))?;
+    let mut registry = args.registry.clone();
+    for image in &images {
+        let Ok(r) = Reference::parse(image) else { continue };
+        if args.insecure_pull && !registry.insecure.contains(&r.registry) {
+            registry.insecure.push(r.registry.clone());
+        }
+        if args.skip_tls_verify_pull && !registry.skip_tls_verify.contains(&r.registry) {
+            registry.skip_tls_verify.push(r.registry);
+        }
+    }
     let mut summary = String::new();
     for image in &images {
         let key = image_key(image, &platform_text).ok_or_else(|| {
@@ -105,7 +127,7 @@ pub fn run(args: &WarmerArgs) -> anyhow::Result<String> {
             src: format!("docker://{image}"),
             dst: format!("oci:{}:img", partial.path().display()),
             platform: Some(platform_text.clone()),
-            registry: args.registry.clone(),
+            registry: registry.clone(),
         };
         let copied =
             crate::image_cmd::run(&copy).with_context(|| format!("cannot warm `{image}`"))?;

@@ -1,7 +1,8 @@
 //! `kiln build` end to end: real Dockerfiles built on a busybox base image made from the
 //! Debian `busybox-static` binary (scripts/base-images.sh, cached), results checked with
 //! independent tools: `umoci unpack` for the filesystem, `skopeo inspect` for the config,
-//! `runc run` for behaviour (entrypoint, cmd, user, env), `podman load` for docker-archives.
+//! `runc run` for behaviour (entrypoint, cmd, user, env), `podman load` for docker-archives,
+//! `podman run` of images kiln pushed to a registry (OCI and Docker manifests).
 //!
 //! RUN steps need a sandbox; these tests run as root (CI does), and skip loudly otherwise.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -773,5 +774,164 @@ fn rootless_build_as_an_unprivileged_user() {
     for path in ["uid", "made/by/run", "copied"] {
         let meta = fs::metadata(root.join(path)).unwrap();
         assert_eq!((meta.uid(), meta.gid()), (0, 0), "{path} is root's in the image");
+    }
+}
+
+/// SIGINT during a RUN step: the step's whole process tree ends, its mounts go, the work
+/// directory kiln made is removed, and kiln exits with 130 at once (not when `sleep` ends).
+#[test]
+fn sigint_during_run_stops_the_tree_and_cleans_up() {
+    require_root!();
+    // a number no other process sleeps for
+    let token = format!("{}", 900_000 + std::process::id() % 99_999);
+    let b = Build::new(&format!("FROM busybox\nRUN echo started && sleep {token}\n"));
+    let tmp = b.path("tmp");
+    fs::create_dir(&tmp).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["build", "--progress", "plain", "--isolation", "chroot", "--base-layout"])
+        .arg(busybox())
+        .arg("--cache-mounts-dir")
+        .arg(b.path("mounts"))
+        .arg("-o")
+        .arg(format!("type=oci,dest={}", b.path("out").display()))
+        .arg(b.ctx())
+        .env("TMPDIR", &tmp)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sleeping = || {
+        fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| fs::read(e.path().join("cmdline")).ok())
+            .any(|c| String::from_utf8_lossy(&c).contains(&token) && c.starts_with(b"sleep"))
+    };
+    // kiln must not outlive a failed assertion
+    struct KillOnDrop(u32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            if let Some(pid) = rustix::process::Pid::from_raw(i32::try_from(self.0).unwrap_or(0)) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
+    let guard = KillOnDrop(child.id());
+    let started = std::time::Instant::now();
+    while !sleeping() {
+        assert!(started.elapsed().as_secs() < 60, "the RUN step never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let listing = |d: &Path| -> Vec<PathBuf> {
+        fs::read_dir(d).unwrap().flatten().map(|e| e.path()).collect()
+    };
+    assert!(!listing(&tmp).is_empty(), "kiln made no work directory in TMPDIR");
+    let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let signalled = std::time::Instant::now();
+    let status = child.wait().unwrap();
+    // reaped: its pid may be reused, so nothing is killed any more
+    std::mem::forget(guard);
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(signalled.elapsed().as_secs() < 10, "kiln took {:?} to stop", signalled.elapsed());
+    assert!(!sleeping(), "the RUN step's process outlived kiln");
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mountinfo.contains(&*tmp.to_string_lossy()), "mounts left behind:\n{mountinfo}");
+    assert_eq!(listing(&tmp), Vec::<PathBuf>::new(), "temporary directories were left behind");
+}
+
+/// `podman` with its storage and state under `store` (the machine's own are never touched).
+fn podman_in(store: &Path, args: &[&str]) -> Output {
+    Command::new("podman")
+        .arg("--root")
+        .arg(store.join("root"))
+        .arg("--runroot")
+        .arg(store.join("runroot"))
+        .arg("--tmpdir")
+        .arg(store.join("tmp"))
+        .args([
+            "--storage-driver",
+            "vfs",
+            "--cgroup-manager",
+            "cgroupfs",
+            "--events-backend",
+            "none",
+        ])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn podman_pulls_and_runs_what_kiln_pushes_in_both_manifest_formats() {
+    require_root!();
+    if Command::new("podman").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: podman is not installed (Debian package podman)");
+        return;
+    }
+    let reg = kiln_testutil::Registry::start();
+    let h = reg.host.as_str();
+    // The same busybox as Docker v2 schema 2 in the registry: an image built on it keeps the
+    // Docker media types when pushed.
+    let base = busybox().strip_prefix("busybox=").unwrap();
+    let o = Command::new("skopeo")
+        .args(["copy", "--format", "v2s2", "--dest-tls-verify=false"])
+        .arg(format!("oci:{base}"))
+        .arg(format!("docker://{h}/library/busybox-v2s2:latest"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "skopeo copy: {}", String::from_utf8_lossy(&o.stderr));
+    for (from, repo, media_type) in [
+        ("busybox".to_owned(), "oci-app", "application/vnd.oci.image.manifest.v1+json"),
+        (
+            format!("{h}/library/busybox-v2s2:latest"),
+            "docker-app",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        ),
+    ] {
+        let b = Build::new(&format!(
+            "FROM {from}\nRUN echo built-by-kiln > /built\nCOPY greeting.txt /\nENV WHO=podman\nENTRYPOINT [\"/bin/sh\", \"-c\", \"cat /built /greeting.txt; echo \\\"hello $WHO $0\\\"\"]\nCMD [\"from-cmd\"]\n"
+        ));
+        b.file("greeting.txt", "greeting\n");
+        let dest = format!("{h}/{repo}:1");
+        b.ok(&["--insecure-registry", h, "-t", &dest]);
+        // The registry holds the manifest kind expected.
+        let o = Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false", &format!("docker://{dest}")])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "skopeo inspect: {}", String::from_utf8_lossy(&o.stderr));
+        let manifest: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(manifest["mediaType"], media_type, "{manifest}");
+
+        let store = b.path("podman");
+        let run = |extra: &[&str]| {
+            let mut args = vec![
+                "--runtime",
+                "runc",
+                "run",
+                "--rm",
+                "--tls-verify=false",
+                "--network",
+                "host",
+                "--ulimit",
+                "nofile=1024:1024",
+                "--ulimit",
+                "nproc=1024:1024",
+                &dest,
+            ];
+            args.extend_from_slice(extra);
+            let o = podman_in(&store, &args);
+            assert!(
+                o.status.success(),
+                "podman run {dest}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            String::from_utf8(o.stdout).unwrap()
+        };
+        // ENTRYPOINT with CMD, then CMD replaced on the command line.
+        assert_eq!(run(&[]), "built-by-kiln\ngreeting\nhello podman from-cmd\n", "{repo}");
+        assert_eq!(run(&["from-args"]), "built-by-kiln\ngreeting\nhello podman from-args\n");
     }
 }

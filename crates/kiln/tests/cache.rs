@@ -1,6 +1,8 @@
 //! The layer cache end to end: `kiln build` twice (or more) against a cache directory or a
 //! real registry (Debian's `docker-registry`), checking which steps hit, that the result is
-//! the same image (`--reproducible`), and that broken or expired entries only cost time.
+//! the same image (`--reproducible`), and that broken or expired entries only cost time:
+//! `--cache-from`/`--cache-to` with `mode=min|max`, `--cache-run-layers`,
+//! `--cache-copy-layers`, and blobs broken in either backend.
 //! Results are checked with `umoci unpack`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -90,17 +92,23 @@ impl Project {
     }
 }
 
-/// One finished build: its log and its result.
+/// One finished build: its log and its result, moved out of the way of the next build.
 struct Build {
     log: String,
     out: PathBuf,
 }
 
 impl Build {
+    /// Takes the result from `out` (to `out-N`), so that a later build of the same project
+    /// neither replaces it nor is read in its place.
     fn from(o: Output, out: PathBuf) -> Build {
+        static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let log = String::from_utf8_lossy(&o.stderr).into_owned();
         assert!(o.status.success(), "kiln build failed:\n{log}");
-        Build { log, out }
+        let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let kept = out.with_file_name(format!("out-{n}"));
+        fs::rename(&out, &kept).unwrap();
+        Build { log, out: kept }
     }
 
     /// The manifest digest in the layout.
@@ -127,12 +135,28 @@ impl Build {
         steps
     }
 
+    /// Whether the step of stage `stage` whose text starts with `text` was a cache hit, found
+    /// by its step number (stages may run in parallel, their lines interleaved).
+    fn hit(&self, stage: &str, text: &str) -> bool {
+        let prefix = format!("[{stage}] {text}");
+        let index = self
+            .log
+            .lines()
+            .find_map(|l| {
+                let (num, rest) = l.strip_prefix('#')?.split_once(' ')?;
+                let (index, _of) = num.split_once('/')?;
+                rest.starts_with(&prefix).then(|| index.to_owned())
+            })
+            .unwrap_or_else(|| panic!("no step `{prefix}` in the log:\n{}", self.log));
+        self.log.lines().any(|l| l == format!("#{index} CACHED"))
+    }
+
     fn hits(&self) -> Vec<bool> {
         self.steps().into_iter().filter(|(t, _)| is_layer_step(t)).map(|(_, hit)| hit).collect()
     }
 
     fn read(&self, path: &str) -> String {
-        let bundle = self.out.with_file_name("bundle");
+        let bundle = self.out.with_extension("bundle");
         if !bundle.exists() {
             let o = Command::new("umoci")
                 .args(["unpack", "--image"])
@@ -393,4 +417,167 @@ fn warmed_base_images_are_used_without_the_registry() {
         .filter(|n| n.starts_with('.'))
         .collect();
     assert!(leftovers.is_empty(), "half-written images left: {leftovers:?}");
+}
+
+/// A command printing different bytes on every run.
+const RANDOM: &str = "head -c 16 /dev/urandom | od -An -tx1";
+
+/// The registry flags of a build that uses `host`: `--insecure-registry` and `extra`.
+fn with_registry<'a>(host: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["--insecure-registry", host];
+    v.extend_from_slice(extra);
+    v
+}
+
+/// The layer digests of every cache image in `HOST/REPO` (one image per key, tagged with it).
+fn cache_layers(host: &str, repo: &str) -> Vec<String> {
+    let o = Command::new("skopeo")
+        .args(["list-tags", "--tls-verify=false"])
+        .arg(format!("docker://{host}/{repo}"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let tags: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut layers = Vec::new();
+    for tag in tags["Tags"].as_array().unwrap() {
+        let o = Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!("docker://{host}/{repo}:{}", tag.as_str().unwrap()))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let manifest: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        for l in manifest["layers"].as_array().unwrap() {
+            layers.push(l["digest"].as_str().unwrap().to_owned());
+        }
+    }
+    layers
+}
+
+/// `--cache-to type=registry,mode=max` on one build and `--cache-from type=registry` (read
+/// only) on a second one pushing elsewhere: every step of the second hits and gives the same
+/// image; the read-only cache gains no entries.
+#[test]
+fn registry_cache_to_and_cache_from_with_another_destination() {
+    require_root!();
+    let reg = kiln_testutil::Registry::start();
+    let host = reg.host.as_str();
+    let p = Project::new(DOCKERFILE);
+    p.file("a.txt", "a\n");
+    let cache = format!("{host}/cache");
+    let to = format!("type=registry,ref={cache},mode=max");
+    let from = format!("type=registry,ref={cache}");
+    let (one, two) = (format!("{host}/app/one:latest"), format!("{host}/app/two:latest"));
+    let first =
+        Build::from(p.build(&with_registry(host, &["--cache-to", &to, "-t", &one])), p.path("out"));
+    assert_eq!(first.hits(), vec![false; 5], "{}", first.log);
+    let entries = cache_layers(host, "cache").len();
+    assert!(entries >= 4, "the RUN and COPY steps have layers in the cache: {entries}");
+    let second = Build::from(
+        p.build(&with_registry(host, &["--cache-from", &from, "-t", &two])),
+        p.path("out"),
+    );
+    assert_eq!(second.hits(), vec![true; 5], "{}", second.log);
+    assert!(second.log.contains(&format!("in registry {cache}")), "{}", second.log);
+    assert_eq!(second.digest(), first.digest(), "the cached build is the same image");
+    assert_eq!(second.read("first"), first.read("first"), "the RUN step was not run again");
+    assert_eq!(cache_layers(host, "cache").len(), entries, "--cache-from does not write");
+}
+
+/// `mode=min` writes entries for the target stage's steps only: on the second build the
+/// first stage's step misses and runs again, the target stage's steps hit.
+#[test]
+fn registry_cache_mode_min_caches_only_the_target_stage() {
+    require_root!();
+    let reg = kiln_testutil::Registry::start();
+    let host = reg.host.as_str();
+    let p = Project::new(&format!(
+        "FROM busybox AS builder\nRUN echo built > /built\n\
+         FROM busybox\nCOPY --from=builder /built /built\nRUN {RANDOM} > /stamp\n",
+    ));
+    let cache = format!("{host}/min/cache");
+    let to = format!("type=registry,ref={cache},mode=min");
+    let from = format!("type=registry,ref={cache}");
+    let first = Build::from(p.build(&with_registry(host, &["--cache-to", &to])), p.path("out"));
+    assert!(!first.hit("builder", "RUN ") && !first.hit("stage-1", "RUN "), "{}", first.log);
+    assert_eq!(cache_layers(host, "min/cache").len(), 2, "the target stage's COPY and RUN");
+    let second = Build::from(
+        p.build(&with_registry(host, &["--cache-from", &from, "--cache-to", &to])),
+        p.path("out"),
+    );
+    assert!(!second.hit("builder", "RUN echo built"), "not cached: {}", second.log);
+    assert!(second.hit("stage-1", "COPY --from=builder"), "{}", second.log);
+    assert!(second.hit("stage-1", "RUN head"), "{}", second.log);
+    assert_eq!(second.read("stamp"), first.read("stamp"));
+    assert_eq!(second.read("built"), "built\n");
+}
+
+/// `--cache-run-layers=false` runs every RUN step again while COPY and WORKDIR hit;
+/// `--cache-copy-layers=false` the reverse. Either way the layers fit together.
+#[test]
+fn cache_run_layers_and_cache_copy_layers_switch_off_one_kind() {
+    require_root!();
+    // DOCKERFILE with a first step whose output differs on every run (busybox `date` has no
+    // `%N`, so two runs within a second would look alike).
+    let p = Project::new(&DOCKERFILE.replace("date +%s%N", RANDOM));
+    p.file("a.txt", "a\n");
+    let first = p.build_cached(&[]);
+    assert_eq!(first.hits(), vec![false; 5], "{}", first.log);
+
+    let no_run = p.build_cached(&["--cache-run-layers=false"]);
+    assert_eq!(no_run.hits(), vec![false, true, false, false, true], "{}", no_run.log);
+    assert!(no_run.log.contains("caching of this kind of step is off"), "{}", no_run.log);
+    let stamp = no_run.read("first");
+    assert_ne!(stamp, first.read("first"), "the RUN step ran again");
+    assert_eq!(no_run.read("combined"), format!("a\n{stamp}"));
+
+    let no_copy = p.build_cached(&["--cache-copy-layers=false"]);
+    assert_eq!(no_copy.hits(), vec![true, false, true, true, false], "{}", no_copy.log);
+    let stamp = no_copy.read("first");
+    assert_eq!(no_copy.read("a.txt"), "a\n");
+    assert_eq!(no_copy.read("combined"), format!("a\n{stamp}"), "cached RUN layers fit");
+}
+
+/// A registry cache whose layer blobs are changed, then deleted, in the registry's storage:
+/// each build warns and builds what it needs again, giving the same image; deleted blobs are
+/// uploaded again, so the build after that hits.
+#[test]
+fn broken_registry_cache_blobs_fall_back_to_building() {
+    require_root!();
+    let reg = kiln_testutil::Registry::start();
+    let host = reg.host.as_str();
+    let p = Project::new("FROM busybox\nRUN echo built > /x\nRUN cat /x > /y\n");
+    let cache = format!("type=registry,ref={host}/cache,mode=max");
+    let flags = with_registry(host, &["--cache-from", &cache, "--cache-to", &cache]);
+    let first = Build::from(p.build(&flags), p.path("out"));
+    let layers = cache_layers(host, "cache");
+    assert_eq!(layers.len(), 2, "{layers:?}");
+
+    // Same size, other bytes: the registry serves them; kiln finds the digest wrong.
+    for digest in &layers {
+        let path = reg.blob_data(digest);
+        let mut bytes = fs::read(&path).unwrap();
+        let n = bytes.len();
+        bytes[n / 2] ^= 0xff;
+        fs::write(&path, bytes).unwrap();
+    }
+    let second = Build::from(p.build(&flags), p.path("out"));
+    assert!(second.log.contains("building again without that cache entry"), "{}", second.log);
+    assert!(second.log.contains("digest mismatch"), "{}", second.log);
+    assert_eq!(second.read("y"), "built\n");
+    assert_eq!(second.digest(), first.digest());
+
+    // Deleted: the registry has the manifests but not the layers.
+    for digest in cache_layers(host, "cache") {
+        let _ = fs::remove_file(reg.blob_data(&digest));
+    }
+    let third = Build::from(p.build(&flags), p.path("out"));
+    assert!(third.log.contains("building again without that cache entry"), "{}", third.log);
+    assert!(third.log.contains(": not found"), "{}", third.log);
+    // The rebuilt layers were uploaded again: the next build hits without a warning.
+    let fourth = Build::from(p.build(&flags), p.path("out"));
+    assert_eq!(fourth.hits(), vec![true, true], "{}", fourth.log);
+    assert!(!fourth.log.contains("warning:"), "{}", fourth.log);
+    assert_eq!(third.read("y"), "built\n");
+    assert_eq!(third.digest(), first.digest());
 }

@@ -1,7 +1,8 @@
 //! `kiln build` with remote build contexts, end to end, each checked in the built image: git
-//! (`git daemon`; also `ADD` of a repository), a tar on stdin, an http tarball, and objects in
-//! S3 (moto), GCS (gcp-storage-emulator) and Azure Blob (Azurite), all started by the tests on
-//! 127.0.0.1. Git uses kaniko's `git://` form with `--context-sub-path`; the stdin tar has a
+//! (`git daemon`, and git's smart HTTP over TLS with basic auth; also `ADD` of a repository),
+//! a tar on stdin, http and https tarballs (a private CA trusted through `SSL_CERT_FILE`), and
+//! objects in S3 (moto), GCS (gcp-storage-emulator) and Azure Blob (Azurite), all started by
+//! the tests on 127.0.0.1. Credentials never show in kiln's output. Git uses kaniko's `git://` form with `--context-sub-path`; the stdin tar has a
 //! `.dockerignore`. Results are unpacked with umoci.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,7 +11,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use kiln_testutil::serve::{GitDaemon, GitFixture};
+use kiln_testutil::serve::{GitDaemon, GitFixture, HttpConfig, HttpServer};
 
 fn is_root() -> bool {
     rustix::process::geteuid().is_root()
@@ -249,8 +250,25 @@ fn context_tarball(text: &str) -> Vec<u8> {
     gz.finish().unwrap()
 }
 
-/// Builds from `context` (with `env`) into a layout and returns `/hello.txt` of the result.
-fn build_hello(context: &str, env: &[(&str, &str)]) -> Result<String, String> {
+/// One `kiln build` of a remote context: kiln's output (stdout and stderr) and, if it
+/// succeeded, the unpacked result.
+struct Built {
+    log: String,
+    rootfs: Option<PathBuf>,
+    _dir: tempfile::TempDir,
+}
+
+impl Built {
+    /// A file of the built image; panics (with kiln's output) if the build failed.
+    fn read(&self, rel: &str) -> String {
+        let rootfs =
+            self.rootfs.as_ref().unwrap_or_else(|| panic!("kiln build failed:\n{}", self.log));
+        fs::read_to_string(rootfs.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}\n{}", self.log))
+    }
+}
+
+/// Builds from `context` (with `env`) into a layout; nothing may be left in the work dir.
+fn build_context(context: &str, env: &[(&str, &str)]) -> Built {
     let dir = tempfile::tempdir().unwrap();
     let (out, work) = (dir.path().join("out"), dir.path().join("work"));
     fs::create_dir(&work).unwrap();
@@ -269,11 +287,101 @@ fn build_hello(context: &str, env: &[(&str, &str)]) -> Result<String, String> {
         None,
     );
     assert!(leftovers(&work).is_empty(), "left in the work dir: {:?}", leftovers(&work));
-    if !o.status.success() {
-        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+    let log =
+        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let rootfs = o.status.success().then(|| unpack(&out, &dir.path().join("bundle")));
+    Built { log, rootfs, _dir: dir }
+}
+
+/// Builds from `context` (with `env`) into a layout and returns `/hello.txt` of the result.
+fn build_hello(context: &str, env: &[(&str, &str)]) -> Result<String, String> {
+    let b = build_context(context, env);
+    match b.rootfs {
+        Some(_) => Ok(b.read("hello.txt")),
+        None => Err(b.log),
     }
-    let rootfs = unpack(&out, &dir.path().join("bundle"));
-    Ok(fs::read_to_string(rootfs.join("hello.txt")).unwrap())
+}
+
+/// A CA file (`DIR/ctx-ca.pem`) and an https server for 127.0.0.1 whose certificate it signs.
+fn https_server(dir: &Path, mut config: HttpConfig) -> (PathBuf, HttpServer) {
+    let ca = kiln_testutil::TestCa::new(dir, "ctx");
+    let cert = ca.server_cert(dir, "server");
+    config.wrap = Some(kiln_testutil::serve::tls_wrap(&cert));
+    (ca.cert_path, HttpServer::start(config))
+}
+
+/// `kiln build https://…/ctx.tar.gz` from a server whose certificate is signed by a private
+/// CA: refused until `SSL_CERT_FILE` names the CA, then built; credentials written in the URL
+/// never show in kiln's output.
+#[test]
+fn build_from_an_https_tarball_with_a_private_ca() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, https) = https_server(
+        dir.path(),
+        HttpConfig {
+            files: [("/ctx.tar.gz".to_owned(), context_tarball("over https"))].into(),
+            ..HttpConfig::default()
+        },
+    );
+    let url = format!("{}/ctx.tar.gz", https.base("https"));
+    let trusted = [("SSL_CERT_FILE", ca.to_str().unwrap())];
+    assert_eq!(build_hello(&url, &trusted).unwrap(), "over https");
+
+    let err = build_hello(&url, &[]).unwrap_err();
+    assert!(err.contains(&url) && err.contains("SSL_CERT_FILE"), "an unknown CA must fail: {err}");
+
+    let with_user = format!("https://kiln:url-s3cret@127.0.0.1:{}/ctx.tar.gz", https.port);
+    let b = build_context(&with_user, &trusted);
+    assert_eq!(b.read("hello.txt"), "over https");
+    assert!(!b.log.contains("url-s3cret"), "{}", b.log);
+    let missing = format!("https://kiln:url-s3cret@127.0.0.1:{}/missing.tar.gz", https.port);
+    let b = build_context(&missing, &trusted);
+    assert!(b.rootfs.is_none() && b.log.contains("missing.tar.gz"), "{}", b.log);
+    assert!(!b.log.contains("url-s3cret"), "{}", b.log);
+}
+
+/// `kiln build https://…/repo.git#REF[:DIR]` over git's smart HTTP (`git http-backend`)
+/// behind basic auth and TLS with a private CA: credentials from `GIT_USERNAME`/`GIT_PASSWORD`
+/// are used (the server saw authorized fetches), never printed; wrong or missing credentials
+/// fail naming the repository only.
+#[test]
+fn build_from_git_smart_http_with_credentials() {
+    require_root!();
+    const PASSWORD: &str = "t0ken-s3cret";
+    let fx = GitFixture::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, server) = https_server(
+        dir.path(),
+        HttpConfig {
+            git_root: Some(fx.root().to_path_buf()),
+            basic_auth: Some(("kiln".to_owned(), PASSWORD.to_owned())),
+            ..HttpConfig::default()
+        },
+    );
+    let repo = format!("{}/repo.git", server.base("https"));
+    let ca = ca.to_str().unwrap();
+    let env = [("SSL_CERT_FILE", ca), ("GIT_USERNAME", "kiln"), ("GIT_PASSWORD", PASSWORD)];
+
+    let b = build_context(&format!("{repo}#dev"), &env);
+    assert_eq!(b.read("hello.txt"), "dev");
+    assert!(!b.log.contains(PASSWORD), "{}", b.log);
+    let served = server.log.lock().unwrap().clone();
+    assert!(
+        served.iter().any(|l| l.starts_with("POST /repo.git/git-upload-pack 200")),
+        "the fetch went through the authorized smart HTTP backend: {served:?}"
+    );
+    // `#REF:DIR`: the sub-directory's Dockerfile and files.
+    let b = build_context(&format!("{repo}#main:sub/dir"), &env);
+    assert_eq!(b.read("from-sub.txt"), "sub");
+    assert!(!b.log.contains(PASSWORD), "{}", b.log);
+
+    let wrong = [("SSL_CERT_FILE", ca), ("GIT_USERNAME", "kiln"), ("GIT_PASSWORD", "wr0ng-s3cret")];
+    let b = build_context(&format!("{repo}#dev"), &wrong);
+    assert!(b.rootfs.is_none() && b.log.contains(&repo), "{}", b.log);
+    assert!(!b.log.contains("wr0ng-s3cret"), "{}", b.log);
+    let b = build_context(&format!("{repo}#dev"), &[("SSL_CERT_FILE", ca)]);
+    assert!(b.rootfs.is_none() && b.log.contains(&repo), "no credentials: {}", b.log);
 }
 
 /// `kiln build https?://…/ctx.tar.gz` against a local HTTP server, and `kiln build s3://…`

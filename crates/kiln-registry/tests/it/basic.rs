@@ -154,3 +154,44 @@ fn blobs_stream_between_registries() {
     assert!(err.to_string().contains(&wrong.digest.to_string()), "{err}");
     assert!(!c.has_blob(&fresh, &wrong.digest).unwrap());
 }
+
+#[test]
+fn a_corrupt_source_blob_is_caught_by_kiln_in_every_transfer() {
+    let a = Registry::start();
+    let b = Registry::start();
+    let c = kiln_registry::RegistryClient::new(
+        kiln_registry::RegistryOptions {
+            insecure: vec![a.host.clone(), b.host.clone()],
+            ..Default::default()
+        },
+        Credentials::anonymous(),
+    )
+    .unwrap();
+    let src = r(&format!("{}/src/app:1", a.host));
+    let (_, layers) = crate::push_small(&c, &src, 1);
+    let d = &layers[0];
+    // Same size, one byte changed in the registry's storage.
+    let data = a.blob_data(&d.digest.to_string());
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[7] ^= 0x5a;
+    std::fs::write(&data, &bytes).unwrap();
+    let named = format!("{}/src/app@{}", a.host, d.digest);
+
+    // Download: a digest error naming the blob, and no file (nor temporary file) left.
+    let dir = tempfile::tempdir().unwrap();
+    let err = c.get_blob(&src, d, &dir.path().join("blob")).unwrap_err();
+    assert!(matches!(err, RegistryError::Invalid { .. }), "{err:?}");
+    assert!(err.to_string().contains(&named) && err.to_string().contains("digest"), "{err}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "files left behind");
+
+    // Streamed to another registry, in one request (0) or in chunks: kiln notices, not (only)
+    // the destination, and the destination never gets the blob.
+    let dst = r(&format!("{}/dst/app:1", b.host));
+    for chunk in [0, 1024, 1 << 20] {
+        let err = c.copy_blob_in_chunks(&src, &dst, d, chunk).unwrap_err();
+        assert!(matches!(err, RegistryError::Invalid { .. }), "chunk {chunk}: {err:?}");
+        assert!(err.to_string().contains(&named), "chunk {chunk}: {err}");
+        assert!(err.to_string().contains("digest mismatch"), "chunk {chunk}: {err}");
+        assert!(!c.has_blob(&dst, &d.digest).unwrap(), "chunk {chunk}: the blob was stored");
+    }
+}

@@ -102,3 +102,64 @@ fn short_lived_tokens_are_refreshed_on_401_and_access_token_is_read() {
         assert_eq!(after, before + 1, "one refresh: {:?}", issuer.requests());
     }
 }
+
+/// A config directory whose `auths` entry for `host` is an `identitytoken`.
+fn identity_config(host: &str, token: &str) -> (tempfile::TempDir, Credentials) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, format!(r#"{{"auths":{{"{host}":{{"identitytoken":"{token}"}}}}}}"#))
+        .unwrap();
+    let creds = Credentials::from_file(&path).unwrap();
+    (dir, creds)
+}
+
+#[test]
+fn identity_tokens_are_exchanged_with_the_refresh_token_grant() {
+    const REFRESH: &str = "kiln-refresh-7f3a9c";
+    let issuer = TokenIssuer::start(IssuerOptions::default().refresh_token(
+        REFRESH,
+        "robot",
+        &["pull", "push"],
+    ));
+    let reg = Registry::start_with_token_auth(&issuer);
+    let image = r(&format!("{}/idt/app:1", reg.host));
+
+    // Push and pull with nothing but the identity token.
+    let (_conf, creds) = identity_config(&reg.host, REFRESH);
+    let (digest, _) = push_small(&token_client(&reg, creds), &image, 2);
+    let (_conf, creds) = identity_config(&reg.host, REFRESH);
+    assert_eq!(pull_all(&token_client(&reg, creds), &image).digest, digest);
+    let reqs = issuer.requests();
+    assert_eq!(reqs.len(), 2, "one token for the push, one for the pull: {reqs:?}");
+    for (req, scope) in reqs.iter().zip(["repository:idt/app:pull,push", "repository:idt/app:pull"])
+    {
+        // The OAuth2 form of the spec: POST, refresh_token grant, a client id, the service.
+        assert_eq!(req.method, "POST", "{req:?}");
+        assert_eq!(req.grant_type.as_deref(), Some("refresh_token"), "{req:?}");
+        assert_eq!(req.client_id.as_deref(), Some("kiln"), "{req:?}");
+        assert_eq!(req.service.as_deref(), Some(issuer.service.as_str()), "{req:?}");
+        assert_eq!(req.scopes, vec![scope.to_owned()]);
+        assert_eq!(req.user.as_deref(), Some("robot"));
+        assert!(req.issued);
+    }
+
+    // A revoked (unknown) identity token: 401 naming the image, a hint naming the file and the
+    // entry, and the token itself nowhere.
+    const WRONG: &str = "kiln-revoked-41b2e8";
+    let (wrong_conf, wrong) = identity_config(&reg.host, WRONG);
+    let c = token_client(&reg, wrong);
+    let err = c.get_manifest(&image).unwrap_err();
+    assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err:?}");
+    let hint = err.hint().unwrap();
+    let text = format!("{err} {hint} {err:?} {c:?}");
+    assert!(err.to_string().contains(&format!("{}/idt/app:1", reg.host)), "{err}");
+    let file = wrong_conf.path().join("config.json").display().to_string();
+    assert!(hint.contains(&file) && hint.contains(&format!("auths.{}", reg.host)), "{hint}");
+    assert!(!text.contains(WRONG), "the identity token leaked: {text}");
+    let last = issuer.requests().pop().unwrap();
+    assert!(!last.issued && last.grant_type.as_deref() == Some("refresh_token"), "{last:?}");
+    // Pushing with it fails the same way.
+    let err = push_err(&c, &r(&format!("{}/idt/app:2", reg.host)));
+    assert!(matches!(err, RegistryError::Unauthorized { .. }), "{err:?}");
+    assert!(!format!("{err} {:?}", err.hint()).contains(WRONG));
+}

@@ -227,7 +227,7 @@ fn a_panicking_callback_leaves_no_mounts() {
 fn descriptors_open_at_clone_time_do_not_stay_in_the_reaper() {
     require_root!();
     let f = Fixture::new();
-    let tool = f.root().join("bin/tool");
+    let tool = f.root().join("bin/busybox-copy");
     fs::copy(f.root().join("bin/busybox"), &tool).unwrap();
     let writer = fs::OpenOptions::new().write(true).open(&tool).unwrap();
     std::thread::scope(|s| {
@@ -236,7 +236,7 @@ fn descriptors_open_at_clone_time_do_not_stay_in_the_reaper() {
         std::thread::sleep(std::time::Duration::from_millis(500));
         drop(writer);
         let started = std::time::Instant::now();
-        let c = run(&chroot(), &RunSpec::new(f.root(), ["/bin/tool", "echo", "ran"]));
+        let c = run(&chroot(), &RunSpec::new(f.root(), ["/bin/busybox-copy", "echo", "ran"]));
         assert_eq!(c.outcome.status, ExitStatus::Code(0), "{}", c.stderr);
         assert_eq!(c.stdout, "ran\n");
         assert!(started.elapsed() < std::time::Duration::from_secs(2), "waited for the reaper");
