@@ -146,7 +146,9 @@ impl Setup {
         let volumes = [
             format!("{}:/workspace", self.path("workspace").display()),
             format!("{}:/kaniko/.docker:ro", self.path("docker").display()),
-            format!("{}:/out", self.path("out").display()),
+            // Not a path the Dockerfile writes: an in-place build leaves mount points alone, so
+            // a RUN writing under a mount would write to the host, not into the image.
+            format!("{}:/results", self.path("out").display()),
         ];
         let mounts: Vec<String> = volumes.iter().flat_map(|v| ["-v".into(), v.clone()]).collect();
         let mut args: Vec<String> = [
@@ -193,7 +195,7 @@ fn executor_image_builds_and_pushes_like_a_kaniko_pod() {
     }
     let s = Setup::new();
     let app = format!("{}/acme/app:1", s.private.host);
-    s.executor(&app, &["--digest-file=/out/digest"]);
+    s.executor(&app, &["--digest-file=/results/digest"]);
     let digest = fs::read_to_string(s.path("out/digest")).unwrap();
     assert!(digest.starts_with("sha256:"), "{digest}");
     assert_eq!(s.run_result(&app, &[]), "hello: built by kiln in a pod as app\n");
@@ -213,8 +215,8 @@ fn executor_image_reuses_cached_layers_on_the_second_run() {
     let app = format!("{}/acme/app:cached", s.private.host);
     let cache = format!("--cache-repo={}/acme/app/cache", s.private.host);
     let flags = ["--cache=true", cache.as_str(), "--reproducible"];
-    let first = s.executor(&app, &[&flags[..], &["--digest-file=/out/d1"]].concat());
-    let second = s.executor(&app, &[&flags[..], &["--digest-file=/out/d2"]].concat());
+    let first = s.executor(&app, &[&flags[..], &["--digest-file=/results/d1"]].concat());
+    let second = s.executor(&app, &[&flags[..], &["--digest-file=/results/d2"]].concat());
     let reused = |out: &str| {
         out.lines()
             .filter(|l| {
