@@ -87,13 +87,16 @@ certs=/etc/ssl/certs/ca-certificates.crt
 [[ -f "$certs" ]] || { echo "build-executor-image.sh: $certs missing (apt-get install ca-certificates)" >&2; exit 1; }
 context="$target_dir/executor-image/$target-context"
 rm -rf "$context"
-mkdir -p "$context/empty"
+mkdir -p "$context/empty" "$context/links"
+ln -s executor "$context/links/warmer"
 cp "$binary" "$context/kiln"
 cp "$certs" "$context/ca-certificates.crt"
 cp deploy/executor/nsswitch.conf "$context/nsswitch.conf"
 if [[ "$target" == debug ]]; then
   busybox=/bin/busybox
-  "$busybox" --list >/dev/null 2>&1 && ldd "$busybox" 2>&1 | grep -Eq 'statically linked|not a dynamic executable' || {
+  # ldd exits 1 for a non-PIE static binary: read its message, not its status.
+  ldd_out=$(ldd "$busybox" 2>&1 || true)
+  "$busybox" --list >/dev/null 2>&1 && grep -Eq 'statically linked|not a dynamic executable' <<<"$ldd_out" || {
     echo "build-executor-image.sh: $busybox is not a static busybox (apt-get install busybox-static)" >&2
     exit 1
   }
