@@ -47,11 +47,13 @@ impl RegistryFlags {
                 )
             })?);
         }
+        let mut ca_certificates = self.certificates.clone();
+        ca_certificates.extend(system_ca_files());
         Ok(RegistryOptions {
             insecure: self.insecure.clone(),
             skip_tls_verify: self.insecure.iter().chain(&self.skip_tls_verify).cloned().collect(),
             attempts: self.attempts.max(1),
-            ca_certificates: self.certificates.clone(),
+            ca_certificates,
             client_certificates: self.client_certificates.clone(),
             mirrors: self.mirrors.clone(),
             registry_map,
@@ -59,4 +61,37 @@ impl RegistryFlags {
             ..RegistryOptions::default()
         })
     }
+}
+
+/// CA files named by the OpenSSL conventions kaniko's users rely on (Go reads them too):
+/// `SSL_CERT_FILE`, and the `*.crt`/`*.pem` files of each `SSL_CERT_DIR` directory (the
+/// executor image sets it to `/kaniko/ssl/certs`, where a private CA is mounted). Trusted for
+/// every registry, besides the built-in roots; files without a PEM certificate are skipped.
+fn system_ca_files() -> Vec<CaCertificate> {
+    let mut files = Vec::new();
+    if let Some(f) = std::env::var_os("SSL_CERT_FILE").filter(|f| !f.is_empty()) {
+        files.push(std::path::PathBuf::from(f));
+    }
+    if let Some(dirs) = std::env::var_os("SSL_CERT_DIR") {
+        for dir in std::env::split_paths(&dirs) {
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            let mut found: Vec<std::path::PathBuf> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "crt" || x == "pem"))
+                .collect();
+            found.sort();
+            files.extend(found);
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    files
+        .into_iter()
+        .filter(|p| seen.insert(p.canonicalize().unwrap_or_else(|_| p.clone())))
+        .filter(|p| {
+            std::fs::read(p)
+                .is_ok_and(|b| b.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----"))
+        })
+        .map(|path| CaCertificate { registry: None, path })
+        .collect()
 }

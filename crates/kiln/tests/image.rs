@@ -148,6 +148,22 @@ fn registry_flags_certificates_and_mirrors() {
     assert!(err.contains(t) && err.contains("--registry-certificate"), "{err}");
     // Skipping verification instead.
     ok(kiln(&["image", "inspect", "--skip-tls-verify-registry", t, &dst]));
+    // The CA found the way kaniko's image is given one: a file in SSL_CERT_DIR (or SSL_CERT_FILE).
+    let cert_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(&ca, cert_dir.path().join("private-ca.crt")).unwrap();
+    std::fs::write(cert_dir.path().join("README.pem"), "not a certificate\n").unwrap();
+    let with_env = |var: &str, value: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["image", "inspect", &dst])
+            .env_remove("SSL_CERT_FILE")
+            .env_remove("SSL_CERT_DIR")
+            .env("DOCKER_CONFIG", "/nonexistent-kiln-test")
+            .env(var, value)
+            .output()
+            .unwrap()
+    };
+    ok(with_env("SSL_CERT_DIR", cert_dir.path()));
+    ok(with_env("SSL_CERT_FILE", &ca));
 
     // A Docker Hub name served by a mirror, never by Docker Hub (no fallback).
     let dir = tempfile::tempdir().unwrap();
