@@ -8,7 +8,7 @@
 #               in the local registry; buildah: --layers with its storage kept), push included
 #   -m changed  the same after changing one file of the context that the build copies (suites
 #               whose context has no such file print n/a)
-#   KANIKO_EXECUTOR=/path/to/executor  adds kaniko (run in a throwaway root; skipped if unset)
+#   kaniko is measured by bench/executor/run.sh (KANIKO_EXECUTOR=...), under podman like a pod
 #   KILN=/path/to/kiln                 the kiln binary (default: target/release/kiln, built)
 #
 # Peers: buildah bud --isolation chroot --layers, with overlay and with vfs storage, then
