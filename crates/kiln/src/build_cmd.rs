@@ -766,8 +766,9 @@ fn sandbox_for(
         Isolation::Rootless => Sandbox::new(Mode::Rootless),
         Isolation::Chroot => Sandbox::new(Mode::Chroot),
         Isolation::InPlace => {
-            // Decided once, before anything touches `/`: the first stage empties it, and
-            // with it the markers (`/.dockerenv`) the check reads.
+            // Decided once, before anything touches `/`, and handed to the sandbox as final:
+            // once a stage has replaced `/` with an image, what the check reads (cgroup and
+            // mount hints besides the kept markers) no longer describes the container.
             let evidence = match kiln_sandbox::ContainerCheck::default().detect() {
                 Ok(evidence) => evidence,
                 Err(_) if force => "outside a detected container, forced".to_owned(),

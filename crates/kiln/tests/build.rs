@@ -380,24 +380,7 @@ fn reproducible_builds_give_the_same_digest_and_archives_load_in_podman() {
         &format!("type=docker,dest={},name=localhost/kiln-test:repro", archive.display()),
     ]);
     let store = b.path("podman");
-    let podman = |args: &[&str]| {
-        Command::new("podman")
-            .arg("--root")
-            .arg(store.join("root"))
-            .arg("--runroot")
-            .arg(store.join("run"))
-            .args([
-                "--storage-driver",
-                "vfs",
-                "--cgroup-manager",
-                "cgroupfs",
-                "--events-backend",
-                "none",
-            ])
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let podman = |args: &[&str]| podman_in(&store, args);
     let o = podman(&["load", "-i", &archive.display().to_string()]);
     assert!(o.status.success(), "podman load: {}", String::from_utf8_lossy(&o.stderr));
     let o = podman(&[

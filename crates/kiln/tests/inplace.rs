@@ -24,19 +24,12 @@ macro_rules! require_root {
     };
 }
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 /// The busybox base layout directory (scripts/base-images.sh, cached).
 fn busybox_layout() -> PathBuf {
-    let o = Command::new(repo().join("scripts/base-images.sh"))
-        .args(["--only", "busybox", "--layouts"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let line = String::from_utf8(o.stdout).unwrap();
-    PathBuf::from(line.trim().split_once('=').unwrap().1)
+    kiln_testutil::base_layouts(false)
+        .into_iter()
+        .find_map(|(name, dir)| name.contains("busybox").then_some(dir))
+        .expect("base-images.sh made a busybox layout")
 }
 
 /// A throwaway root with kiln in `/kaniko`, and the host directories mounted into it.
