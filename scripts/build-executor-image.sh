@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds kiln's executor image (deploy/executor/Dockerfile) with kiln itself:
 #   1. a static kiln binary (glibc, crt-static: a static-pie with no interpreter), checked with ldd;
-#   2. a build context under target/executor-image/: the binary, Debian's CA bundle
+#   2. a build context in a temporary directory under target/executor-image/: the binary, Debian's CA bundle
 #      (/etc/ssl/certs/ca-certificates.crt, package ca-certificates), nsswitch.conf, and for
 #      --debug busybox-static with its applet symlinks;
 #   3. `kiln build --reproducible` of that context with the freshly built binary (no RUN steps,
@@ -83,11 +83,13 @@ if [[ "$print_binary" == true ]]; then
   exit 0
 fi
 
-# 2. The build context, made afresh each time.
+# 2. The build context, made afresh each time in a directory of this run's own (two runs at
+# once, as parallel tests do, must not share one), removed at exit.
 certs=/etc/ssl/certs/ca-certificates.crt
 [[ -f "$certs" ]] || { echo "build-executor-image.sh: $certs missing (apt-get install ca-certificates)" >&2; exit 1; }
-context="$target_dir/executor-image/$target-context"
-rm -rf "$context"
+mkdir -p "$target_dir/executor-image"
+context=$(mktemp -d "$target_dir/executor-image/$target-context.XXXXXX")
+trap 'rm -rf "$context"' EXIT
 mkdir -p "$context/empty" "$context/links"
 ln -s executor "$context/links/warmer"
 cp "$binary" "$context/kiln"
