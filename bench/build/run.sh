@@ -3,7 +3,8 @@
 # peers side by side, cold (fresh storage, base pulled from a local registry) and with the push
 # to that registry included, and prints a Markdown table of median wall time and peak RSS.
 #
-# usage: bench/build/run.sh [-n RUNS] [-s SUITE]... [-m cold|warm|changed] [--no-kiln] [--no-buildah]
+# usage: bench/build/run.sh [-n RUNS] [-s SUITE]... [-m cold|warm|changed] [--no-kiln] [--no-buildah] [-v]
+#   -v          print each measured command's output (kiln's step timings) to stderr
 #   -m warm     a no-op rebuild after a priming build (kiln: --cache=true with a cache repository
 #               in the local registry; buildah: --layers with its storage kept), push included
 #   -m changed  the same after changing one file of the context that the build copies (suites
@@ -25,6 +26,7 @@ suites=()
 with_kiln=1
 with_buildah=1
 mode=cold
+verbose=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -n) runs="$2"; shift 2 ;;
@@ -32,6 +34,7 @@ while [[ $# -gt 0 ]]; do
     -s) suites+=("$2"); shift 2 ;;
     --no-kiln) with_kiln=0; shift ;;
     --no-buildah) with_buildah=0; shift ;;
+    -v) verbose=1; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -99,6 +102,7 @@ measure() {
   /usr/bin/time -f "%e %M" -o "$work/time" "$@" > "$work/cmd.log" 2>&1 || {
     echo "FAILED: $*" >&2; tail -30 "$work/cmd.log" >&2; echo "fail fail" >> "$out"; return 0; }
   cat "$work/time" >> "$out"
+  if [[ $verbose == 1 ]]; then cat "$work/cmd.log" >&2; cat "$work/time" >&2; fi
 }
 
 median() { sort -n | awk '{a[NR]=$1} END { if (NR==0) {print "-"} else if (a[1]=="fail") {print "fail"} else {print a[int((NR+1)/2)]} }'; }
