@@ -22,6 +22,14 @@ mkdir -p "$cache"
 recipe=2
 script_key="recipe-$recipe"
 
+# Takes an exclusive lock named $1 for the rest of the calling (sub)shell: test processes run
+# this script at the same time on a cold cache, and one must not remove another's work dir.
+lock() {
+  local fd
+  exec {fd}>"$cache/.$1.lock"
+  flock "$fd"
+}
+
 # Deterministic uncompressed tar of a root directory.
 tar_root() { tar --sort=name --numeric-owner --mtime=@0 --xattrs --xattrs-include='*' -C "$1" -cf "$2" .; }
 
@@ -42,6 +50,7 @@ make_layout() {
 busybox_layout() {
   local key; key=$(echo "$script_key $(dpkg-query -W -f='${Version}' busybox-static)" | sha256sum | cut -c1-16)
   local out="$cache/busybox-$key"
+  [[ -d "$out" ]] || lock busybox
   if [[ ! -d "$out" ]]; then
     find "$cache" -maxdepth 1 -name 'busybox-*' ! -name "busybox-$key" -exec rm -rf {} + 2>/dev/null || true
     local work; work=$(mktemp -d "$cache/busybox-work.XXXXXX")
@@ -70,6 +79,10 @@ debian_layout() {
   [[ -n "$mirror" ]] || mirror=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list)
   local key; key=$(echo "$script_key $(dpkg-query -W -f='${Version}' debootstrap)" | sha256sum | cut -c1-16)
   local rootfs="$cache/debian-bookworm-rootfs-$key.tar"
+  local name=bookworm
+  [[ "$slim" == slim ]] && name=bookworm-slim
+  local out="$cache/debian-$name-$key"
+  [[ -f "$rootfs" && -d "$out" ]] || lock debian
   if [[ ! -f "$rootfs" ]]; then
     find "$cache" -maxdepth 1 -name 'debian-*' ! -name "*-$key*" -exec rm -rf {} + 2>/dev/null || true
     local work; work=$(mktemp -d "$cache/debian-work.XXXXXX")
@@ -80,9 +93,6 @@ debian_layout() {
     mv "$work/root.tar" "$rootfs"
     rm -rf "$work"
   fi
-  local name=bookworm
-  [[ "$slim" == slim ]] && name=bookworm-slim
-  local out="$cache/debian-$name-$key"
   if [[ ! -d "$out" ]]; then
     local work; work=$(mktemp -d "$cache/debian-layout.XXXXXX")
     if [[ "$slim" == slim ]]; then
