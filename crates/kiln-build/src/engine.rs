@@ -91,6 +91,24 @@ pub struct BuiltImage {
     pub media_types: MediaTypes,
     /// Per-step timings, in order.
     pub steps: Vec<StepTiming>,
+    /// Layers whose blob the build never needed on disk (base layers), by digest, and where
+    /// [`Engine::fetch_layer`] gets them. A push to a registry that has
+    /// them (or can mount them) never downloads them.
+    pub pending: HashMap<String, PendingBlob>,
+}
+
+/// Where a layer blob that is not on disk yet comes from.
+#[derive(Debug, Clone)]
+pub enum PendingBlob {
+    /// A layer of this base image.
+    Base(BaseImage),
+}
+
+/// Told about each layer the build makes for the target image (a stage the target is built
+/// `FROM`, or the target itself) as soon as its blob is written, so outputs can start work
+/// (uploads) while later steps run. Layers of other stages are not reported.
+pub trait LayerSink: Sync {
+    fn layer_ready(&self, layer: &LayerBlob);
 }
 
 /// How long one step took.
@@ -176,6 +194,8 @@ pub struct Engine<'a> {
     pub progress: &'a dyn Progress,
     /// The layer cache, if the build uses one.
     pub cache: Option<&'a dyn LayerCache>,
+    /// Receives the target image's layers as they are written.
+    pub layer_sink: Option<&'a dyn LayerSink>,
 }
 
 /// Where a layer blob that is not on disk yet comes from.
@@ -295,6 +315,19 @@ impl Engine<'_> {
         } else {
             std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8)
         };
+        // The stages whose layers end up in the target image: the target and the stages it
+        // is built FROM.
+        let mut feeds_image = HashSet::new();
+        let mut at = Some(plan.target);
+        while let Some(i) = at {
+            if !feeds_image.insert(i) {
+                break;
+            }
+            at = match plan.stages[i].base {
+                Base::Stage(parent) => Some(parent),
+                _ => None,
+            };
+        }
         let mut pending: Vec<usize> = order.clone();
         let mut done: Vec<usize> = Vec::new();
         let mut failure: Option<BuildError> = None;
@@ -323,6 +356,7 @@ impl Engine<'_> {
                         bad_keys,
                         step_index: 0,
                         total_steps,
+                        feeds_image: feeds_image.contains(&i),
                         users_left: users.get(&i).copied().unwrap_or(0),
                     };
                     let tx = tx.clone();
@@ -377,16 +411,58 @@ impl Engine<'_> {
             return Err(e);
         }
         let mut results = results.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let image =
+        let mut image =
             results.remove(&plan.target).map(|r| r.image).ok_or_else(|| BuildError::Io {
                 context: "finishing the build".into(),
                 error: io::Error::other("the target stage was not built"),
             })?;
-        // Outputs read every blob: fetch what cache hits and unapplied base layers left out.
+        // Cache hits are fetched now, so that a broken entry still means building again;
+        // base layers never needed on disk are left to the outputs (`fetch_layer`): a push
+        // to a registry that has them, or can mount or copy them, never downloads them.
         for layer in &image.layers {
-            ensure_local(self, &bases, &lazy, layer)?;
+            let base = match lazy
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&layer.digest)
+            {
+                Some(LazyBlob::Base(reference)) => bases.get(reference).cloned(),
+                _ => None,
+            };
+            match base {
+                Some(base) if !layer.path.is_file() => {
+                    image.pending.insert(layer.digest.clone(), PendingBlob::Base(base));
+                }
+                _ => ensure_local(self, &bases, &lazy, layer)?,
+            }
         }
         Ok(image)
+    }
+
+    /// Makes sure `layer` (of `image`) is on disk at `layer.path`: fetched from its base
+    /// image's source when the build did not need it.
+    pub fn fetch_layer(&self, image: &BuiltImage, layer: &LayerBlob) -> Result<(), BuildError> {
+        if layer.path.is_file() {
+            return Ok(());
+        }
+        match image.pending.get(&layer.digest) {
+            Some(PendingBlob::Base(base)) => self
+                .images
+                .ensure_blob(base, layer)
+                .map_err(|source| BuildError::Base { reference: base.reference.clone(), source }),
+            None => Err(BuildError::Io {
+                context: format!("layer {}", layer.digest),
+                error: io::Error::other(format!("its blob is missing at {}", layer.path.display())),
+            }),
+        }
+    }
+
+    /// [`Self::fetch_layer`] for every layer of `image` (outputs that write files need them
+    /// all).
+    pub fn fetch_layers(&self, image: &BuiltImage) -> Result<(), BuildError> {
+        for layer in &image.layers {
+            self.fetch_layer(image, layer)?;
+        }
+        Ok(())
     }
 }
 
@@ -489,8 +565,6 @@ fn instruction_identity(step: &PlannedStep) -> String {
     }
 }
 
-impl Engine<'_> {}
-
 /// One stage being built.
 struct StageBuild<'e, 'a> {
     engine: &'e Engine<'a>,
@@ -513,6 +587,8 @@ struct StageBuild<'e, 'a> {
     step_index: usize,
     total_steps: usize,
     users_left: usize,
+    /// This stage's layers end up in the target image (reported to the layer sink).
+    feeds_image: bool,
 }
 
 /// The mutable state of a stage while its steps run.
@@ -596,6 +672,17 @@ impl StageBuild<'_, '_> {
             let elapsed = started.elapsed();
             let layer = (state.layers.len() > layers_before)
                 .then(|| state.layers.last().map_or(0, |l| l.size));
+            // After the step, so the layer's origin says where the cache stored it (a push to
+            // that registry mounts it). Only blobs on disk: a cache hit not fetched is left to
+            // the outputs, which may mount it.
+            if layer.is_some()
+                && self.feeds_image
+                && let Some(sink) = self.engine.layer_sink
+                && let Some(l) = state.layers.last()
+                && l.path.is_file()
+            {
+                sink.layer_ready(l);
+            }
             self.engine.progress.event(Event::StepFinished {
                 index: self.step_index,
                 elapsed,
@@ -622,6 +709,7 @@ impl StageBuild<'_, '_> {
                 layers: state.layers,
                 media_types: state.media_types,
                 steps: state.steps,
+                pending: HashMap::new(),
             },
             users_left: self.users_left,
         })

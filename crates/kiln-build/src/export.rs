@@ -29,6 +29,16 @@ fn err(dest: &Path) -> impl Fn(String) -> ExportError + '_ {
 
 /// The image as `kiln-oci` sees it: config and manifest serialised, layers as files.
 pub fn to_image(image: &BuiltImage) -> Result<FileImage, String> {
+    image_of(image, true)
+}
+
+/// [`to_image`] without checking the layer files: some may not be fetched yet (a push reads
+/// only those it uploads; the manifest and its digest need none).
+pub fn to_image_unchecked(image: &BuiltImage) -> Result<FileImage, String> {
+    image_of(image, false)
+}
+
+fn image_of(image: &BuiltImage, check_files: bool) -> Result<FileImage, String> {
     let config =
         kiln_oci::ImageConfig::from_slice(&image.config.to_json()).map_err(|e| e.to_string())?;
     let format = match image.media_types {
@@ -41,7 +51,7 @@ pub fn to_image(image: &BuiltImage) -> Result<FileImage, String> {
         builder =
             builder.layer(Descriptor::new(l.media_type.clone(), digest, l.size), l.path.clone());
     }
-    builder.build().map_err(|e| e.to_string())
+    if check_files { builder.build() } else { builder.build_unchecked() }.map_err(|e| e.to_string())
 }
 
 /// Writes (or adds to) an OCI image layout at `dest`, tagged `tag`. Returns the manifest

@@ -4,9 +4,14 @@
 //! Resolving fetches only the manifest and config; layer blobs are downloaded (verified) into
 //! the build's blob directory when a stage needs them, once per digest. A push uploads what the
 //! registry lacks: blobs it has are skipped, base layers from another repository of the same
-//! registry are mounted, and the manifest goes last.
+//! registry are mounted, and the manifest goes last. [`EarlyUploads`] starts uploading the
+//! target image's layers while later steps still run, and [`push_image`] sends blobs in
+//! parallel.
 
-use std::path::{Path, PathBuf};
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError, mpsc};
 
 use kiln_dockerfile::plan::Platform;
 use kiln_oci::{Descriptor, Digest, Image};
@@ -14,8 +19,9 @@ use kiln_reference::Reference;
 use kiln_registry::{RegistryClient, RegistryError};
 
 use crate::config::ImageConfig;
-use crate::engine::BuiltImage;
+use crate::engine::{BuiltImage, LayerSink};
 use crate::image::{BaseImage, ImageSource, LayerBlob, MediaTypes, SeamError};
+use crate::progress::{Event, Progress};
 
 /// Base images pulled from registries.
 pub struct RegistryImages<'a> {
@@ -91,31 +97,184 @@ impl ImageSource for RegistryImages<'_> {
     }
 }
 
-/// Pushes `image` to `reference`; returns the manifest digest.
-pub fn push(
+/// Blobs known to be in a destination repository: (`registry/repo`, digest).
+pub type Uploaded = HashSet<(String, String)>;
+
+/// How a push gets a blob the build never needed on disk (see
+/// [`crate::engine::Engine::fetch_layer`]).
+pub type FetchLayer<'f> = dyn Fn(&LayerBlob) -> Result<(), SeamError> + Sync + 'f;
+
+/// How many blobs a push uploads at the same time.
+const PARALLEL_UPLOADS: usize = 4;
+
+/// Puts one layer into `dest`: nothing when the registry has it; a cross-repository mount
+/// when its origin or an `earlier` destination is on the same registry; a registry-to-registry
+/// stream when it is a remote blob never fetched; else an upload of the file (fetched first
+/// if need be).
+fn put_layer(
+    client: &RegistryClient,
+    dest: &Reference,
+    layer: &LayerBlob,
+    earlier: &[Reference],
+    fetch: &FetchLayer<'_>,
+) -> Result<(), SeamError> {
+    let digest: Digest = layer
+        .digest
+        .parse()
+        .map_err(|e: kiln_oci::DigestError| SeamError::new(format!("{dest}: {e}")))?;
+    if client.has_blob(dest, &digest).map_err(seam)? {
+        return Ok(());
+    }
+    let origin = layer.origin.as_deref().and_then(|o| Reference::parse(o).ok());
+    for from in origin.iter().chain(earlier) {
+        if from.registry == dest.registry
+            && from.repository != dest.repository
+            && client.mount_blob(dest, &digest, &from.repository).map_err(seam)?
+        {
+            return Ok(());
+        }
+    }
+    let d = Descriptor::new(layer.media_type.clone(), digest, layer.size);
+    if !layer.path.is_file() {
+        if let Some(from) = &origin
+            && from.registry != dest.registry
+        {
+            // Straight from where it lives: no download to disk first.
+            return client.copy_blob(from, dest, &d).map_err(seam);
+        }
+        fetch(layer)?;
+    }
+    client.upload_blob(dest, &d, &layer.path).map_err(seam)
+}
+
+/// Uploads of the target image's layers while the build goes on ([`LayerSink`]): each layer
+/// the engine reports is queued, and [`Self::work`] (run on a few threads) puts it into every
+/// destination. Failures are left for the final push, which tries again and reports them.
+pub struct EarlyUploads<'c> {
+    client: &'c RegistryClient,
+    destinations: Vec<Reference>,
+    queue: Mutex<Option<mpsc::Sender<LayerBlob>>>,
+    next: Mutex<mpsc::Receiver<LayerBlob>>,
+    done: Mutex<Uploaded>,
+}
+
+impl<'c> EarlyUploads<'c> {
+    /// Uploads to `destinations` (references; unparsable ones are left to the final push).
+    pub fn new(client: &'c RegistryClient, destinations: &[String]) -> EarlyUploads<'c> {
+        let (tx, rx) = mpsc::channel();
+        EarlyUploads {
+            client,
+            destinations: destinations.iter().filter_map(|d| Reference::parse(d).ok()).collect(),
+            queue: Mutex::new(Some(tx)),
+            next: Mutex::new(rx),
+            done: Mutex::new(Uploaded::new()),
+        }
+    }
+
+    /// Uploads queued layers until [`Self::close`] was called and the queue is empty.
+    pub fn work(&self) {
+        loop {
+            let next = self.next.lock().unwrap_or_else(PoisonError::into_inner).recv();
+            let Ok(layer) = next else { return };
+            for (i, dest) in self.destinations.iter().enumerate() {
+                let no_fetch = |_: &LayerBlob| Err(SeamError::new("not on disk"));
+                match put_layer(self.client, dest, &layer, &self.destinations[..i], &no_fetch) {
+                    Ok(()) => {
+                        self.done
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .insert((dest.name(), layer.digest.clone()));
+                    }
+                    Err(e) => {
+                        tracing::debug!(
+                            "early upload of {} to {dest} failed, left to the push: {}",
+                            layer.digest,
+                            e.message
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// No more layers: [`Self::work`] returns once the queue is empty.
+    pub fn close(&self) {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner).take();
+    }
+
+    /// What was uploaded so far.
+    pub fn uploaded(&self) -> Uploaded {
+        self.done.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+impl LayerSink for EarlyUploads<'_> {
+    fn layer_ready(&self, layer: &LayerBlob) {
+        if self.destinations.is_empty() {
+            return;
+        }
+        if let Some(tx) = self.queue.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            let _ = tx.send(layer.clone());
+        }
+    }
+}
+
+/// Pushes `image` to `reference`; returns the manifest digest. Blobs go up to
+/// [`PARALLEL_UPLOADS`] at a time (those in `uploaded` are skipped; `earlier` destinations on
+/// the same registry are mounted from), then the config, then the manifest.
+pub fn push_image(
     client: &RegistryClient,
     image: &BuiltImage,
     reference: &str,
+    earlier: &[String],
+    uploaded: &Uploaded,
+    fetch: &FetchLayer<'_>,
+    progress: &dyn Progress,
 ) -> Result<Digest, SeamError> {
     let r = Reference::parse(reference)
         .map_err(|e| SeamError::new(e.to_string()).with_hint(e.hint()))?;
-    let img = crate::export::to_image(image).map_err(|e| SeamError::new(format!("{r}: {e}")))?;
-    for (layer, built) in img.manifest().layers.iter().zip(&image.layers) {
-        // A base layer from another repository of the same registry is mounted, not uploaded.
-        if let Some(origin) = &built.origin
-            && let Ok(o) = Reference::parse(origin)
-            && o.registry == r.registry
-            && o.repository != r.repository
-            && client.mount_blob(&r, &layer.digest, &o.repository).map_err(seam)?
-        {
-            continue;
+    let earlier: Vec<Reference> = earlier.iter().filter_map(|e| Reference::parse(e).ok()).collect();
+    let img = crate::export::to_image_unchecked(image)
+        .map_err(|e| SeamError::new(format!("{r}: {e}")))?;
+    let todo: Vec<&LayerBlob> =
+        image.layers.iter().filter(|l| !uploaded.contains(&(r.name(), l.digest.clone()))).collect();
+    let total: u64 = image.layers.iter().map(|l| l.size).sum();
+    let sent = AtomicU64::new(total - todo.iter().map(|l| l.size).sum::<u64>());
+    let next = AtomicUsize::new(0);
+    let failure: Mutex<Option<SeamError>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..PARALLEL_UPLOADS.min(todo.len()) {
+            scope.spawn(|| {
+                loop {
+                    if failure.lock().unwrap_or_else(PoisonError::into_inner).is_some() {
+                        return;
+                    }
+                    let Some(layer) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        return;
+                    };
+                    if let Err(e) = put_layer(client, &r, layer, &earlier, fetch) {
+                        failure.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(e);
+                        return;
+                    }
+                    let bytes = sent.fetch_add(layer.size, Ordering::Relaxed) + layer.size;
+                    // The event with `bytes == total` comes once the manifest is up.
+                    if bytes < total {
+                        progress.event(Event::Push { reference: r.to_string(), bytes, total });
+                    }
+                }
+            });
         }
-        client.push_blob(&r, layer, Path::new(&built.path)).map_err(seam)?;
+    });
+    if let Some(e) = failure.into_inner().unwrap_or_else(PoisonError::into_inner) {
+        return Err(e);
     }
     let config = img.raw_config().to_vec();
     let config_desc = img.manifest().config.clone();
     let tmp = tempfile::NamedTempFile::new().map_err(|e| SeamError::new(format!("{r}: {e}")))?;
     std::fs::write(tmp.path(), &config).map_err(|e| SeamError::new(format!("{r}: {e}")))?;
     client.push_blob(&r, &config_desc, tmp.path()).map_err(seam)?;
-    client.put_manifest(&r, img.raw_manifest(), img.manifest().media_type()).map_err(seam)
+    let digest =
+        client.put_manifest(&r, img.raw_manifest(), img.manifest().media_type()).map_err(seam)?;
+    progress.event(Event::Push { reference: r.to_string(), bytes: total, total });
+    Ok(digest)
 }

@@ -150,11 +150,21 @@ impl ImageBuilder {
 
     /// Serialises the config and the manifest (deterministically) and checks the layer files.
     pub fn build(self) -> Result<FileImage, ImageError> {
+        self.build_checked(true)
+    }
+
+    /// [`Self::build`] for layer files that may not exist yet (they are fetched later, or
+    /// never: a push to a registry that has them). Sizes are taken from the descriptors.
+    pub fn build_unchecked(self) -> Result<FileImage, ImageError> {
+        self.build_checked(false)
+    }
+
+    fn build_checked(self, check_files: bool) -> Result<FileImage, ImageError> {
         let diff_ids = self.config.rootfs.diff_ids.len();
         if diff_ids != self.layers.len() {
             return Err(ImageError::DiffIdCount { layers: self.layers.len(), diff_ids });
         }
-        for (desc, path) in &self.layers {
+        for (desc, path) in self.layers.iter().filter(|_| check_files) {
             let meta = std::fs::metadata(path)
                 .map_err(|source| ImageError::LayerFile { path: path.clone(), source })?;
             if meta.len() != desc.size {

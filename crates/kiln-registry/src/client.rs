@@ -994,6 +994,17 @@ impl RegistryClient {
         if self.has_blob(r, &d.digest)? {
             return Ok(());
         }
+        self.upload_blob(r, d, path)
+    }
+
+    /// Uploads the blob in `path` without asking first whether the registry has it (for a
+    /// caller that just did): monolithic up to the chunk size, chunked above.
+    pub fn upload_blob(
+        &self,
+        r: &Reference,
+        d: &Descriptor,
+        path: &Path,
+    ) -> Result<(), RegistryError> {
         let start_url = format!("{}/blobs/uploads/", self.base(r));
         let resp =
             self.send(r, &push_scope(r), &|c| Ok(c.post(&start_url).header(CONTENT_LENGTH, "0")))?;

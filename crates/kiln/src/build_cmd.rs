@@ -868,24 +868,62 @@ fn build_with(
         };
         cache.add(backend, access);
     }
+    // Layers of the target image start uploading to the registry destinations while later
+    // steps run.
+    let destinations: Vec<String> = resolved
+        .outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Registry { reference } => Some(reference.clone()),
+            _ => None,
+        })
+        .collect();
+    let early = kiln_build::registry_source::EarlyUploads::new(&client, &destinations);
     let engine = kiln_build::engine::Engine {
         images: &images,
         layers,
         sandbox,
         progress,
         cache: if cache.is_empty() { None } else { Some(&cache) },
+        layer_sink: if destinations.is_empty() { None } else { Some(&early) },
     };
     let req = &resolved.request;
-    let image = engine.build(req).map_err(|e| build_error(req, e))?;
+    let built = std::thread::scope(|scope| {
+        if !destinations.is_empty() {
+            for _ in 0..2 {
+                scope.spawn(|| early.work());
+            }
+        }
+        let built = engine.build(req);
+        early.close();
+        built
+    });
+    let image = built.map_err(|e| build_error(req, e))?;
+    let uploaded = early.uploaded();
+    let fetch_err = |e: kiln_build::engine::BuildError| {
+        let hint = e.hint();
+        let s = kiln_build::image::SeamError::new(e.to_string());
+        match hint {
+            Some(h) => s.with_hint(h),
+            None => s,
+        }
+    };
+    let fetch =
+        |layer: &kiln_build::image::LayerBlob| engine.fetch_layer(&image, layer).map_err(fetch_err);
+    // Files are written from blobs on disk: fetch what the build did not need.
+    if resolved.outputs.iter().any(|o| !matches!(o, Output::Registry { .. })) {
+        engine.fetch_layers(&image).map_err(|e| build_error(req, e))?;
+    }
     let image_digest = {
         use kiln_oci::Image as _;
-        export::to_image(&image)
+        export::to_image_unchecked(&image)
             .map_err(|e| anyhow::anyhow!("cannot assemble the image: {e}"))?
             .digest()
     };
     let mut digest = image_digest.to_string();
     let mut summary = String::new();
     let mut pushed: Vec<String> = Vec::new();
+    let mut pushed_to: Vec<String> = Vec::new();
     for output in &resolved.outputs {
         let (dest, assembled) = match output {
             Output::OciDir { dest, tag } => (
@@ -899,8 +937,13 @@ fn build_with(
                 (dest.display().to_string(), export::write_docker_archive(&image, dest, tags)?)
             }
             Output::Registry { reference } => {
-                let d = match kiln_build::registry_source::push(&client, &image, reference) {
-                    Ok(d) => d,
+                let d = match kiln_build::registry_source::push_image(
+                    &client, &image, reference, &pushed_to, &uploaded, &fetch, progress,
+                ) {
+                    Ok(d) => {
+                        pushed_to.push(reference.clone());
+                        d
+                    }
                     Err(e)
                         if resolved.push_ignore_immutable_tag_errors
                             && is_immutable_tag_error(&e.message) =>
