@@ -17,8 +17,8 @@ use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kiln_dockerfile::dockerignore::DockerIgnore;
@@ -35,6 +35,7 @@ use crate::progress::{Event, Progress};
 use crate::{history, mounts, owner, run};
 use kiln_cache::{CacheKey, CachedLayer, KeyBuilder, KeyInput, LayerCache};
 use kiln_fs::rootpath;
+use kiln_fs::writer::GrowingBlob;
 
 /// What one build needs to know.
 #[derive(Debug, Clone)]
@@ -108,6 +109,13 @@ pub enum PendingBlob {
 /// `FROM`, or the target itself) as soon as its blob is written, so outputs can start work
 /// (uploads) while later steps run. Layers of other stages are not reported.
 pub trait LayerSink: Sync {
+    /// A layer is about to be written: a sink that wants its bytes as they are produced
+    /// returns a blob to watch (the engine abandons it if no layer comes).
+    fn layer_starting(&self) -> Option<Arc<GrowingBlob>> {
+        None
+    }
+
+    /// A layer's blob is complete on disk.
     fn layer_ready(&self, layer: &LayerBlob);
 }
 
@@ -1046,6 +1054,16 @@ impl StageBuild<'_, '_> {
         })
     }
 
+    /// A blob for the layer sink to stream while the layer is written: only for layers of
+    /// the target image, and not with a layer cache (whose store uploads the layer first, so
+    /// the push can mount it from there instead of uploading it twice).
+    fn watch_layer(&self) -> Option<Arc<GrowingBlob>> {
+        if !self.feeds_image || self.engine.cache.is_some() {
+            return None;
+        }
+        self.engine.layer_sink.and_then(|s| s.layer_starting())
+    }
+
     fn history(&self, state: &mut StageState, created_by: String, empty_layer: bool) {
         state.config.push_history(&HistoryEntry {
             created_by,
@@ -1279,7 +1297,7 @@ impl StageBuild<'_, '_> {
         let layer = self
             .engine
             .layers
-            .paths_layer(&state.root, &created, &self.blob_dir(), state.media_types)
+            .paths_layer(&state.root, &created, &self.blob_dir(), state.media_types, None)
             .map_err(|e| self.step_err(line, e.message, e.hint))?;
         state.snapshot = None;
         let with_layer = self.add_layer(state, layer);
@@ -1441,11 +1459,18 @@ impl StageBuild<'_, '_> {
                 tail,
             });
         }
-        let (layer, after) = self
-            .engine
-            .layers
-            .diff_layer(&state.root, before.as_ref(), &self.blob_dir(), state.media_types)
-            .map_err(|e| self.step_err(line, e.message, e.hint))?;
+        let watch = self.watch_layer();
+        let written = self.engine.layers.diff_layer(
+            &state.root,
+            before.as_ref(),
+            &self.blob_dir(),
+            state.media_types,
+            watch.as_ref(),
+        );
+        if let Some(w) = &watch {
+            w.abandon();
+        }
+        let (layer, after) = written.map_err(|e| self.step_err(line, e.message, e.hint))?;
         state.snapshot = Some(after);
         let with_layer = self.add_layer(state, layer);
         self.history(state, created_by, !with_layer);
@@ -1612,11 +1637,18 @@ impl StageBuild<'_, '_> {
         if !spec.inline.is_empty() {
             changed.extend(self.copy_inline(state, spec, owner, chmod.as_ref(), line)?);
         }
-        let layer = self
-            .engine
-            .layers
-            .paths_layer(&state.root, &changed, &self.blob_dir(), state.media_types)
-            .map_err(|e| self.step_err(line, e.message, e.hint))?;
+        let watch = self.watch_layer();
+        let written = self.engine.layers.paths_layer(
+            &state.root,
+            &changed,
+            &self.blob_dir(),
+            state.media_types,
+            watch.as_ref(),
+        );
+        if let Some(w) = &watch {
+            w.abandon();
+        }
+        let layer = written.map_err(|e| self.step_err(line, e.message, e.hint))?;
         state.snapshot = None;
         let with_layer = self.add_layer(state, layer);
         self.history(state, created_by, !with_layer);

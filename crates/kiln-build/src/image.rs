@@ -6,6 +6,9 @@
 
 use std::any::Any;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_fs::writer::GrowingBlob;
 
 use kiln_dockerfile::plan::Platform;
 
@@ -143,6 +146,7 @@ pub trait LayerOps: Send + Sync {
         before: &dyn Snapshot,
         blob_dir: &Path,
         media_types: MediaTypes,
+        watch: Option<&Arc<GrowingBlob>>,
     ) -> Result<(Option<LayerBlob>, Box<dyn Snapshot>), SeamError>;
 
     /// Empties `root` for the next stage, except what the build must keep (in-place builds,
@@ -158,5 +162,6 @@ pub trait LayerOps: Send + Sync {
         paths: &[String],
         blob_dir: &Path,
         media_types: MediaTypes,
+        watch: Option<&Arc<GrowingBlob>>,
     ) -> Result<Option<LayerBlob>, SeamError>;
 }

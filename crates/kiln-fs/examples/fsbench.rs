@@ -61,7 +61,7 @@ fn main() {
                 root,
                 &entries,
                 blobs,
-                &WriteOptions { compression, epoch: None },
+                &WriteOptions { compression, epoch: None, watch: None },
             )
             .unwrap();
             println!(

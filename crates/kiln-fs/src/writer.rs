@@ -14,6 +14,7 @@ use std::io::{self, BufWriter, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
 
 use kiln_oci::{Digest, DigestHasher};
 
@@ -40,6 +41,154 @@ pub struct WriteOptions {
     pub compression: Compression,
     /// Clamp every mtime to this (seconds since the epoch) for reproducible layers.
     pub epoch: Option<i64>,
+    /// Publishes the blob's bytes as they reach the disk (an upload streaming the layer
+    /// while it is compressed).
+    pub watch: Option<Arc<GrowingBlob>>,
+}
+
+/// A layer blob being written, readable while it grows: the writer reports every byte that
+/// reached the spool file, and [`GrowingBlob::reader`] hands them out, waiting for more until
+/// the write ends (then end of file, or an error if the write failed or was abandoned).
+#[derive(Default)]
+pub struct GrowingBlob {
+    state: Mutex<Growth>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Growth {
+    file: Option<Arc<fs::File>>,
+    written: u64,
+    /// The digest, size and final path once written, or why not.
+    end: Option<Result<(Digest, u64, PathBuf), String>>,
+}
+
+impl std::fmt::Debug for GrowingBlob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrowingBlob").finish_non_exhaustive()
+    }
+}
+
+impl GrowingBlob {
+    pub fn new() -> Arc<GrowingBlob> {
+        Arc::new(GrowingBlob::default())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Growth> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn started(&self, file: fs::File) {
+        self.lock().file = Some(Arc::new(file));
+        self.changed.notify_all();
+    }
+
+    fn grew(&self, n: u64) {
+        self.lock().written += n;
+        self.changed.notify_all();
+    }
+
+    fn ended(&self, end: Result<(Digest, u64, PathBuf), String>) {
+        let mut g = self.lock();
+        if g.end.is_none() {
+            g.end = Some(end);
+        }
+        drop(g);
+        self.changed.notify_all();
+    }
+
+    /// Ends a blob that will not be written (the step failed, or made no layer); a no-op once
+    /// it ended.
+    pub fn abandon(&self) {
+        self.ended(Err("the layer was not written".into()));
+    }
+
+    /// Waits for the end of the write: the blob's digest, size and file, or `None` if it
+    /// failed.
+    pub fn wait(&self) -> Option<(Digest, u64, PathBuf)> {
+        let mut g = self.lock();
+        loop {
+            if let Some(end) = &g.end {
+                return end.as_ref().ok().cloned();
+            }
+            g = self.changed.wait(g).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// The digest, if the write ended well (does not wait).
+    pub fn digest(&self) -> Option<Digest> {
+        self.lock().end.as_ref().and_then(|e| e.as_ref().ok()).map(|(d, _, _)| d.clone())
+    }
+
+    /// A reader of the blob from its first byte.
+    pub fn reader(self: &Arc<Self>) -> GrowingReader {
+        GrowingReader { blob: Arc::clone(self), pos: 0 }
+    }
+}
+
+/// Reads a [`GrowingBlob`] as it is written.
+pub struct GrowingReader {
+    blob: Arc<GrowingBlob>,
+    pos: u64,
+}
+
+impl io::Read for GrowingReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let mut g = self.blob.lock();
+        loop {
+            if let Some(file) = &g.file
+                && self.pos < g.written
+            {
+                let file = Arc::clone(file);
+                let n = (g.written - self.pos).min(buf.len() as u64) as usize;
+                drop(g);
+                let n = file.read_at(&mut buf[..n], self.pos)?;
+                self.pos += n as u64;
+                return Ok(n);
+            }
+            match &g.end {
+                Some(Ok(_)) => return Ok(0),
+                Some(Err(e)) => return Err(io::Error::other(e.clone())),
+                None => {}
+            }
+            g = self.blob.changed.wait(g).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+}
+
+/// The spool file, reporting what reached it to a [`GrowingBlob`].
+struct WatchedFile {
+    file: fs::File,
+    watch: Option<Arc<GrowingBlob>>,
+}
+
+impl Write for WatchedFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        if let Some(w) = &self.watch {
+            w.grew(n as u64);
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Ends the watch with an error if the write stops before it succeeded.
+struct EndOnDrop(Option<Arc<GrowingBlob>>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        if let Some(w) = &self.0 {
+            w.ended(Err("the layer write failed".into()));
+        }
+    }
 }
 
 /// A layer written to disk.
@@ -140,8 +289,12 @@ pub fn write_layer(
     fs::create_dir_all(blob_dir).map_err(io_err)?;
     let spool = tempfile::Builder::new().prefix(".layer-").tempfile_in(blob_dir).map_err(io_err)?;
     let file = spool.as_file().try_clone().map_err(io_err)?;
+    let guard = EndOnDrop(opts.watch.clone());
+    if let Some(w) = &opts.watch {
+        w.started(spool.as_file().try_clone().map_err(io_err)?);
+    }
     let blob = HashingWriter {
-        inner: BufWriter::with_capacity(1 << 20, file),
+        inner: BufWriter::with_capacity(1 << 20, WatchedFile { file, watch: opts.watch.clone() }),
         hasher: DigestHasher::sha256(),
         count: 0,
     };
@@ -196,6 +349,9 @@ pub fn write_layer(
     // Blobs are content, readable like any layout blob.
     fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .map_err(io_err)?;
+    if let Some(w) = &guard.0 {
+        w.ended(Ok((digest.clone(), size, path.clone())));
+    }
     Ok(WrittenLayer { path, digest, diff_id, size, entries: count })
 }
 
