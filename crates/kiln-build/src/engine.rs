@@ -259,6 +259,9 @@ impl Engine<'_> {
                     .images
                     .resolve(r, &platform)
                     .map_err(|source| BuildError::Base { reference: r.to_owned(), source })?;
+                if let Some(message) = platform_mismatch(r, &image.config, &platform) {
+                    self.progress.event(Event::Warning { message });
+                }
                 bases.insert(r.to_owned(), image);
             }
         }
@@ -1858,6 +1861,27 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), BuildError> {
         error: io::Error::other(e.to_string()),
     })?;
     Ok(())
+}
+
+/// BuildKit's `InvalidBaseImagePlatform` warning: a single-platform base image is used whatever
+/// platform was asked for (there is nothing to choose from), but a build for another platform
+/// than the image's is worth saying, as its binaries may not run there.
+fn platform_mismatch(reference: &str, config: &ImageConfig, wanted: &Platform) -> Option<String> {
+    let (os, architecture, variant) = config.platform();
+    let have = kiln_oci::Platform::new(&os, &architecture, variant.as_deref().unwrap_or(""));
+    let want = kiln_oci::Platform::new(
+        &wanted.os,
+        &wanted.architecture,
+        wanted.variant.as_deref().unwrap_or(""),
+    );
+    if kiln_oci::PlatformMatcher::only(&want).matches(&have) {
+        return None;
+    }
+    Some(format!(
+        "base image `{reference}` is for {}, expected {} for this build",
+        have.normalize(),
+        want.normalize()
+    ))
 }
 
 /// `EXPOSE` words to `port/proto` keys: `80` → `80/tcp`, `8000-8002/udp` → three keys.

@@ -894,6 +894,23 @@ LABEL arch=$TARGETARCH
     // Without --platform, the target is this machine.
     b.ok(&[]);
     assert_eq!(b.config()["architecture"], host);
+
+    // A single-platform base for another platform is used as it is (BuildKit does the same:
+    // there is no other manifest to pick), with BuildKit's InvalidBaseImagePlatform warning;
+    // the image keeps the base's platform.
+    let other = if host == "arm64" { "linux/amd64" } else { "linux/arm64" };
+    let b = Build::new("FROM busybox\nRUN echo ran > /ran\n");
+    let log = b.ok(&["--platform", other]);
+    assert!(
+        log.contains(&format!(
+            "warning: base image `busybox` is for linux/{host}, expected {other} for this build"
+        )),
+        "{log}"
+    );
+    assert_eq!(b.config()["architecture"], host);
+    assert_eq!(read(&b.unpack(), "ran"), "ran\n");
+    let log = b.ok(&["--platform", &format!("linux/{host}")]);
+    assert!(!log.contains("warning"), "{log}");
 }
 
 // ---------------------------------------------------------------------------------------------
