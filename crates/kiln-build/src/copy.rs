@@ -268,6 +268,13 @@ pub fn copy(req: &CopyRequest<'_>, dest_root: &Path) -> Result<CopyOutcome, Copy
     Ok(copier.outcome)
 }
 
+/// What `source` names in `req`'s source tree, wildcards expanded and `.dockerignore`d paths
+/// left out, as COPY resolves it: each match's path relative to the tree and on the host
+/// (symlinks followed inside the tree). A literal path that does not exist matches nothing.
+pub fn matches(req: &CopyRequest<'_>, source: &str) -> Result<Vec<(String, PathBuf)>, CopyError> {
+    Ok(resolve_source(req, source)?.into_iter().map(|m| (m.rel, m.host)).collect())
+}
+
 /// A digest of everything `req` would copy (for the layer cache): each matched source and,
 /// inside directories, every entry `.dockerignore` and `--exclude` let through, with its path,
 /// type, permission bits, owner (for stage sources; context files become 0:0), content and link

@@ -287,6 +287,9 @@ impl Engine<'_> {
                     .images
                     .resolve(r, &platform)
                     .map_err(|source| BuildError::Base { reference: r.to_owned(), source })?;
+                if let Some(message) = platform_mismatch(r, &image.config, &platform) {
+                    self.progress.event(Event::Warning { message });
+                }
                 bases.insert(r.to_owned(), image);
             }
         }
@@ -1575,31 +1578,30 @@ impl StageBuild<'_, '_> {
             changed.extend(self.add_urls(state, spec, &urls, owner, chmod.as_ref(), line)?);
         }
         if !local.is_empty() {
+            let ignore =
+                if src_kind == SourceKind::Context { self.req.ignore.as_ref() } else { None };
             // ADD unpacks local archives into the destination directory.
-            let (archives, plain): (Vec<String>, Vec<String>) = if spec.unpack {
-                local.iter().cloned().partition(|p| {
-                    let host = rootpath::resolve(
-                        &src_root,
-                        Path::new(&rootpath::clean_relative(Path::new(p))),
-                        true,
-                    );
-                    host.is_ok_and(|h| h.is_file() && self.engine.layers.is_archive(&h))
-                })
+            let (archives, plain) = if spec.unpack {
+                self.split_archives(&src_root, src_kind, ignore, &local, line)?
             } else {
                 (Vec::new(), local.clone())
+            };
+            // Besides an archive, the destination is a directory (as for several sources).
+            let dir_dest;
+            let dest = if !archives.is_empty() && !spec.dest.ends_with('/') {
+                dir_dest = format!("{}/", spec.dest);
+                dir_dest.as_str()
+            } else {
+                spec.dest
             };
             if !plain.is_empty() {
                 let req = CopyRequest {
                     src_root: &src_root,
                     src_kind,
                     sources: &plain,
-                    dest: spec.dest,
+                    dest,
                     workdir: &state.config.workdir(),
-                    ignore: if src_kind == SourceKind::Context {
-                        self.req.ignore.as_ref()
-                    } else {
-                        None
-                    },
+                    ignore,
                     exclude: exclude.as_ref(),
                     parents: spec.parents,
                     owner,
@@ -1614,13 +1616,7 @@ impl StageBuild<'_, '_> {
                 }
                 changed.extend(outcome.changed);
             }
-            for archive in archives {
-                let host = rootpath::resolve(
-                    &src_root,
-                    Path::new(&rootpath::clean_relative(Path::new(&archive))),
-                    true,
-                )
-                .map_err(io_err(format!("resolving {archive}")))?;
+            for host in archives {
                 let dest = if spec.dest.starts_with('/') {
                     spec.dest.to_owned()
                 } else {
@@ -1665,6 +1661,58 @@ impl StageBuild<'_, '_> {
             }
         }
         Ok(false)
+    }
+
+    /// ADD's local sources split into the archives to unpack (host paths) and the sources to
+    /// copy. Sources are resolved as COPY resolves them: `.dockerignore`d paths are not there
+    /// (a literal one is left to the copy, which reports it missing), and each archive a
+    /// wildcard matches is unpacked while its other matches are copied.
+    fn split_archives(
+        &self,
+        src_root: &Path,
+        src_kind: SourceKind,
+        ignore: Option<&DockerIgnore>,
+        sources: &[String],
+        line: usize,
+    ) -> Result<(Vec<PathBuf>, Vec<String>), BuildError> {
+        let req = CopyRequest {
+            src_root,
+            src_kind,
+            sources,
+            dest: "/",
+            workdir: "/",
+            ignore,
+            exclude: None,
+            parents: false,
+            owner: None,
+            chmod: None,
+        };
+        let is_archive = |h: &Path| h.is_file() && self.engine.layers.is_archive(h);
+        let (mut archives, mut plain) = (Vec::new(), Vec::new());
+        for source in sources {
+            let found = crate::copy::matches(&req, source).map_err(|e| {
+                let hint = e.hint();
+                self.step_err(line, e.to_string(), hint)
+            })?;
+            if !crate::glob::has_wildcard(source) {
+                match found.as_slice() {
+                    [(_, host)] if is_archive(host) => archives.push(host.clone()),
+                    _ => plain.push(source.clone()),
+                }
+            } else if found.iter().any(|(_, host)| is_archive(host)) {
+                for (rel, host) in found {
+                    if is_archive(&host) {
+                        archives.push(host);
+                    } else {
+                        plain.push(crate::glob::escape(&rel));
+                    }
+                }
+            } else {
+                // No archive among the matches: the copy expands the wildcard itself.
+                plain.push(source.clone());
+            }
+        }
+        Ok((archives, plain))
     }
 
     /// `ADD <url>… <dest>`: downloads into a scratch directory, then copies with COPY's
@@ -1933,6 +1981,27 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), BuildError> {
         error: io::Error::other(e.to_string()),
     })?;
     Ok(())
+}
+
+/// BuildKit's `InvalidBaseImagePlatform` warning: a single-platform base image is used whatever
+/// platform was asked for (there is nothing to choose from), but a build for another platform
+/// than the image's is worth saying, as its binaries may not run there.
+fn platform_mismatch(reference: &str, config: &ImageConfig, wanted: &Platform) -> Option<String> {
+    let (os, architecture, variant) = config.platform();
+    let have = kiln_oci::Platform::new(&os, &architecture, variant.as_deref().unwrap_or(""));
+    let want = kiln_oci::Platform::new(
+        &wanted.os,
+        &wanted.architecture,
+        wanted.variant.as_deref().unwrap_or(""),
+    );
+    if kiln_oci::PlatformMatcher::only(&want).matches(&have) {
+        return None;
+    }
+    Some(format!(
+        "base image `{reference}` is for {}, expected {} for this build",
+        have.normalize(),
+        want.normalize()
+    ))
 }
 
 /// `EXPOSE` words to `port/proto` keys: `80` → `80/tcp`, `8000-8002/udp` → three keys.
