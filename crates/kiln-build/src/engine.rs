@@ -1050,10 +1050,33 @@ impl StageBuild<'_, '_> {
             parents: false,
             owner: None,
             chmod: None,
+            defer_files: false,
         };
         crate::copy::fingerprint(&req).map_err(|e| {
             let hint = e.hint();
             self.step_err(line, e.to_string(), hint)
+        })
+    }
+
+    /// Whether nothing reads this stage's root after `step`: no later step of the stage works
+    /// on files, no later stage uses the stage, and the root is not `/`. A COPY then leaves
+    /// its regular files out of the root and the layer reads them from their source.
+    fn root_unused_after(&self, step: &PlannedStep) -> bool {
+        if self.in_place() || self.users_left > 0 {
+            return false;
+        }
+        let Some(at) = self.stage.steps.iter().position(|s| std::ptr::eq(s, step)) else {
+            return false;
+        };
+        self.stage.steps[at + 1..].iter().all(|s| {
+            !matches!(
+                s.instruction,
+                Instruction::Run { .. }
+                    | Instruction::Copy { .. }
+                    | Instruction::Add { .. }
+                    | Instruction::Workdir { .. }
+                    | Instruction::Onbuild { .. }
+            )
         })
     }
 
@@ -1300,7 +1323,14 @@ impl StageBuild<'_, '_> {
         let layer = self
             .engine
             .layers
-            .paths_layer(&state.root, &created, &self.blob_dir(), state.media_types, None)
+            .paths_layer(
+                &state.root,
+                &created,
+                &HashMap::new(),
+                &self.blob_dir(),
+                state.media_types,
+                None,
+            )
             .map_err(|e| self.step_err(line, e.message, e.hint))?;
         state.snapshot = None;
         let with_layer = self.add_layer(state, layer);
@@ -1555,6 +1585,7 @@ impl StageBuild<'_, '_> {
             Some(from) => (self.copy_from_root(from, line)?, SourceKind::Stage),
         };
         let mut changed = Vec::new();
+        let mut deferred = HashMap::new();
         let (remote, local): (Vec<String>, Vec<String>) = if spec.keyword == "ADD" {
             spec.paths
                 .iter()
@@ -1606,6 +1637,11 @@ impl StageBuild<'_, '_> {
                     parents: spec.parents,
                     owner,
                     chmod: chmod.as_ref(),
+                    defer_files: repos.is_empty()
+                        && urls.is_empty()
+                        && archives.is_empty()
+                        && spec.inline.is_empty()
+                        && self.root_unused_after(step),
                 };
                 let outcome = crate::copy::copy(&req, &state.root).map_err(|e| {
                     let hint = e.hint();
@@ -1615,6 +1651,7 @@ impl StageBuild<'_, '_> {
                     self.engine.progress.event(Event::Warning { message: w });
                 }
                 changed.extend(outcome.changed);
+                deferred = outcome.deferred;
             }
             for host in archives {
                 let dest = if spec.dest.starts_with('/') {
@@ -1637,6 +1674,7 @@ impl StageBuild<'_, '_> {
         let written = self.engine.layers.paths_layer(
             &state.root,
             &changed,
+            &deferred,
             &self.blob_dir(),
             state.media_types,
             watch.as_ref(),
@@ -1646,6 +1684,11 @@ impl StageBuild<'_, '_> {
         }
         let layer = written.map_err(|e| self.step_err(line, e.message, e.hint))?;
         state.snapshot = None;
+        if !deferred.is_empty() {
+            // The root lacks those files: should anything need it after all, it is made
+            // again from the layers.
+            state.materialized = false;
+        }
         let with_layer = self.add_layer(state, layer);
         self.history(state, created_by, !with_layer);
         match keyed {
@@ -1686,6 +1729,7 @@ impl StageBuild<'_, '_> {
             parents: false,
             owner: None,
             chmod: None,
+            defer_files: false,
         };
         let is_archive = |h: &Path| h.is_file() && self.engine.layers.is_archive(h);
         let (mut archives, mut plain) = (Vec::new(), Vec::new());
@@ -1790,6 +1834,7 @@ impl StageBuild<'_, '_> {
             parents: false,
             owner: placed.owner,
             chmod: placed.chmod,
+            defer_files: false,
         };
         let outcome = crate::copy::copy(&req, &state.root).map_err(|e| {
             let hint = e.hint();
@@ -1975,6 +2020,7 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), BuildError> {
         parents: false,
         owner: None,
         chmod: None,
+        defer_files: false,
     };
     crate::copy::copy(&req, to).map_err(|e| BuildError::Io {
         context: "copying a stage root".into(),

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use kiln_fs::apply::{self, ApplyOptions};
 use kiln_fs::keep::KeepList;
 use kiln_fs::snapshot::{Snapshot as FsSnapshot, SnapshotOptions};
-use kiln_fs::writer::{self, Compression, GrowingBlob, LayerEntry, WriteOptions, WrittenLayer};
+use kiln_fs::writer::{
+    self, Compression, DeferredFile, GrowingBlob, LayerEntry, WriteOptions, WrittenLayer,
+};
+use std::collections::HashMap;
 
 use crate::image::{LayerBlob, LayerOps, MediaTypes, SeamError, Snapshot};
 
@@ -63,6 +66,7 @@ impl FsLayers {
         &self,
         root: &Path,
         entries: &[LayerEntry],
+        deferred: &HashMap<String, DeferredFile>,
         blob_dir: &Path,
         media_types: MediaTypes,
         watch: Option<&Arc<GrowingBlob>>,
@@ -74,6 +78,7 @@ impl FsLayers {
             compression: self.compression,
             epoch: self.epoch,
             watch: watch.cloned(),
+            deferred: deferred.clone(),
         };
         let written = writer::write_layer(root, entries, blob_dir, &opts).map_err(seam)?;
         Ok(Some(self.blob(written, media_types)))
@@ -172,7 +177,7 @@ impl LayerOps for FsLayers {
         })?;
         let after = FsSnapshot::take(root, &self.snapshot_options(root)).map_err(seam)?;
         let entries = before.0.diff(&after);
-        let layer = self.write(root, &entries, blob_dir, media_types, watch)?;
+        let layer = self.write(root, &entries, &HashMap::new(), blob_dir, media_types, watch)?;
         Ok((layer, Box::new(Table(after))))
     }
 
@@ -180,6 +185,7 @@ impl LayerOps for FsLayers {
         &self,
         root: &Path,
         paths: &[String],
+        deferred: &HashMap<String, DeferredFile>,
         blob_dir: &Path,
         media_types: MediaTypes,
         watch: Option<&Arc<GrowingBlob>>,
@@ -198,6 +204,6 @@ impl LayerOps for FsLayers {
         }
         let entries: Vec<LayerEntry> =
             all.into_iter().filter(|p| !p.is_empty()).map(LayerEntry::Path).collect();
-        self.write(root, &entries, blob_dir, media_types, watch)
+        self.write(root, &entries, deferred, blob_dir, media_types, watch)
     }
 }

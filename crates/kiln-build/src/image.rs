@@ -8,7 +8,8 @@ use std::any::Any;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use kiln_fs::writer::GrowingBlob;
+use kiln_fs::writer::{DeferredFile, GrowingBlob};
+use std::collections::HashMap;
 
 use kiln_dockerfile::plan::Platform;
 
@@ -160,6 +161,7 @@ pub trait LayerOps: Send + Sync {
         &self,
         root: &Path,
         paths: &[String],
+        deferred: &HashMap<String, DeferredFile>,
         blob_dir: &Path,
         media_types: MediaTypes,
         watch: Option<&Arc<GrowingBlob>>,

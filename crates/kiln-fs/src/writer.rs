@@ -44,6 +44,22 @@ pub struct WriteOptions {
     /// Publishes the blob's bytes as they reach the disk (an upload streaming the layer
     /// while it is compressed).
     pub watch: Option<Arc<GrowingBlob>>,
+    /// Regular files stored from elsewhere, by their path in the layer: a COPY whose root is
+    /// not needed afterwards does not write them into the root at all.
+    pub deferred: HashMap<String, DeferredFile>,
+}
+
+/// A regular file of a layer whose content is read from `source`, with the metadata a copy
+/// would have given it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeferredFile {
+    pub source: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits (with setuid/setgid/sticky).
+    pub mode: u32,
+    /// Seconds since the epoch.
+    pub mtime: i64,
 }
 
 /// A layer blob being written, readable while it grows: the writer reports every byte that
@@ -408,6 +424,9 @@ fn append_path<W: Write>(
     opts: &WriteOptions,
     links: &mut HashMap<(u64, u64), String>,
 ) -> Result<(), FsError> {
+    if let Some(d) = opts.deferred.get(rel) {
+        return append_deferred(b, rel, d, opts);
+    }
     let host = root.join(rel);
     let err = |error: io::Error| FsError::Io { path: host.clone(), error };
     let meta = match host.symlink_metadata() {
@@ -492,6 +511,44 @@ fn append_path<W: Write>(
         let _ = h.set_device_minor(rustix::fs::minor(rdev));
         append_with_name(b, h, &name, io::empty(), &pax).map_err(err)
     }
+}
+
+/// A [`DeferredFile`]: the header a copy of it would have had in the root, its content from
+/// the source (xattrs too, as the copy keeps them).
+fn append_deferred<W: Write>(
+    b: &mut tar::Builder<W>,
+    rel: &str,
+    d: &DeferredFile,
+    opts: &WriteOptions,
+) -> Result<(), FsError> {
+    let err = |error: io::Error| FsError::Io { path: d.source.clone(), error };
+    let f = fs::File::open(&d.source).map_err(err)?;
+    let len = f.metadata().map_err(err)?.len();
+    let mut h = tar::Header::new_ustar();
+    h.set_mode(d.mode & 0o7777);
+    h.set_uid(u64::from(d.uid));
+    h.set_gid(u64::from(d.gid));
+    let mtime = match opts.epoch {
+        Some(epoch) => d.mtime.min(epoch).max(0),
+        None => d.mtime.max(0),
+    };
+    h.set_mtime(mtime as u64);
+    let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
+    if let Ok(names) = xattr::list(&d.source) {
+        for n in names {
+            let name = n.to_string_lossy();
+            if name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.") {
+                continue;
+            }
+            if let Ok(Some(v)) = xattr::get(&d.source, &n) {
+                pax.push((format!("SCHILY.xattr.{name}"), v));
+            }
+        }
+    }
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(len);
+    let limited = io::Read::take(f, len);
+    append_with_name(b, h, rel, PadTo { inner: limited, remaining: len }, &pax).map_err(err)
 }
 
 /// Reads exactly `remaining` bytes, padding with zeros if the file shrank under us.
