@@ -147,6 +147,10 @@ pub struct CopyRequest<'a> {
     pub owner: Option<(u32, u32)>,
     /// `--chmod`.
     pub chmod: Option<&'a Chmod>,
+    /// Do not write regular files (with one link) into the destination root: record them in
+    /// [`CopyOutcome::deferred`] for the layer writer instead. For a root nobody reads after
+    /// this step; it then lacks those files.
+    pub defer_files: bool,
 }
 
 /// What a copy did.
@@ -160,6 +164,8 @@ pub struct CopyOutcome {
     pub bytes: u64,
     /// Things skipped with a reason (device nodes without the right to create them, ...).
     pub warnings: Vec<String>,
+    /// With [`CopyRequest::defer_files`]: the files not written, by their path in `changed`.
+    pub deferred: HashMap<String, kiln_fs::writer::DeferredFile>,
 }
 
 /// Why a copy failed.
@@ -266,6 +272,13 @@ pub fn copy(req: &CopyRequest<'_>, dest_root: &Path) -> Result<CopyOutcome, Copy
         error,
     })?;
     Ok(copier.outcome)
+}
+
+/// What `source` names in `req`'s source tree, wildcards expanded and `.dockerignore`d paths
+/// left out, as COPY resolves it: each match's path relative to the tree and on the host
+/// (symlinks followed inside the tree). A literal path that does not exist matches nothing.
+pub fn matches(req: &CopyRequest<'_>, source: &str) -> Result<Vec<(String, PathBuf)>, CopyError> {
+    Ok(resolve_source(req, source)?.into_iter().map(|m| (m.rel, m.host)).collect())
 }
 
 /// A digest of everything `req` would copy (for the layer cache): each matched source and,
@@ -527,6 +540,8 @@ impl Copier<'_, '_> {
                 Err(e) => return Err(e),
             }
             fs::create_dir(&host)?;
+            let rel = self.rel_of(&host);
+            self.outcome.deferred.remove(&rel);
             fs::set_permissions(&host, fs::Permissions::from_mode(0o755))?;
             let (uid, gid) = self.req.owner.unwrap_or((0, 0));
             self.chown(&host, uid, gid)?;
@@ -617,6 +632,11 @@ impl Copier<'_, '_> {
         target: &Path,
         is_dir: bool,
     ) -> io::Result<()> {
+        // Whatever is made here replaces a file deferred at the same path by an earlier source.
+        if !self.outcome.deferred.is_empty() {
+            let rel = self.rel_of(target);
+            self.outcome.deferred.remove(&rel);
+        }
         let existing = target.symlink_metadata().ok();
         match &existing {
             Some(e) if e.is_dir() && is_dir => {}
@@ -656,6 +676,22 @@ impl Copier<'_, '_> {
                     return Ok(());
                 }
                 self.links.insert(key, target.to_path_buf());
+            } else if self.req.defer_files {
+                let rel = self.rel_of(target);
+                self.outcome.deferred.insert(
+                    rel.clone(),
+                    kiln_fs::writer::DeferredFile {
+                        source: src.to_path_buf(),
+                        uid,
+                        gid,
+                        mode,
+                        mtime: meta.mtime(),
+                    },
+                );
+                self.outcome.files += 1;
+                self.outcome.bytes += meta.len();
+                self.outcome.changed.push(rel);
+                return Ok(());
             }
             fs::copy(src, target)?;
             self.chown(target, uid, gid)?;
@@ -718,6 +754,18 @@ impl Copier<'_, '_> {
 
     /// Sets directory mtimes, deepest first, once nothing more is written into them.
     fn finish(&mut self) -> io::Result<()> {
+        // A directory a file was deferred into has the mtime writing the file would have
+        // given it (now); copied directories get theirs below.
+        let now = filetime::FileTime::now();
+        let parents: std::collections::BTreeSet<&str> = self
+            .outcome
+            .deferred
+            .keys()
+            .filter_map(|rel| rel.rsplit_once('/').map(|(d, _)| d))
+            .collect();
+        for dir in parents {
+            filetime::set_file_mtime(self.dest_root.join(dir), now)?;
+        }
         for (dir, mtime) in self.dir_times.drain(..).rev() {
             filetime::set_file_mtime(&dir, mtime)?;
         }

@@ -17,8 +17,8 @@ use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kiln_dockerfile::dockerignore::DockerIgnore;
@@ -35,6 +35,7 @@ use crate::progress::{Event, Progress};
 use crate::{history, mounts, owner, run};
 use kiln_cache::{CacheKey, CachedLayer, KeyBuilder, KeyInput, LayerCache};
 use kiln_fs::rootpath;
+use kiln_fs::writer::GrowingBlob;
 
 /// What one build needs to know.
 #[derive(Debug, Clone)]
@@ -108,6 +109,13 @@ pub enum PendingBlob {
 /// `FROM`, or the target itself) as soon as its blob is written, so outputs can start work
 /// (uploads) while later steps run. Layers of other stages are not reported.
 pub trait LayerSink: Sync {
+    /// A layer is about to be written: a sink that wants its bytes as they are produced
+    /// returns a blob to watch (the engine abandons it if no layer comes).
+    fn layer_starting(&self) -> Option<Arc<GrowingBlob>> {
+        None
+    }
+
+    /// A layer's blob is complete on disk.
     fn layer_ready(&self, layer: &LayerBlob);
 }
 
@@ -279,6 +287,9 @@ impl Engine<'_> {
                     .images
                     .resolve(r, &platform)
                     .map_err(|source| BuildError::Base { reference: r.to_owned(), source })?;
+                if let Some(message) = platform_mismatch(r, &image.config, &platform) {
+                    self.progress.event(Event::Warning { message });
+                }
                 bases.insert(r.to_owned(), image);
             }
         }
@@ -1039,11 +1050,44 @@ impl StageBuild<'_, '_> {
             parents: false,
             owner: None,
             chmod: None,
+            defer_files: false,
         };
         crate::copy::fingerprint(&req).map_err(|e| {
             let hint = e.hint();
             self.step_err(line, e.to_string(), hint)
         })
+    }
+
+    /// Whether nothing reads this stage's root after `step`: no later step of the stage works
+    /// on files, no later stage uses the stage, and the root is not `/`. A COPY then leaves
+    /// its regular files out of the root and the layer reads them from their source.
+    fn root_unused_after(&self, step: &PlannedStep) -> bool {
+        if self.in_place() || self.users_left > 0 {
+            return false;
+        }
+        let Some(at) = self.stage.steps.iter().position(|s| std::ptr::eq(s, step)) else {
+            return false;
+        };
+        self.stage.steps[at + 1..].iter().all(|s| {
+            !matches!(
+                s.instruction,
+                Instruction::Run { .. }
+                    | Instruction::Copy { .. }
+                    | Instruction::Add { .. }
+                    | Instruction::Workdir { .. }
+                    | Instruction::Onbuild { .. }
+            )
+        })
+    }
+
+    /// A blob for the layer sink to stream while the layer is written: only for layers of
+    /// the target image, and not with a layer cache (whose store uploads the layer first, so
+    /// the push can mount it from there instead of uploading it twice).
+    fn watch_layer(&self) -> Option<Arc<GrowingBlob>> {
+        if !self.feeds_image || self.engine.cache.is_some() {
+            return None;
+        }
+        self.engine.layer_sink.and_then(|s| s.layer_starting())
     }
 
     fn history(&self, state: &mut StageState, created_by: String, empty_layer: bool) {
@@ -1279,7 +1323,14 @@ impl StageBuild<'_, '_> {
         let layer = self
             .engine
             .layers
-            .paths_layer(&state.root, &created, &self.blob_dir(), state.media_types)
+            .paths_layer(
+                &state.root,
+                &created,
+                &HashMap::new(),
+                &self.blob_dir(),
+                state.media_types,
+                None,
+            )
             .map_err(|e| self.step_err(line, e.message, e.hint))?;
         state.snapshot = None;
         let with_layer = self.add_layer(state, layer);
@@ -1441,11 +1492,18 @@ impl StageBuild<'_, '_> {
                 tail,
             });
         }
-        let (layer, after) = self
-            .engine
-            .layers
-            .diff_layer(&state.root, before.as_ref(), &self.blob_dir(), state.media_types)
-            .map_err(|e| self.step_err(line, e.message, e.hint))?;
+        let watch = self.watch_layer();
+        let written = self.engine.layers.diff_layer(
+            &state.root,
+            before.as_ref(),
+            &self.blob_dir(),
+            state.media_types,
+            watch.as_ref(),
+        );
+        if let Some(w) = &watch {
+            w.abandon();
+        }
+        let (layer, after) = written.map_err(|e| self.step_err(line, e.message, e.hint))?;
         state.snapshot = Some(after);
         let with_layer = self.add_layer(state, layer);
         self.history(state, created_by, !with_layer);
@@ -1527,6 +1585,7 @@ impl StageBuild<'_, '_> {
             Some(from) => (self.copy_from_root(from, line)?, SourceKind::Stage),
         };
         let mut changed = Vec::new();
+        let mut deferred = HashMap::new();
         let (remote, local): (Vec<String>, Vec<String>) = if spec.keyword == "ADD" {
             spec.paths
                 .iter()
@@ -1550,35 +1609,39 @@ impl StageBuild<'_, '_> {
             changed.extend(self.add_urls(state, spec, &urls, owner, chmod.as_ref(), line)?);
         }
         if !local.is_empty() {
+            let ignore =
+                if src_kind == SourceKind::Context { self.req.ignore.as_ref() } else { None };
             // ADD unpacks local archives into the destination directory.
-            let (archives, plain): (Vec<String>, Vec<String>) = if spec.unpack {
-                local.iter().cloned().partition(|p| {
-                    let host = rootpath::resolve(
-                        &src_root,
-                        Path::new(&rootpath::clean_relative(Path::new(p))),
-                        true,
-                    );
-                    host.is_ok_and(|h| h.is_file() && self.engine.layers.is_archive(&h))
-                })
+            let (archives, plain) = if spec.unpack {
+                self.split_archives(&src_root, src_kind, ignore, &local, line)?
             } else {
                 (Vec::new(), local.clone())
+            };
+            // Besides an archive, the destination is a directory (as for several sources).
+            let dir_dest;
+            let dest = if !archives.is_empty() && !spec.dest.ends_with('/') {
+                dir_dest = format!("{}/", spec.dest);
+                dir_dest.as_str()
+            } else {
+                spec.dest
             };
             if !plain.is_empty() {
                 let req = CopyRequest {
                     src_root: &src_root,
                     src_kind,
                     sources: &plain,
-                    dest: spec.dest,
+                    dest,
                     workdir: &state.config.workdir(),
-                    ignore: if src_kind == SourceKind::Context {
-                        self.req.ignore.as_ref()
-                    } else {
-                        None
-                    },
+                    ignore,
                     exclude: exclude.as_ref(),
                     parents: spec.parents,
                     owner,
                     chmod: chmod.as_ref(),
+                    defer_files: repos.is_empty()
+                        && urls.is_empty()
+                        && archives.is_empty()
+                        && spec.inline.is_empty()
+                        && self.root_unused_after(step),
                 };
                 let outcome = crate::copy::copy(&req, &state.root).map_err(|e| {
                     let hint = e.hint();
@@ -1588,14 +1651,9 @@ impl StageBuild<'_, '_> {
                     self.engine.progress.event(Event::Warning { message: w });
                 }
                 changed.extend(outcome.changed);
+                deferred = outcome.deferred;
             }
-            for archive in archives {
-                let host = rootpath::resolve(
-                    &src_root,
-                    Path::new(&rootpath::clean_relative(Path::new(&archive))),
-                    true,
-                )
-                .map_err(io_err(format!("resolving {archive}")))?;
+            for host in archives {
                 let dest = if spec.dest.starts_with('/') {
                     spec.dest.to_owned()
                 } else {
@@ -1612,12 +1670,25 @@ impl StageBuild<'_, '_> {
         if !spec.inline.is_empty() {
             changed.extend(self.copy_inline(state, spec, owner, chmod.as_ref(), line)?);
         }
-        let layer = self
-            .engine
-            .layers
-            .paths_layer(&state.root, &changed, &self.blob_dir(), state.media_types)
-            .map_err(|e| self.step_err(line, e.message, e.hint))?;
+        let watch = self.watch_layer();
+        let written = self.engine.layers.paths_layer(
+            &state.root,
+            &changed,
+            &deferred,
+            &self.blob_dir(),
+            state.media_types,
+            watch.as_ref(),
+        );
+        if let Some(w) = &watch {
+            w.abandon();
+        }
+        let layer = written.map_err(|e| self.step_err(line, e.message, e.hint))?;
         state.snapshot = None;
+        if !deferred.is_empty() {
+            // The root lacks those files: should anything need it after all, it is made
+            // again from the layers.
+            state.materialized = false;
+        }
         let with_layer = self.add_layer(state, layer);
         self.history(state, created_by, !with_layer);
         match keyed {
@@ -1633,6 +1704,59 @@ impl StageBuild<'_, '_> {
             }
         }
         Ok(false)
+    }
+
+    /// ADD's local sources split into the archives to unpack (host paths) and the sources to
+    /// copy. Sources are resolved as COPY resolves them: `.dockerignore`d paths are not there
+    /// (a literal one is left to the copy, which reports it missing), and each archive a
+    /// wildcard matches is unpacked while its other matches are copied.
+    fn split_archives(
+        &self,
+        src_root: &Path,
+        src_kind: SourceKind,
+        ignore: Option<&DockerIgnore>,
+        sources: &[String],
+        line: usize,
+    ) -> Result<(Vec<PathBuf>, Vec<String>), BuildError> {
+        let req = CopyRequest {
+            src_root,
+            src_kind,
+            sources,
+            dest: "/",
+            workdir: "/",
+            ignore,
+            exclude: None,
+            parents: false,
+            owner: None,
+            chmod: None,
+            defer_files: false,
+        };
+        let is_archive = |h: &Path| h.is_file() && self.engine.layers.is_archive(h);
+        let (mut archives, mut plain) = (Vec::new(), Vec::new());
+        for source in sources {
+            let found = crate::copy::matches(&req, source).map_err(|e| {
+                let hint = e.hint();
+                self.step_err(line, e.to_string(), hint)
+            })?;
+            if !crate::glob::has_wildcard(source) {
+                match found.as_slice() {
+                    [(_, host)] if is_archive(host) => archives.push(host.clone()),
+                    _ => plain.push(source.clone()),
+                }
+            } else if found.iter().any(|(_, host)| is_archive(host)) {
+                for (rel, host) in found {
+                    if is_archive(&host) {
+                        archives.push(host);
+                    } else {
+                        plain.push(crate::glob::escape(&rel));
+                    }
+                }
+            } else {
+                // No archive among the matches: the copy expands the wildcard itself.
+                plain.push(source.clone());
+            }
+        }
+        Ok((archives, plain))
     }
 
     /// `ADD <url>… <dest>`: downloads into a scratch directory, then copies with COPY's
@@ -1710,6 +1834,7 @@ impl StageBuild<'_, '_> {
             parents: false,
             owner: placed.owner,
             chmod: placed.chmod,
+            defer_files: false,
         };
         let outcome = crate::copy::copy(&req, &state.root).map_err(|e| {
             let hint = e.hint();
@@ -1895,12 +2020,34 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), BuildError> {
         parents: false,
         owner: None,
         chmod: None,
+        defer_files: false,
     };
     crate::copy::copy(&req, to).map_err(|e| BuildError::Io {
         context: "copying a stage root".into(),
         error: io::Error::other(e.to_string()),
     })?;
     Ok(())
+}
+
+/// BuildKit's `InvalidBaseImagePlatform` warning: a single-platform base image is used whatever
+/// platform was asked for (there is nothing to choose from), but a build for another platform
+/// than the image's is worth saying, as its binaries may not run there.
+fn platform_mismatch(reference: &str, config: &ImageConfig, wanted: &Platform) -> Option<String> {
+    let (os, architecture, variant) = config.platform();
+    let have = kiln_oci::Platform::new(&os, &architecture, variant.as_deref().unwrap_or(""));
+    let want = kiln_oci::Platform::new(
+        &wanted.os,
+        &wanted.architecture,
+        wanted.variant.as_deref().unwrap_or(""),
+    );
+    if kiln_oci::PlatformMatcher::only(&want).matches(&have) {
+        return None;
+    }
+    Some(format!(
+        "base image `{reference}` is for {}, expected {} for this build",
+        have.normalize(),
+        want.normalize()
+    ))
 }
 
 /// `EXPOSE` words to `port/proto` keys: `80` → `80/tcp`, `8000-8002/udp` → three keys.

@@ -2,11 +2,15 @@
 
 use std::any::Any;
 use std::path::Path;
+use std::sync::Arc;
 
 use kiln_fs::apply::{self, ApplyOptions};
 use kiln_fs::keep::KeepList;
 use kiln_fs::snapshot::{Snapshot as FsSnapshot, SnapshotOptions};
-use kiln_fs::writer::{self, Compression, LayerEntry, WriteOptions, WrittenLayer};
+use kiln_fs::writer::{
+    self, Compression, DeferredFile, GrowingBlob, LayerEntry, WriteOptions, WrittenLayer,
+};
+use std::collections::HashMap;
 
 use crate::image::{LayerBlob, LayerOps, MediaTypes, SeamError, Snapshot};
 
@@ -62,13 +66,20 @@ impl FsLayers {
         &self,
         root: &Path,
         entries: &[LayerEntry],
+        deferred: &HashMap<String, DeferredFile>,
         blob_dir: &Path,
         media_types: MediaTypes,
+        watch: Option<&Arc<GrowingBlob>>,
     ) -> Result<Option<LayerBlob>, SeamError> {
         if entries.is_empty() {
             return Ok(None);
         }
-        let opts = WriteOptions { compression: self.compression, epoch: self.epoch };
+        let opts = WriteOptions {
+            compression: self.compression,
+            epoch: self.epoch,
+            watch: watch.cloned(),
+            deferred: deferred.clone(),
+        };
         let written = writer::write_layer(root, entries, blob_dir, &opts).map_err(seam)?;
         Ok(Some(self.blob(written, media_types)))
     }
@@ -159,13 +170,14 @@ impl LayerOps for FsLayers {
         before: &dyn Snapshot,
         blob_dir: &Path,
         media_types: MediaTypes,
+        watch: Option<&Arc<GrowingBlob>>,
     ) -> Result<(Option<LayerBlob>, Box<dyn Snapshot>), SeamError> {
         let before = before.as_any().downcast_ref::<Table>().ok_or_else(|| {
             SeamError::new("internal: a snapshot from another layer implementation")
         })?;
         let after = FsSnapshot::take(root, &self.snapshot_options(root)).map_err(seam)?;
         let entries = before.0.diff(&after);
-        let layer = self.write(root, &entries, blob_dir, media_types)?;
+        let layer = self.write(root, &entries, &HashMap::new(), blob_dir, media_types, watch)?;
         Ok((layer, Box::new(Table(after))))
     }
 
@@ -173,8 +185,10 @@ impl LayerOps for FsLayers {
         &self,
         root: &Path,
         paths: &[String],
+        deferred: &HashMap<String, DeferredFile>,
         blob_dir: &Path,
         media_types: MediaTypes,
+        watch: Option<&Arc<GrowingBlob>>,
     ) -> Result<Option<LayerBlob>, SeamError> {
         // Parents of every path go in too, so the layer carries their metadata.
         let mut all: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
@@ -190,6 +204,6 @@ impl LayerOps for FsLayers {
         }
         let entries: Vec<LayerEntry> =
             all.into_iter().filter(|p| !p.is_empty()).map(LayerEntry::Path).collect();
-        self.write(root, &entries, blob_dir, media_types)
+        self.write(root, &entries, deferred, blob_dir, media_types, watch)
     }
 }

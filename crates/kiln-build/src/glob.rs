@@ -42,6 +42,18 @@ pub fn unescape(s: &str) -> String {
     out
 }
 
+/// Escapes `name` so that it matches itself only (the inverse of [`unescape`]).
+pub fn escape(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        if matches!(c, '*' | '?' | '[' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Backtracking matcher; `None` means a malformed pattern.
 fn match_from(p: &[char], n: &[char]) -> Option<bool> {
     let (mut pi, mut ni) = (0, 0);
@@ -164,6 +176,17 @@ fn validate(p: &[char]) -> Option<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escaped_names_match_only_themselves() {
+        for name in ["plain.tar", "a*b?.tar", "[x].tgz", "back\\slash"] {
+            let e = escape(name);
+            assert!(matches(&e, name), "{e}");
+            assert_eq!(unescape(&e), name);
+        }
+        assert!(!has_wildcard(&escape("a*[b]?")));
+        assert!(!matches(&escape("a*"), "abc"));
+    }
 
     #[test]
     fn go_filepath_match_examples() {

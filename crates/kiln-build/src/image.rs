@@ -6,6 +6,10 @@
 
 use std::any::Any;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_fs::writer::{DeferredFile, GrowingBlob};
+use std::collections::HashMap;
 
 use kiln_dockerfile::plan::Platform;
 
@@ -143,6 +147,7 @@ pub trait LayerOps: Send + Sync {
         before: &dyn Snapshot,
         blob_dir: &Path,
         media_types: MediaTypes,
+        watch: Option<&Arc<GrowingBlob>>,
     ) -> Result<(Option<LayerBlob>, Box<dyn Snapshot>), SeamError>;
 
     /// Empties `root` for the next stage, except what the build must keep (in-place builds,
@@ -156,7 +161,9 @@ pub trait LayerOps: Send + Sync {
         &self,
         root: &Path,
         paths: &[String],
+        deferred: &HashMap<String, DeferredFile>,
         blob_dir: &Path,
         media_types: MediaTypes,
+        watch: Option<&Arc<GrowingBlob>>,
     ) -> Result<Option<LayerBlob>, SeamError>;
 }

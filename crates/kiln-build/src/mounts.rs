@@ -192,6 +192,7 @@ fn bind(m: &Mount, inputs: &MountInputs<'_>, out: &mut PreparedMounts) -> Result
             parents: false,
             owner: None,
             chmod: None,
+            defer_files: false,
         };
         fs::create_dir(&copy_root).map_err(io_err("creating a scratch copy"))?;
         crate::copy::copy(&req, &copy_root).map_err(|e| MountError::Io {

@@ -11,7 +11,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError, mpsc};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 
 use kiln_dockerfile::plan::Platform;
 use kiln_oci::{Descriptor, Digest, Image};
@@ -22,6 +22,7 @@ use crate::config::ImageConfig;
 use crate::engine::{BuiltImage, LayerSink};
 use crate::image::{BaseImage, ImageSource, LayerBlob, MediaTypes, SeamError};
 use crate::progress::{Event, Progress};
+use kiln_fs::writer::GrowingBlob;
 
 /// Base images pulled from registries.
 pub struct RegistryImages<'a> {
@@ -147,15 +148,27 @@ fn put_layer(
     client.upload_blob(dest, &d, &layer.path).map_err(seam)
 }
 
-/// Uploads of the target image's layers while the build goes on ([`LayerSink`]): each layer
-/// the engine reports is queued, and [`Self::work`] (run on a few threads) puts it into every
-/// destination. Failures are left for the final push, which tries again and reports them.
+/// Uploads of the target image's layers while the build goes on ([`LayerSink`]). A layer
+/// being written is streamed to the first destination as its compressed bytes reach the disk
+/// (one `PATCH`, the `PUT` once the digest is known); a finished layer that was not streamed
+/// is queued whole. [`Self::work`] (run on a few threads) does the uploads and then puts the
+/// layer into the other destinations (mounted when on the same registry). Failures are left to
+/// the final push, which tries again and reports them.
 pub struct EarlyUploads<'c> {
     client: &'c RegistryClient,
     destinations: Vec<Reference>,
-    queue: Mutex<Option<mpsc::Sender<LayerBlob>>>,
-    next: Mutex<mpsc::Receiver<LayerBlob>>,
+    queue: Mutex<Option<mpsc::Sender<Job>>>,
+    next: Mutex<mpsc::Receiver<Job>>,
     done: Mutex<Uploaded>,
+    /// Blobs being streamed (until every destination has them).
+    streaming: Mutex<Vec<Arc<GrowingBlob>>>,
+}
+
+enum Job {
+    /// A finished layer file.
+    Layer(LayerBlob),
+    /// A layer being written.
+    Stream(Arc<GrowingBlob>),
 }
 
 impl<'c> EarlyUploads<'c> {
@@ -168,6 +181,7 @@ impl<'c> EarlyUploads<'c> {
             queue: Mutex::new(Some(tx)),
             next: Mutex::new(rx),
             done: Mutex::new(Uploaded::new()),
+            streaming: Mutex::new(Vec::new()),
         }
     }
 
@@ -175,25 +189,76 @@ impl<'c> EarlyUploads<'c> {
     pub fn work(&self) {
         loop {
             let next = self.next.lock().unwrap_or_else(PoisonError::into_inner).recv();
-            let Ok(layer) = next else { return };
-            for (i, dest) in self.destinations.iter().enumerate() {
-                let no_fetch = |_: &LayerBlob| Err(SeamError::new("not on disk"));
-                match put_layer(self.client, dest, &layer, &self.destinations[..i], &no_fetch) {
-                    Ok(()) => {
-                        self.done
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .insert((dest.name(), layer.digest.clone()));
-                    }
-                    Err(e) => {
-                        tracing::debug!(
-                            "early upload of {} to {dest} failed, left to the push: {}",
-                            layer.digest,
-                            e.message
-                        );
-                    }
+            match next {
+                Ok(Job::Layer(layer)) => self.to_destinations(&layer, 0),
+                Ok(Job::Stream(blob)) => {
+                    self.stream(&blob);
+                    self.streaming
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .retain(|b| !Arc::ptr_eq(b, &blob));
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Streams `blob` to the first destination while it is written; then the others get it
+    /// from the finished file; a failed stream is uploaded whole.
+    fn stream(&self, blob: &Arc<GrowingBlob>) {
+        let Some(first) = self.destinations.first() else { return };
+        let streamed = self.client.upload_stream(first, Box::new(blob.reader()), &|| {
+            blob.wait().map(|(digest, _, _)| digest)
+        });
+        let Some((digest, size, path)) = blob.wait() else { return };
+        // Only digest, size and file matter for an upload.
+        let layer = LayerBlob {
+            digest: digest.to_string(),
+            diff_id: String::new(),
+            size,
+            media_type: String::new(),
+            path,
+            origin: None,
+        };
+        match streamed {
+            Ok(_) => {
+                self.record(first, &layer);
+                self.to_destinations(&layer, 1);
+            }
+            Err(e) => {
+                tracing::debug!("streaming {digest} to {first} failed, uploading it whole: {e}");
+                self.to_destinations(&layer, 0);
+            }
+        }
+    }
+
+    fn record(&self, dest: &Reference, layer: &LayerBlob) {
+        self.done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((dest.name(), layer.digest.clone()));
+    }
+
+    /// Puts `layer` into the destinations from the `from`th on.
+    fn to_destinations(&self, layer: &LayerBlob, from: usize) {
+        for (i, dest) in self.destinations.iter().enumerate().skip(from) {
+            let no_fetch = |_: &LayerBlob| Err(SeamError::new("not on disk"));
+            match put_layer(self.client, dest, layer, &self.destinations[..i], &no_fetch) {
+                Ok(()) => self.record(dest, layer),
+                Err(e) => {
+                    tracing::debug!(
+                        "early upload of {} to {dest} failed, left to the push: {}",
+                        layer.digest,
+                        e.message
+                    );
                 }
             }
+        }
+    }
+
+    fn send(&self, job: Job) {
+        if let Some(tx) = self.queue.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            let _ = tx.send(job);
         }
     }
 
@@ -209,12 +274,29 @@ impl<'c> EarlyUploads<'c> {
 }
 
 impl LayerSink for EarlyUploads<'_> {
+    fn layer_starting(&self) -> Option<Arc<GrowingBlob>> {
+        if self.destinations.is_empty() {
+            return None;
+        }
+        let blob = GrowingBlob::new();
+        self.streaming.lock().unwrap_or_else(PoisonError::into_inner).push(Arc::clone(&blob));
+        self.send(Job::Stream(Arc::clone(&blob)));
+        Some(blob)
+    }
+
     fn layer_ready(&self, layer: &LayerBlob) {
         if self.destinations.is_empty() {
             return;
         }
-        if let Some(tx) = self.queue.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
-            let _ = tx.send(layer.clone());
+        // A streamed layer is handled by its stream job.
+        let streamed = self
+            .streaming
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|b| b.digest().is_some_and(|d| d.to_string() == layer.digest));
+        if !streamed {
+            self.send(Job::Layer(layer.clone()));
         }
     }
 }

@@ -61,6 +61,7 @@ fn run_with(
         parents: o.parents,
         owner: o.owner,
         chmod: o.chmod,
+        defer_files: false,
     };
     copy(&req, &f.root)
 }

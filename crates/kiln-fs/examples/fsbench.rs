@@ -61,7 +61,12 @@ fn main() {
                 root,
                 &entries,
                 blobs,
-                &WriteOptions { compression, epoch: None },
+                &WriteOptions {
+                    compression,
+                    epoch: None,
+                    watch: None,
+                    deferred: Default::default(),
+                },
             )
             .unwrap();
             println!(

@@ -14,6 +14,7 @@ use std::io::{self, BufWriter, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
 
 use kiln_oci::{Digest, DigestHasher};
 
@@ -40,6 +41,170 @@ pub struct WriteOptions {
     pub compression: Compression,
     /// Clamp every mtime to this (seconds since the epoch) for reproducible layers.
     pub epoch: Option<i64>,
+    /// Publishes the blob's bytes as they reach the disk (an upload streaming the layer
+    /// while it is compressed).
+    pub watch: Option<Arc<GrowingBlob>>,
+    /// Regular files stored from elsewhere, by their path in the layer: a COPY whose root is
+    /// not needed afterwards does not write them into the root at all.
+    pub deferred: HashMap<String, DeferredFile>,
+}
+
+/// A regular file of a layer whose content is read from `source`, with the metadata a copy
+/// would have given it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeferredFile {
+    pub source: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits (with setuid/setgid/sticky).
+    pub mode: u32,
+    /// Seconds since the epoch.
+    pub mtime: i64,
+}
+
+/// A layer blob being written, readable while it grows: the writer reports every byte that
+/// reached the spool file, and [`GrowingBlob::reader`] hands them out, waiting for more until
+/// the write ends (then end of file, or an error if the write failed or was abandoned).
+#[derive(Default)]
+pub struct GrowingBlob {
+    state: Mutex<Growth>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Growth {
+    file: Option<Arc<fs::File>>,
+    written: u64,
+    /// The digest, size and final path once written, or why not.
+    end: Option<Result<(Digest, u64, PathBuf), String>>,
+}
+
+impl std::fmt::Debug for GrowingBlob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrowingBlob").finish_non_exhaustive()
+    }
+}
+
+impl GrowingBlob {
+    pub fn new() -> Arc<GrowingBlob> {
+        Arc::new(GrowingBlob::default())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Growth> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn started(&self, file: fs::File) {
+        self.lock().file = Some(Arc::new(file));
+        self.changed.notify_all();
+    }
+
+    fn grew(&self, n: u64) {
+        self.lock().written += n;
+        self.changed.notify_all();
+    }
+
+    fn ended(&self, end: Result<(Digest, u64, PathBuf), String>) {
+        let mut g = self.lock();
+        if g.end.is_none() {
+            g.end = Some(end);
+        }
+        drop(g);
+        self.changed.notify_all();
+    }
+
+    /// Ends a blob that will not be written (the step failed, or made no layer); a no-op once
+    /// it ended.
+    pub fn abandon(&self) {
+        self.ended(Err("the layer was not written".into()));
+    }
+
+    /// Waits for the end of the write: the blob's digest, size and file, or `None` if it
+    /// failed.
+    pub fn wait(&self) -> Option<(Digest, u64, PathBuf)> {
+        let mut g = self.lock();
+        loop {
+            if let Some(end) = &g.end {
+                return end.as_ref().ok().cloned();
+            }
+            g = self.changed.wait(g).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// The digest, if the write ended well (does not wait).
+    pub fn digest(&self) -> Option<Digest> {
+        self.lock().end.as_ref().and_then(|e| e.as_ref().ok()).map(|(d, _, _)| d.clone())
+    }
+
+    /// A reader of the blob from its first byte.
+    pub fn reader(self: &Arc<Self>) -> GrowingReader {
+        GrowingReader { blob: Arc::clone(self), pos: 0 }
+    }
+}
+
+/// Reads a [`GrowingBlob`] as it is written.
+pub struct GrowingReader {
+    blob: Arc<GrowingBlob>,
+    pos: u64,
+}
+
+impl io::Read for GrowingReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let mut g = self.blob.lock();
+        loop {
+            if let Some(file) = &g.file
+                && self.pos < g.written
+            {
+                let file = Arc::clone(file);
+                let n = (g.written - self.pos).min(buf.len() as u64) as usize;
+                drop(g);
+                let n = file.read_at(&mut buf[..n], self.pos)?;
+                self.pos += n as u64;
+                return Ok(n);
+            }
+            match &g.end {
+                Some(Ok(_)) => return Ok(0),
+                Some(Err(e)) => return Err(io::Error::other(e.clone())),
+                None => {}
+            }
+            g = self.blob.changed.wait(g).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+}
+
+/// The spool file, reporting what reached it to a [`GrowingBlob`].
+struct WatchedFile {
+    file: fs::File,
+    watch: Option<Arc<GrowingBlob>>,
+}
+
+impl Write for WatchedFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        if let Some(w) = &self.watch {
+            w.grew(n as u64);
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Ends the watch with an error if the write stops before it succeeded.
+struct EndOnDrop(Option<Arc<GrowingBlob>>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        if let Some(w) = &self.0 {
+            w.ended(Err("the layer write failed".into()));
+        }
+    }
 }
 
 /// A layer written to disk.
@@ -140,8 +305,12 @@ pub fn write_layer(
     fs::create_dir_all(blob_dir).map_err(io_err)?;
     let spool = tempfile::Builder::new().prefix(".layer-").tempfile_in(blob_dir).map_err(io_err)?;
     let file = spool.as_file().try_clone().map_err(io_err)?;
+    let guard = EndOnDrop(opts.watch.clone());
+    if let Some(w) = &opts.watch {
+        w.started(spool.as_file().try_clone().map_err(io_err)?);
+    }
     let blob = HashingWriter {
-        inner: BufWriter::with_capacity(1 << 20, file),
+        inner: BufWriter::with_capacity(1 << 20, WatchedFile { file, watch: opts.watch.clone() }),
         hasher: DigestHasher::sha256(),
         count: 0,
     };
@@ -196,6 +365,9 @@ pub fn write_layer(
     // Blobs are content, readable like any layout blob.
     fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .map_err(io_err)?;
+    if let Some(w) = &guard.0 {
+        w.ended(Ok((digest.clone(), size, path.clone())));
+    }
     Ok(WrittenLayer { path, digest, diff_id, size, entries: count })
 }
 
@@ -252,6 +424,9 @@ fn append_path<W: Write>(
     opts: &WriteOptions,
     links: &mut HashMap<(u64, u64), String>,
 ) -> Result<(), FsError> {
+    if let Some(d) = opts.deferred.get(rel) {
+        return append_deferred(b, rel, d, opts);
+    }
     let host = root.join(rel);
     let err = |error: io::Error| FsError::Io { path: host.clone(), error };
     let meta = match host.symlink_metadata() {
@@ -338,6 +513,44 @@ fn append_path<W: Write>(
     }
 }
 
+/// A [`DeferredFile`]: the header a copy of it would have had in the root, its content from
+/// the source (xattrs too, as the copy keeps them).
+fn append_deferred<W: Write>(
+    b: &mut tar::Builder<W>,
+    rel: &str,
+    d: &DeferredFile,
+    opts: &WriteOptions,
+) -> Result<(), FsError> {
+    let err = |error: io::Error| FsError::Io { path: d.source.clone(), error };
+    let f = fs::File::open(&d.source).map_err(err)?;
+    let len = f.metadata().map_err(err)?.len();
+    let mut h = tar::Header::new_ustar();
+    h.set_mode(d.mode & 0o7777);
+    h.set_uid(u64::from(d.uid));
+    h.set_gid(u64::from(d.gid));
+    let mtime = match opts.epoch {
+        Some(epoch) => d.mtime.min(epoch).max(0),
+        None => d.mtime.max(0),
+    };
+    h.set_mtime(mtime as u64);
+    let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
+    if let Ok(names) = xattr::list(&d.source) {
+        for n in names {
+            let name = n.to_string_lossy();
+            if name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.") {
+                continue;
+            }
+            if let Ok(Some(v)) = xattr::get(&d.source, &n) {
+                pax.push((format!("SCHILY.xattr.{name}"), v));
+            }
+        }
+    }
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(len);
+    let limited = io::Read::take(f, len);
+    append_with_name(b, h, rel, PadTo { inner: limited, remaining: len }, &pax).map_err(err)
+}
+
 /// Reads exactly `remaining` bytes, padding with zeros if the file shrank under us.
 struct PadTo<R> {
     inner: R,
@@ -382,8 +595,28 @@ pub struct ParallelGzip<W: Write> {
 
 const CHUNK: usize = 1 << 20;
 
+/// Whether `data` looks incompressible (random bytes, already compressed files): each of
+/// three samples (start, middle, end) shrinks by less than 2 % at level 1. Such a chunk is
+/// stored instead (level 0): deflating random bytes at level 6 costs about half of a mixed
+/// layer's compression time and saves nothing (its output is larger than its input).
+fn looks_incompressible(data: &[u8]) -> bool {
+    use flate2::{Compress, FlushCompress};
+    const SAMPLE: usize = 16 * 1024;
+    if data.len() < 4 * SAMPLE {
+        return false;
+    }
+    let mut out = Vec::with_capacity(SAMPLE + 1024);
+    [0, data.len() / 2 - SAMPLE / 2, data.len() - SAMPLE].iter().all(|&at| {
+        let mut c = Compress::new(flate2::Compression::fast(), false);
+        out.clear();
+        let ok = c.compress_vec(&data[at..at + SAMPLE], &mut out, FlushCompress::Finish).is_ok();
+        ok && out.len() * 100 > SAMPLE * 98
+    })
+}
+
 fn deflate_chunk(level: u32, data: &[u8], finish: bool) -> io::Result<Vec<u8>> {
     use flate2::{Compress, FlushCompress, Status};
+    let level = if level > 0 && looks_incompressible(data) { 0 } else { level };
     let mut c = Compress::new(flate2::Compression::new(level), false);
     let mut out = Vec::with_capacity(data.len() / 2 + 4096);
     let flush = if finish { FlushCompress::Finish } else { FlushCompress::Sync };
@@ -511,5 +744,60 @@ impl<W: Write> Write for ParallelGzip<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::io::Read as _;
+
+    fn random(n: usize) -> Vec<u8> {
+        // xorshift64*: incompressible enough for deflate.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        (0..n)
+            .map(|_| {
+                x ^= x >> 12;
+                x ^= x << 25;
+                x ^= x >> 27;
+                (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+            })
+            .collect()
+    }
+
+    fn gzip_of(chunks: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut gz = ParallelGzip::new(&mut out, 6, 2).unwrap();
+        for c in chunks {
+            gz.write_all(c).unwrap();
+        }
+        gz.finish().unwrap();
+        out
+    }
+
+    #[test]
+    fn incompressible_chunks_are_stored_and_text_is_compressed() {
+        let noise = random(3 * CHUNK);
+        let text: Vec<u8> = (0..CHUNK)
+            .flat_map(|i| format!("line {} of text\n", i % 977).into_bytes())
+            .take(2 * CHUNK)
+            .collect();
+        assert!(looks_incompressible(&noise[..CHUNK]));
+        assert!(!looks_incompressible(&text[..CHUNK]));
+        // Random bytes with a compressible stretch in the middle are still compressed.
+        let mut mixed = noise[..CHUNK].to_vec();
+        mixed[CHUNK / 2 - 20_000..CHUNK / 2 + 20_000].fill(b'a');
+        assert!(!looks_incompressible(&mixed));
+
+        let gz = gzip_of(&[&noise, &text, &mixed]);
+        // Stored: barely above the input for the noise; the text shrinks a lot.
+        assert!(gz.len() < noise.len() + text.len() / 10 + mixed.len(), "{}", gz.len());
+        let mut back = Vec::new();
+        flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut back).unwrap();
+        let mut want = noise.clone();
+        want.extend_from_slice(&text);
+        want.extend_from_slice(&mixed);
+        assert!(back == want, "the gzip stream decodes to its input");
     }
 }

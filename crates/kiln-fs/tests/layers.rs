@@ -151,7 +151,8 @@ fn zstd_and_plain_layers_apply_too() {
         fs::create_dir_all(&src).unwrap();
         fs::create_dir_all(&dst).unwrap();
         sample_tree(&src);
-        let opts = WriteOptions { compression, epoch: None };
+        let opts =
+            WriteOptions { compression, epoch: None, watch: None, deferred: Default::default() };
         let layer =
             writer::write_layer(&src, &all_paths(&src), &t.path().join("blobs"), &opts).unwrap();
         apply::apply_file(&layer.path, &dst, &ApplyOptions::default()).unwrap();
@@ -168,7 +169,12 @@ fn same_tree_twice_gives_the_same_digest() {
         fs::create_dir_all(root).unwrap();
         sample_tree(root);
     }
-    let opts = WriteOptions { compression: Compression::default(), epoch: Some(0) };
+    let opts = WriteOptions {
+        compression: Compression::default(),
+        epoch: Some(0),
+        watch: None,
+        deferred: Default::default(),
+    };
     let la = writer::write_layer(&a, &all_paths(&a), &t.path().join("blobs-a"), &opts).unwrap();
     let lb = writer::write_layer(&b, &all_paths(&b), &t.path().join("blobs-b"), &opts).unwrap();
     assert_eq!(la.digest, lb.digest);

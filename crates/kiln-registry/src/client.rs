@@ -997,6 +997,60 @@ impl RegistryClient {
         self.upload_blob(r, d, path)
     }
 
+    /// Uploads a blob whose digest is not known yet, as it is produced: `body` is sent as one
+    /// streamed `PATCH` (chunked transfer encoding, no length), then `finish` gives the digest
+    /// (it may wait for the producer) for the closing `PUT`. The body can be sent once: an
+    /// upload that fails is not retried here (the caller uploads the finished file instead).
+    pub fn upload_stream(
+        &self,
+        r: &Reference,
+        body: Box<dyn Read + Send>,
+        finish: &dyn Fn() -> Option<Digest>,
+    ) -> Result<Digest, RegistryError> {
+        let start_url = format!("{}/blobs/uploads/", self.base(r));
+        let resp =
+            self.send(r, &push_scope(r), &|c| Ok(c.post(&start_url).header(CONTENT_LENGTH, "0")))?;
+        if !resp.status().is_success() {
+            return Err(RegistryError::Status {
+                reference: r.to_string(),
+                status: resp.status().as_u16(),
+                detail: error_detail(resp),
+            });
+        }
+        let location = self.upload_location(r, &resp)?;
+        let body = Mutex::new(Some(body));
+        let resp = self.send(r, &push_scope(r), &|c| {
+            let reader =
+                body.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take().ok_or_else(
+                    || RegistryError::Invalid {
+                        reference: r.to_string(),
+                        detail: "a streamed upload cannot be sent twice".into(),
+                    },
+                )?;
+            Ok(c.patch(&location)
+                .header(CONTENT_TYPE, "application/octet-stream")
+                .body(Body::new(reader)))
+        })?;
+        if resp.status() != StatusCode::ACCEPTED {
+            return Err(RegistryError::Status {
+                reference: r.to_string(),
+                status: resp.status().as_u16(),
+                detail: error_detail(resp),
+            });
+        }
+        let location = self.upload_location(r, &resp)?;
+        let digest = finish().ok_or_else(|| RegistryError::Invalid {
+            reference: r.to_string(),
+            detail: "the blob was not finished".into(),
+        })?;
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let url = format!("{location}{sep}digest={digest}");
+        let resp =
+            self.send(r, &push_scope(r), &|c| Ok(c.put(&url).header(CONTENT_LENGTH, "0")))?;
+        check_created(r, resp)?;
+        Ok(digest)
+    }
+
     /// Uploads the blob in `path` without asking first whether the registry has it (for a
     /// caller that just did): monolithic up to the chunk size, chunked above.
     pub fn upload_blob(

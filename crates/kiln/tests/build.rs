@@ -918,3 +918,76 @@ fn podman_pulls_and_runs_what_kiln_pushes_in_both_manifest_formats() {
         assert_eq!(run(&["from-args"]), "built-by-kiln\ngreeting\nhello podman from-args\n");
     }
 }
+
+/// A COPY whose stage root nobody reads afterwards leaves its files out of the root and
+/// writes the layer from the context: the layer must be the same, byte for byte, as that of a
+/// COPY into a root a later stage builds on (which copies for real), and unpack to the same
+/// files, modes, owners and links.
+#[test]
+fn a_last_copy_writes_the_same_layer_without_copying_into_the_root() {
+    use std::os::unix::fs::PermissionsExt;
+    require_root!();
+    let files = |b: &Build| {
+        b.file("app/run.sh", "#!/bin/sh\necho run\n")
+            .file("app/conf/a.conf", "a=1\n")
+            .file("app/conf/b.conf", "b=2\n")
+            .file("notes.txt", "notes\n")
+            .file("secret.key", "do not copy\n")
+            .file(".dockerignore", "secret.key\nDockerfile\n");
+        fs::set_permissions(b.ctx().join("app/run.sh"), fs::Permissions::from_mode(0o4755))
+            .unwrap();
+        std::os::unix::fs::symlink("conf/a.conf", b.ctx().join("app/current.conf")).unwrap();
+        fs::hard_link(b.ctx().join("notes.txt"), b.ctx().join("app/notes-link.txt")).unwrap();
+        // The two contexts were made at different times.
+        let o = Command::new("find")
+            .arg(b.ctx())
+            .args(["-exec", "touch", "-h", "-d", "@1700000000", "{}", "+"])
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+    };
+    let copies = "COPY --chown=1000:1000 . /data/\nCOPY --chmod=0640 app/conf /etc/app/\n\
+                  COPY app/conf/a.conf app/run.sh /data/\n";
+    let deferred = Build::new(&format!("FROM busybox\n{copies}ENV DONE=1\n"));
+    files(&deferred);
+    let copied = Build::new(&format!("FROM busybox AS a\n{copies}FROM a\nENV DONE=1\n"));
+    files(&copied);
+    // Reproducible: the directories the last COPY writes into get "now" as their mtime.
+    let layers = |b: &Build| -> Vec<String> {
+        b.ok(&["--reproducible"]);
+        let layout = b.path("out");
+        let index: serde_json::Value =
+            serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+        let digest = index["manifests"][0]["digest"].as_str().unwrap();
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &fs::read(layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:")))
+                .unwrap(),
+        )
+        .unwrap();
+        manifest["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let a = layers(&deferred);
+    let b = layers(&copied);
+    assert_eq!(a.len(), 4, "{a:?}");
+    assert_eq!(a, b, "the same layers whether or not the files went through the root");
+    let rootfs = deferred.unpack().join("rootfs");
+    assert_eq!(fs::read_to_string(rootfs.join("data/app/conf/b.conf")).unwrap(), "b=2\n");
+    assert!(!rootfs.join("data/secret.key").exists());
+    let run = fs::metadata(rootfs.join("data/run.sh")).unwrap();
+    assert_eq!((run.mode() & 0o7777, run.uid()), (0o4755, 0));
+    let conf = fs::metadata(rootfs.join("etc/app/a.conf")).unwrap();
+    assert_eq!(conf.mode() & 0o7777, 0o640);
+    let owned = fs::metadata(rootfs.join("data/app/conf/a.conf")).unwrap();
+    assert_eq!((owned.uid(), owned.gid()), (1000, 1000));
+    assert_eq!(
+        fs::read_link(rootfs.join("data/app/current.conf")).unwrap(),
+        Path::new("conf/a.conf")
+    );
+    let link = fs::metadata(rootfs.join("data/app/notes-link.txt")).unwrap();
+    assert_eq!(link.ino(), fs::metadata(rootfs.join("data/notes.txt")).unwrap().ino());
+}
