@@ -617,6 +617,9 @@ struct StageState {
     materialized: bool,
     /// The cache key after the last step.
     key: CacheKey,
+    /// `root` holds the skeleton of `layers` (directories, symlinks, `etc/`; not
+    /// `materialized`): enough for COPY steps whose files are deferred.
+    skeleton: bool,
     /// The last cacheable step was a hit (to explain a miss: own inputs vs earlier rebuild).
     parent_hit: bool,
 }
@@ -752,6 +755,7 @@ impl StageBuild<'_, '_> {
             steps: Vec::new(),
             materialized,
             key,
+            skeleton: false,
             parent_hit: true,
         };
         let state = match &self.stage.base {
@@ -869,6 +873,31 @@ impl StageBuild<'_, '_> {
         Ok(())
     }
 
+    /// Makes the stage's root hold the skeleton of its layers (see [`StageState::skeleton`]),
+    /// if it holds neither that nor the whole tree: for COPY steps after which nothing reads
+    /// the root.
+    fn materialize_skeleton(&self, state: &mut StageState) -> Result<(), BuildError> {
+        if state.materialized || state.skeleton {
+            return Ok(());
+        }
+        if state.root.symlink_metadata().is_ok() {
+            fs::remove_dir_all(&state.root).map_err(io_err("clearing a stage root"))?;
+        }
+        fs::create_dir_all(&state.root).map_err(io_err("creating the stage root"))?;
+        for layer in &state.layers {
+            ensure_local(self.engine, self.bases, self.lazy, layer)?;
+            self.engine.layers.apply_skeleton(layer, &state.root).map_err(|source| {
+                BuildError::Base {
+                    reference: layer.origin.clone().unwrap_or_else(|| layer.digest.clone()),
+                    source,
+                }
+            })?;
+        }
+        state.skeleton = true;
+        state.snapshot = None;
+        Ok(())
+    }
+
     /// The cache key of a step: its parent's key, the instruction, and `extra` inputs.
     fn key_for(
         &self,
@@ -961,13 +990,15 @@ impl StageBuild<'_, '_> {
             }
         });
         if let Some(l) = &layer
-            && state.materialized
+            && (state.materialized || state.skeleton)
         {
             ensure_local(self.engine, self.bases, self.lazy, l)?;
-            self.engine
-                .layers
-                .apply(l, &state.root)
-                .map_err(|source| BuildError::Base { reference: cache.describe(), source })?;
+            if state.materialized {
+                self.engine.layers.apply(l, &state.root)
+            } else {
+                self.engine.layers.apply_skeleton(l, &state.root)
+            }
+            .map_err(|source| BuildError::Base { reference: cache.describe(), source })?;
             state.snapshot = None;
         }
         let with_layer = self.add_layer(state, layer);
@@ -1058,9 +1089,10 @@ impl StageBuild<'_, '_> {
         })
     }
 
-    /// Whether nothing reads this stage's root after `step`: no later step of the stage works
-    /// on files, no later stage uses the stage, and the root is not `/`. A COPY then leaves
-    /// its regular files out of the root and the layer reads them from their source.
+    /// Whether no file content of this stage's root is read after `step`: later steps of the
+    /// stage are at most COPY steps (which need only the tree), no later stage uses the
+    /// stage, and the root is not `/`. A COPY then leaves its regular files out of the root
+    /// and the layer reads them from their source; its root may be a skeleton.
     fn root_unused_after(&self, step: &PlannedStep) -> bool {
         if self.in_place() || self.users_left > 0 {
             return false;
@@ -1068,11 +1100,11 @@ impl StageBuild<'_, '_> {
         let Some(at) = self.stage.steps.iter().position(|s| std::ptr::eq(s, step)) else {
             return false;
         };
+        // Later COPY steps defer their files too and only need the tree.
         self.stage.steps[at + 1..].iter().all(|s| {
             !matches!(
                 s.instruction,
                 Instruction::Run { .. }
-                    | Instruction::Copy { .. }
                     | Instruction::Add { .. }
                     | Instruction::Workdir { .. }
                     | Instruction::Onbuild { .. }
@@ -1561,7 +1593,12 @@ impl StageBuild<'_, '_> {
             );
             state.parent_hit = false;
         }
-        self.materialize(state)?;
+        // A COPY after which nothing reads file content needs only the tree of the root.
+        if spec.keyword == "COPY" && self.root_unused_after(step) {
+            self.materialize_skeleton(state)?;
+        } else {
+            self.materialize(state)?;
+        }
         let chmod = spec
             .chmod
             .map(Chmod::parse)
@@ -1686,7 +1723,8 @@ impl StageBuild<'_, '_> {
         state.snapshot = None;
         if !deferred.is_empty() {
             // The root lacks those files: should anything need it after all, it is made
-            // again from the layers.
+            // again from the layers. Its tree is still right for later COPY steps.
+            state.skeleton = true;
             state.materialized = false;
         }
         let with_layer = self.add_layer(state, layer);

@@ -109,6 +109,17 @@ impl LayerOps for FsLayers {
         Ok(())
     }
 
+    fn apply_skeleton(&self, layer: &LayerBlob, root: &Path) -> Result<(), SeamError> {
+        let opts = ApplyOptions {
+            name: layer.digest.clone(),
+            keep: self.keep_for(root),
+            skeleton: true,
+            ..ApplyOptions::default()
+        };
+        apply::apply_file(&layer.path, root, &opts).map_err(seam)?;
+        Ok(())
+    }
+
     fn clear_root(&self, root: &Path) -> Result<(), SeamError> {
         let keep = self.keep_for(root);
         if keep.is_empty() {

@@ -124,6 +124,12 @@ pub trait LayerOps: Send + Sync {
     /// Applies a layer blob to `root` (whiteouts, links, owners, confined to the root).
     fn apply(&self, layer: &LayerBlob, root: &Path) -> Result<(), SeamError>;
 
+    /// Applies only the skeleton of `layer` (directories, symlinks, `etc/` files; see
+    /// `kiln_fs::apply::ApplyOptions::skeleton`): a root for COPY steps that never read it.
+    fn apply_skeleton(&self, layer: &LayerBlob, root: &Path) -> Result<(), SeamError> {
+        self.apply(layer, root)
+    }
+
     /// Extracts a local archive (tar, optionally compressed) into `dest` inside `root`, for
     /// `ADD archive.tar.gz /dir`. Returns the paths written, relative to `root`.
     fn extract_archive(

@@ -32,6 +32,7 @@ pub(crate) fn tar_stream<R: Read>(reader: R, dest: &Path, shown: &str) -> Result
         chown: false,
         name: shown.to_owned(),
         keep: kiln_fs::keep::KeepList::default(),
+        skeleton: false,
     };
     let outcome = apply_reader(decoded, dest, &opts).map_err(|e| match e {
         FsError::Layer { entry, reason, .. } => {

@@ -34,6 +34,11 @@ pub struct ApplyOptions {
     pub name: String,
     /// Paths never written, replaced or removed (in-place builds: `/kaniko`, mount points).
     pub keep: crate::keep::KeepList,
+    /// Make only the tree's skeleton: directories, symlinks, special files and the regular
+    /// files under `etc/` (user and group names); other regular files and hardlinks are left
+    /// out (what they replace is still removed). Enough for COPY's destination and owner rules
+    /// when no file content of the root is ever read.
+    pub skeleton: bool,
 }
 
 impl Default for ApplyOptions {
@@ -43,6 +48,7 @@ impl Default for ApplyOptions {
             chown: rustix::process::geteuid().is_root(),
             name: String::from("layer"),
             keep: crate::keep::KeepList::default(),
+            skeleton: false,
         }
     }
 }
@@ -316,6 +322,14 @@ impl Applier<'_> {
                     .map_err(self.io(&rel))?;
                 self.xattrs(&target, &xattrs, &rel);
                 self.dir_times.push((target.clone(), mtime));
+            }
+            tar::EntryType::Regular
+            | tar::EntryType::Continuous
+            | tar::EntryType::GNUSparse
+            | tar::EntryType::Link
+                if self.opts.skeleton && !rel.starts_with("etc/") =>
+            {
+                replace(self, false)?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 let tmp = parent.join(format!(".kiln-tmp.{}.{name}", std::process::id()));

@@ -919,10 +919,11 @@ fn podman_pulls_and_runs_what_kiln_pushes_in_both_manifest_formats() {
     }
 }
 
-/// A COPY whose stage root nobody reads afterwards leaves its files out of the root and
-/// writes the layer from the context: the layer must be the same, byte for byte, as that of a
-/// COPY into a root a later stage builds on (which copies for real), and unpack to the same
-/// files, modes, owners and links.
+/// COPY steps after which nothing reads the stage root leave their files out of the root
+/// (which is only a skeleton of the base: directories, symlinks, `/etc`) and write the layer
+/// from the context: the layers must be the same, byte for byte, as those of COPY steps into
+/// a root a later stage builds on (which copy for real), and unpack to the same files, modes,
+/// owners (also by name) and links.
 #[test]
 fn a_last_copy_writes_the_same_layer_without_copying_into_the_root() {
     use std::os::unix::fs::PermissionsExt;
@@ -947,7 +948,7 @@ fn a_last_copy_writes_the_same_layer_without_copying_into_the_root() {
         assert!(o.status.success());
     };
     let copies = "COPY --chown=1000:1000 . /data/\nCOPY --chmod=0640 app/conf /etc/app/\n\
-                  COPY app/conf/a.conf app/run.sh /data/\n";
+                  COPY app/conf/a.conf app/run.sh /data/\nCOPY --chown=nobody notes.txt /opt/\n";
     let deferred = Build::new(&format!("FROM busybox\n{copies}ENV DONE=1\n"));
     files(&deferred);
     let copied = Build::new(&format!("FROM busybox AS a\n{copies}FROM a\nENV DONE=1\n"));
@@ -973,7 +974,7 @@ fn a_last_copy_writes_the_same_layer_without_copying_into_the_root() {
     };
     let a = layers(&deferred);
     let b = layers(&copied);
-    assert_eq!(a.len(), 4, "{a:?}");
+    assert_eq!(a.len(), 5, "{a:?}");
     assert_eq!(a, b, "the same layers whether or not the files went through the root");
     let rootfs = deferred.unpack().join("rootfs");
     assert_eq!(fs::read_to_string(rootfs.join("data/app/conf/b.conf")).unwrap(), "b=2\n");
@@ -988,6 +989,8 @@ fn a_last_copy_writes_the_same_layer_without_copying_into_the_root() {
         fs::read_link(rootfs.join("data/app/current.conf")).unwrap(),
         Path::new("conf/a.conf")
     );
+    let named = fs::metadata(rootfs.join("opt/notes.txt")).unwrap();
+    assert_eq!((named.uid(), named.gid()), (65534, 65534), "--chown by name from /etc/passwd");
     let link = fs::metadata(rootfs.join("data/app/notes-link.txt")).unwrap();
     assert_eq!(link.ino(), fs::metadata(rootfs.join("data/notes.txt")).unwrap().ino());
 }
