@@ -880,6 +880,9 @@ impl StageBuild<'_, '_> {
         if state.materialized || state.skeleton {
             return Ok(());
         }
+        if state.root == Path::new("/") {
+            return self.materialize(state);
+        }
         if state.root.symlink_metadata().is_ok() {
             fs::remove_dir_all(&state.root).map_err(io_err("clearing a stage root"))?;
         }
@@ -1090,25 +1093,27 @@ impl StageBuild<'_, '_> {
     }
 
     /// Whether no file content of this stage's root is read after `step`: later steps of the
-    /// stage are at most COPY steps (which need only the tree), no later stage uses the
-    /// stage, and the root is not `/`. A COPY then leaves its regular files out of the root
-    /// and the layer reads them from their source; its root may be a skeleton.
+    /// stage are at most COPY steps (which need only the tree) and no later stage uses the
+    /// stage. A COPY then leaves its regular files out of the root and the layer reads them
+    /// from their source; its root may be a skeleton (never `/`: see `copy_step`).
     fn root_unused_after(&self, step: &PlannedStep) -> bool {
-        if self.in_place() || self.users_left > 0 {
+        // In place, a later COPY would find `/` not materialized and unpack everything again:
+        // only the stage's last file step defers there.
+        let copies_may_follow = !self.in_place();
+        if self.users_left > 0 {
             return false;
         }
         let Some(at) = self.stage.steps.iter().position(|s| std::ptr::eq(s, step)) else {
             return false;
         };
         // Later COPY steps defer their files too and only need the tree.
-        self.stage.steps[at + 1..].iter().all(|s| {
-            !matches!(
-                s.instruction,
-                Instruction::Run { .. }
-                    | Instruction::Add { .. }
-                    | Instruction::Workdir { .. }
-                    | Instruction::Onbuild { .. }
-            )
+        self.stage.steps[at + 1..].iter().all(|s| match s.instruction {
+            Instruction::Copy { .. } => copies_may_follow,
+            Instruction::Run { .. }
+            | Instruction::Add { .. }
+            | Instruction::Workdir { .. }
+            | Instruction::Onbuild { .. } => false,
+            _ => true,
         })
     }
 
@@ -1594,7 +1599,8 @@ impl StageBuild<'_, '_> {
             state.parent_hit = false;
         }
         // A COPY after which nothing reads file content needs only the tree of the root.
-        if spec.keyword == "COPY" && self.root_unused_after(step) {
+        // Never in place: a skeleton root is made by emptying the root.
+        if spec.keyword == "COPY" && !self.in_place() && self.root_unused_after(step) {
             self.materialize_skeleton(state)?;
         } else {
             self.materialize(state)?;
