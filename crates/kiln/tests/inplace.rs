@@ -151,6 +151,7 @@ FROM busybox
 COPY --from=build /artifact /artifact
 RUN test ! -e /leftover && test ! -e /from-context.txt && test ! -e /etc/container-file \\
     && test -x /kaniko/kiln && cat /artifact > /copied && echo ran-in-place > /marker
+COPY hello.txt /last/hello.txt
 ";
 
 #[test]
@@ -172,6 +173,8 @@ fn multi_stage_build_in_place_resets_the_root_between_stages() {
     let rootfs = t.unpack();
     assert_eq!(fs::read_to_string(rootfs.join("copied")).unwrap(), "built\n");
     assert_eq!(fs::read_to_string(rootfs.join("marker")).unwrap(), "ran-in-place\n");
+    // The last COPY's file reached the layer without being written over `/`.
+    assert_eq!(fs::read_to_string(rootfs.join("last/hello.txt")).unwrap(), "hello\n");
     assert!(rootfs.join("bin/busybox").is_file());
     for absent in
         ["kaniko", "workspace", "out", "bases", "leftover", "etc/container-file", "proc/self"]
