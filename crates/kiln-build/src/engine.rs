@@ -1238,7 +1238,7 @@ impl StageBuild<'_, '_> {
                 let mounts: Vec<_> = mounts.iter().filter_map(|m| m.mount.clone()).collect();
                 return self.run_step(state, step, command, heredocs, &mounts, *network);
             }
-            Instruction::Copy { sources, from, chown, chmod, parents, exclude, .. } => {
+            Instruction::Copy { sources, from, chown, chmod, parents, exclude, link } => {
                 let spec = CopySpec {
                     keyword: "COPY",
                     paths: &sources.paths,
@@ -1251,6 +1251,7 @@ impl StageBuild<'_, '_> {
                     exclude,
                     unpack: false,
                     checksum: None,
+                    link: *link,
                 };
                 return self.copy_step(state, step, &spec, line);
             }
@@ -1262,6 +1263,7 @@ impl StageBuild<'_, '_> {
                 unpack,
                 checksum,
                 keep_git_dir,
+                link,
                 ..
             } => {
                 if keep_git_dir == &Some(true)
@@ -1294,6 +1296,7 @@ impl StageBuild<'_, '_> {
                     exclude,
                     unpack: unpack.unwrap_or(true),
                     checksum: checksum.as_deref(),
+                    link: *link,
                 };
                 return self.copy_step(state, step, &spec, line);
             }
@@ -1556,6 +1559,9 @@ impl StageBuild<'_, '_> {
         line: usize,
     ) -> Result<bool, BuildError> {
         let mut flags = Vec::new();
+        if spec.link {
+            flags.push("--link".to_owned());
+        }
         if spec.parents {
             flags.push("--parents".to_owned());
         }
@@ -1598,9 +1604,16 @@ impl StageBuild<'_, '_> {
             );
             state.parent_hit = false;
         }
-        // A COPY after which nothing reads file content needs only the tree of the root.
-        // Never in place: a skeleton root is made by emptying the root.
-        if spec.keyword == "COPY" && !self.in_place() && self.root_unused_after(step) {
+        // `--link` copies into an empty directory: the stage's files are read only for user
+        // and group names. A COPY after which nothing reads file content needs only the tree
+        // of the root. Never a skeleton in place: it is made by emptying the root.
+        let names_owner =
+            spec.chown.is_some_and(|c| c.split(':').any(|p| p.trim().parse::<u32>().is_err()));
+        if spec.link && !names_owner {
+            // Nothing of the stage is read.
+        } else if (spec.link || (spec.keyword == "COPY" && self.root_unused_after(step)))
+            && !self.in_place()
+        {
             self.materialize_skeleton(state)?;
         } else {
             self.materialize(state)?;
@@ -1626,6 +1639,18 @@ impl StageBuild<'_, '_> {
         let (src_root, src_kind) = match spec.from {
             None => (self.req.context.clone(), SourceKind::Context),
             Some(from) => (self.copy_from_root(from, line)?, SourceKind::Stage),
+        };
+        // With `--link` everything below writes into an empty directory standing in for the
+        // root; the real root is put back once the layer is written (a failure ends the build).
+        let stage_root = if spec.link {
+            let scratch = self.stage_dir().join(format!("link-{}", self.step_index));
+            if scratch.symlink_metadata().is_ok() {
+                fs::remove_dir_all(&scratch).map_err(io_err("clearing a --link directory"))?;
+            }
+            fs::create_dir_all(&scratch).map_err(io_err("creating a --link directory"))?;
+            Some(std::mem::replace(&mut state.root, scratch))
+        } else {
+            None
         };
         let mut changed = Vec::new();
         let mut deferred = HashMap::new();
@@ -1684,7 +1709,7 @@ impl StageBuild<'_, '_> {
                         && urls.is_empty()
                         && archives.is_empty()
                         && spec.inline.is_empty()
-                        && self.root_unused_after(step),
+                        && (spec.link || self.root_unused_after(step)),
                 };
                 let outcome = crate::copy::copy(&req, &state.root).map_err(|e| {
                     let hint = e.hint();
@@ -1727,7 +1752,21 @@ impl StageBuild<'_, '_> {
         }
         let layer = written.map_err(|e| self.step_err(line, e.message, e.hint))?;
         state.snapshot = None;
-        if !deferred.is_empty() {
+        if let Some(root) = stage_root {
+            let scratch = std::mem::replace(&mut state.root, root);
+            let _ = fs::remove_dir_all(&scratch);
+            // The stage's root, if made, gets the layer like any other.
+            if let Some(l) = &layer
+                && (state.materialized || state.skeleton)
+            {
+                if state.materialized {
+                    self.engine.layers.apply(l, &state.root)
+                } else {
+                    self.engine.layers.apply_skeleton(l, &state.root)
+                }
+                .map_err(|e| self.step_err(line, e.message, e.hint))?;
+            }
+        } else if !deferred.is_empty() {
             // The root lacks those files: should anything need it after all, it is made
             // again from the layers. Its tree is still right for later COPY steps.
             state.skeleton = true;
@@ -2015,6 +2054,8 @@ struct CopySpec<'a> {
     unpack: bool,
     /// ADD --checksum for its one URL source.
     checksum: Option<&'a str>,
+    /// `--link`: the layer is made in an empty directory, independent of the stage's files.
+    link: bool,
 }
 
 /// Creates `dir` (absolute, inside `root`) and its missing parents with mode 0755 and

@@ -994,3 +994,63 @@ fn a_last_copy_writes_the_same_layer_without_copying_into_the_root() {
     let link = fs::metadata(rootfs.join("data/app/notes-link.txt")).unwrap();
     assert_eq!(link.ino(), fs::metadata(rootfs.join("data/notes.txt")).unwrap().ino());
 }
+
+/// `COPY --link` makes its layer in an empty directory (BuildKit): the destination is not
+/// resolved through the stage's symlinks, parents are new `0755` root directories, and the
+/// layer is the same whatever the stage holds; a later RUN sees it applied over the root.
+#[test]
+fn copy_link_makes_an_independent_layer() {
+    require_root!();
+    let b = Build::new(
+        "FROM busybox\nRUN mkdir -p /real && ln -s /real /data\n\
+         COPY --link --chmod=0640 f.txt /data/f.txt\nRUN cat /data/f.txt > /seen\n\
+         COPY f.txt /data/plain.txt\n",
+    );
+    b.file("f.txt", "linked\n");
+    let err = b.ok(&[]);
+    assert!(err.contains("COPY --link"), "{err}");
+    let rootfs = b.unpack().join("rootfs");
+    // Linked: /data became a directory of the layer's own, /real did not get the file.
+    assert!(fs::symlink_metadata(rootfs.join("data")).unwrap().is_dir());
+    assert_eq!(fs::read_to_string(rootfs.join("data/f.txt")).unwrap(), "linked\n");
+    assert_eq!(fs::metadata(rootfs.join("data/f.txt")).unwrap().mode() & 0o7777, 0o640);
+    assert!(!rootfs.join("real/f.txt").exists());
+    assert_eq!(fs::read_to_string(rootfs.join("seen")).unwrap(), "linked\n");
+    assert_eq!(fs::read_to_string(rootfs.join("data/plain.txt")).unwrap(), "linked\n");
+    let h = history(&b.config());
+    assert!(h.iter().any(|c| c.starts_with("COPY --link")), "{h:?}");
+
+    // The same layer on another base state.
+    let other = Build::new(
+        "FROM busybox\nRUN mkdir /data && echo x > /data/other\nCOPY --link --chmod=0640 f.txt /data/f.txt\n",
+    );
+    other.file("f.txt", "linked\n");
+    // Reproducible, same file times: only the stage differs.
+    for x in [&b, &other] {
+        let o = Command::new("touch")
+            .args(["-d", "@1700000000"])
+            .arg(x.ctx().join("f.txt"))
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        x.ok(&["--reproducible"]);
+    }
+    let layers = |b: &Build| -> Vec<String> {
+        let layout = b.path("out");
+        let index: serde_json::Value =
+            serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+        let digest = index["manifests"][0]["digest"].as_str().unwrap();
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &fs::read(layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:")))
+                .unwrap(),
+        )
+        .unwrap();
+        manifest["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(layers(&b)[2], layers(&other)[2], "a linked layer does not depend on the stage");
+}
