@@ -352,9 +352,8 @@ pub fn push_image(
     }
     let config = img.raw_config().to_vec();
     let config_desc = img.manifest().config.clone();
-    let tmp = tempfile::NamedTempFile::new().map_err(|e| SeamError::new(format!("{r}: {e}")))?;
-    std::fs::write(tmp.path(), &config).map_err(|e| SeamError::new(format!("{r}: {e}")))?;
-    client.push_blob(&r, &config_desc, tmp.path()).map_err(seam)?;
+    // From memory: an in-place build whose steps all hit may have no /tmp at all.
+    client.push_bytes(&r, &config_desc, &config).map_err(seam)?;
     let digest =
         client.put_manifest(&r, img.raw_manifest(), img.manifest().media_type()).map_err(seam)?;
     progress.event(Event::Push { reference: r.to_string(), bytes: total, total });

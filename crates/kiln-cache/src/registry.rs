@@ -180,14 +180,13 @@ impl LayerCache for RegistryCache<'_> {
         });
         let config_bytes = serde_json::to_vec(&config).map_err(|e| self.err(e))?;
         let config_digest = Digest::sha256_of(&config_bytes);
-        let mut tmp = tempfile::NamedTempFile::new().map_err(|e| self.err(e))?;
-        std::io::Write::write_all(&mut tmp, &config_bytes).map_err(|e| self.err(e))?;
         let cd = Descriptor::new(
             config_type.to_owned(),
             config_digest.clone(),
             config_bytes.len() as u64,
         );
-        self.client.push_blob(&r, &cd, tmp.path()).map_err(|e| self.err(e))?;
+        // From memory: an in-place build's `/` may have no /tmp.
+        self.client.push_bytes(&r, &cd, &config_bytes).map_err(|e| self.err(e))?;
         let manifest = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": manifest_type,

@@ -997,6 +997,38 @@ impl RegistryClient {
         self.upload_blob(r, d, path)
     }
 
+    /// Uploads a small blob held in memory (a config), skipped when the registry has it.
+    pub fn push_bytes(
+        &self,
+        r: &Reference,
+        d: &Descriptor,
+        bytes: &[u8],
+    ) -> Result<(), RegistryError> {
+        if self.has_blob(r, &d.digest)? {
+            return Ok(());
+        }
+        let start_url = format!("{}/blobs/uploads/", self.base(r));
+        let resp =
+            self.send(r, &push_scope(r), &|c| Ok(c.post(&start_url).header(CONTENT_LENGTH, "0")))?;
+        if !resp.status().is_success() {
+            return Err(RegistryError::Status {
+                reference: r.to_string(),
+                status: resp.status().as_u16(),
+                detail: error_detail(resp),
+            });
+        }
+        let location = self.upload_location(r, &resp)?;
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let url = format!("{location}{sep}digest={}", d.digest);
+        let resp = self.send(r, &push_scope(r), &|c| {
+            Ok(c.put(&url)
+                .header(CONTENT_TYPE, "application/octet-stream")
+                .header(CONTENT_LENGTH, bytes.len())
+                .body(bytes.to_vec()))
+        })?;
+        check_created(r, resp)
+    }
+
     /// Uploads a blob whose digest is not known yet, as it is produced: `body` is sent as one
     /// streamed `PATCH` (chunked transfer encoding, no length), then `finish` gives the digest
     /// (it may wait for the producer) for the closing `PUT`. The body can be sent once: an

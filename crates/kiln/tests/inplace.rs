@@ -276,6 +276,19 @@ fn kaniko_command_line_builds_in_place_and_pushes() {
     assert_eq!(err2.matches("CACHED").count(), 2, "the RUN layers were not reused:\n{err2}");
     assert_eq!(fs::read_to_string(t.out().join("digest")).unwrap(), digest1);
 
+    // With COPY layers cached too, a rebuild hits every step and unpacks nothing: `/` stays
+    // as the container started, here without a /tmp (FROM scratch, like the executor image).
+    let all = format!("{kaniko_args} --cache-copy-layers=true");
+    let third = t.run_as("/kaniko/executor", &all, &mount_config);
+    assert!(third.status.success(), "third executor run failed:\n{}", text(&third.stderr));
+    let _ = fs::remove_dir_all(t.root().join("tmp"));
+    let fourth = t.run_as("/kaniko/executor", &all, &mount_config);
+    let err4 = text(&fourth.stderr);
+    assert!(fourth.status.success(), "an all-hit rebuild without /tmp failed:\n{err4}");
+    assert_eq!(err4.matches("CACHED").count(), 4, "{err4}");
+    assert!(!t.root().join("tmp").exists(), "nothing was unpacked over /:\n{err4}");
+    assert_eq!(fs::read_to_string(t.out().join("digest")).unwrap(), digest1);
+
     // What was pushed, read back with skopeo and unpacked with umoci.
     let layout = t.dir.path().join("pulled");
     let o = Command::new("skopeo")
