@@ -98,6 +98,18 @@ pub struct BuiltImage {
     pub pending: HashMap<String, PendingBlob>,
 }
 
+/// A blob the layer sink watches; dropped, it is abandoned (a no-op once written), so an
+/// upload never waits for a layer that a failed or panicking step will not write.
+struct WatchGuard(Option<Arc<GrowingBlob>>);
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        if let Some(w) = &self.0 {
+            w.abandon();
+        }
+    }
+}
+
 /// Where a layer blob that is not on disk yet comes from.
 #[derive(Debug, Clone)]
 pub enum PendingBlob {
@@ -1120,11 +1132,11 @@ impl StageBuild<'_, '_> {
     /// A blob for the layer sink to stream while the layer is written: only for layers of
     /// the target image, and not with a layer cache (whose store uploads the layer first, so
     /// the push can mount it from there instead of uploading it twice).
-    fn watch_layer(&self) -> Option<Arc<GrowingBlob>> {
+    fn watch_layer(&self) -> WatchGuard {
         if !self.feeds_image || self.engine.cache.is_some() {
-            return None;
+            return WatchGuard(None);
         }
-        self.engine.layer_sink.and_then(|s| s.layer_starting())
+        WatchGuard(self.engine.layer_sink.and_then(|s| s.layer_starting()))
     }
 
     fn history(&self, state: &mut StageState, created_by: String, empty_layer: bool) {
@@ -1538,11 +1550,9 @@ impl StageBuild<'_, '_> {
             before.as_ref(),
             &self.blob_dir(),
             state.media_types,
-            watch.as_ref(),
+            watch.0.as_ref(),
         );
-        if let Some(w) = &watch {
-            w.abandon();
-        }
+        drop(watch);
         let (layer, after) = written.map_err(|e| self.step_err(line, e.message, e.hint))?;
         state.snapshot = Some(after);
         let with_layer = self.add_layer(state, layer);
@@ -1745,11 +1755,9 @@ impl StageBuild<'_, '_> {
             &deferred,
             &self.blob_dir(),
             state.media_types,
-            watch.as_ref(),
+            watch.0.as_ref(),
         );
-        if let Some(w) = &watch {
-            w.abandon();
-        }
+        drop(watch);
         let layer = written.map_err(|e| self.step_err(line, e.message, e.hint))?;
         state.snapshot = None;
         if let Some(root) = stage_root {
