@@ -481,11 +481,14 @@ impl RegistryClient {
                 r.registry, r.registry
             )
         } else if !self.is_insecure(&r.registry)
-            && detail.contains("connection closed")
+            && ["connection closed", "broken pipe", "connection reset"]
+                .iter()
+                .any(|m| detail.contains(m))
             && !self.options.client_certificates.iter().any(|c| c.registry == r.registry)
         {
             // With TLS 1.3 a server that wants a client certificate often just closes the
-            // connection after the handshake; the client never sees the alert.
+            // connection after the handshake; the client never sees the alert, only a closed,
+            // reset or broken connection (which one depends on timing).
             format!(
                 "{} closed the TLS connection: if it requires a client certificate, give one with --registry-client-cert {}=CERT.pem,KEY.pem; if its certificate is not trusted, give its CA with --registry-certificate {}=CA.pem",
                 r.registry, r.registry, r.registry
