@@ -1000,16 +1000,8 @@ impl RegistryClient {
         self.upload_blob(r, d, path)
     }
 
-    /// Uploads a small blob held in memory (a config), skipped when the registry has it.
-    pub fn push_bytes(
-        &self,
-        r: &Reference,
-        d: &Descriptor,
-        bytes: &[u8],
-    ) -> Result<(), RegistryError> {
-        if self.has_blob(r, &d.digest)? {
-            return Ok(());
-        }
+    /// Opens an upload session (`POST …/blobs/uploads/`); returns its location.
+    fn start_upload(&self, r: &Reference) -> Result<String, RegistryError> {
         let start_url = format!("{}/blobs/uploads/", self.base(r));
         let resp =
             self.send(r, &push_scope(r), &|c| Ok(c.post(&start_url).header(CONTENT_LENGTH, "0")))?;
@@ -1020,7 +1012,20 @@ impl RegistryClient {
                 detail: error_detail(resp),
             });
         }
-        let location = self.upload_location(r, &resp)?;
+        self.upload_location(r, &resp)
+    }
+
+    /// Uploads a small blob held in memory (a config), skipped when the registry has it.
+    pub fn push_bytes(
+        &self,
+        r: &Reference,
+        d: &Descriptor,
+        bytes: &[u8],
+    ) -> Result<(), RegistryError> {
+        if self.has_blob(r, &d.digest)? {
+            return Ok(());
+        }
+        let location = self.start_upload(r)?;
         let sep = if location.contains('?') { '&' } else { '?' };
         let url = format!("{location}{sep}digest={}", d.digest);
         let resp = self.send(r, &push_scope(r), &|c| {
@@ -1042,17 +1047,7 @@ impl RegistryClient {
         body: Box<dyn Read + Send>,
         finish: &dyn Fn() -> Option<Digest>,
     ) -> Result<Digest, RegistryError> {
-        let start_url = format!("{}/blobs/uploads/", self.base(r));
-        let resp =
-            self.send(r, &push_scope(r), &|c| Ok(c.post(&start_url).header(CONTENT_LENGTH, "0")))?;
-        if !resp.status().is_success() {
-            return Err(RegistryError::Status {
-                reference: r.to_string(),
-                status: resp.status().as_u16(),
-                detail: error_detail(resp),
-            });
-        }
-        let location = self.upload_location(r, &resp)?;
+        let location = self.start_upload(r)?;
         let body = Mutex::new(Some(body));
         let resp = self.send(r, &push_scope(r), &|c| {
             let reader =
@@ -1094,17 +1089,7 @@ impl RegistryClient {
         d: &Descriptor,
         path: &Path,
     ) -> Result<(), RegistryError> {
-        let start_url = format!("{}/blobs/uploads/", self.base(r));
-        let resp =
-            self.send(r, &push_scope(r), &|c| Ok(c.post(&start_url).header(CONTENT_LENGTH, "0")))?;
-        if !resp.status().is_success() {
-            return Err(RegistryError::Status {
-                reference: r.to_string(),
-                status: resp.status().as_u16(),
-                detail: error_detail(resp),
-            });
-        }
-        let mut location = self.upload_location(r, &resp)?;
+        let mut location = self.start_upload(r)?;
         let io = |error: io::Error| RegistryError::Io {
             reference: r.to_string(),
             path: path.to_path_buf(),
@@ -1208,17 +1193,7 @@ impl RegistryClient {
             return self.stream_blob_single(src, dst, d);
         }
         let download = self.blob_response(src, d)?;
-        let start_url = format!("{}/blobs/uploads/", self.base(dst));
-        let resp = self
-            .send(dst, &push_scope(dst), &|c| Ok(c.post(&start_url).header(CONTENT_LENGTH, "0")))?;
-        if !resp.status().is_success() {
-            return Err(RegistryError::Status {
-                reference: dst.to_string(),
-                status: resp.status().as_u16(),
-                detail: error_detail(resp),
-            });
-        }
-        let mut location = self.upload_location(dst, &resp)?;
+        let mut location = self.start_upload(dst)?;
         let blob = format!("{}@{}", src.name(), d.digest);
         let read_error = |e: io::Error| {
             if e.kind() == io::ErrorKind::InvalidData {
@@ -1311,17 +1286,7 @@ impl RegistryClient {
         d: &Descriptor,
     ) -> Result<(), RegistryError> {
         let download = self.blob_response(src, d)?;
-        let start_url = format!("{}/blobs/uploads/", self.base(dst));
-        let resp = self
-            .send(dst, &push_scope(dst), &|c| Ok(c.post(&start_url).header(CONTENT_LENGTH, "0")))?;
-        if !resp.status().is_success() {
-            return Err(RegistryError::Status {
-                reference: dst.to_string(),
-                status: resp.status().as_u16(),
-                detail: error_detail(resp),
-            });
-        }
-        let location = self.upload_location(dst, &resp)?;
+        let location = self.start_upload(dst)?;
         let sep = if location.contains('?') { '&' } else { '?' };
         let url = format!("{location}{sep}digest={}", d.digest);
         // The reader records why it failed, so a digest mismatch is told apart from a drop.
