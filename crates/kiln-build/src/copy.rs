@@ -281,6 +281,76 @@ pub fn matches(req: &CopyRequest<'_>, source: &str) -> Result<Vec<(String, PathB
     Ok(resolve_source(req, source)?.into_iter().map(|m| (m.rel, m.host)).collect())
 }
 
+/// Saves what `sources` (COPY sources as written, wildcards allowed) name in the stage tree
+/// `src_root` to the same paths below `dest_root` (an empty directory), so that a later
+/// `COPY --from` of that stage with these sources finds there exactly what it would find in
+/// the tree: each match as COPY reads it (a top-level symlink followed), with owners, modes,
+/// times, extended attributes and the hardlinks among the saved files; the directories
+/// above a match are plain (COPY never reads their metadata). For in-place builds, which
+/// reuse `/` for the next stage.
+///
+/// Returns `Ok(false)`, leaving `dest_root` partly written, when saving would not be exact:
+/// a source matching the tree's root, or reaching into a path of `kept` (relative paths that
+/// belong to the build, not to the tree: `/proc`, kiln's own directory, ...).
+pub fn save_sources(
+    src_root: &Path,
+    sources: &[String],
+    kept: &[String],
+    dest_root: &Path,
+) -> Result<bool, CopyError> {
+    let keep = kiln_fs::keep::KeepList::new(kept);
+    let req = CopyRequest {
+        src_root,
+        src_kind: SourceKind::Stage,
+        sources,
+        dest: "/",
+        workdir: "/",
+        ignore: None,
+        exclude: None,
+        parents: false,
+        owner: None,
+        chmod: None,
+        defer_files: false,
+    };
+    let mut matched = Vec::new();
+    for source in sources {
+        for m in resolve_source(&req, source)? {
+            let host_rel = m
+                .host
+                .strip_prefix(src_root)
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let reaches_kept = |rel: &str| {
+                rel.is_empty() || keep.is_kept(rel) || (m.meta.is_dir() && keep.holds_kept(rel))
+            };
+            if reaches_kept(&m.rel) || reaches_kept(&host_rel) {
+                return Ok(false);
+            }
+            matched.push(m);
+        }
+    }
+    let mut copier = Copier {
+        req: &req,
+        dest_root,
+        outcome: CopyOutcome::default(),
+        links: HashMap::new(),
+        dir_times: Vec::new(),
+    };
+    for m in &matched {
+        copier.copy_matched(m, &m.rel).map_err(|error| CopyError::Io {
+            source_path: m.rel.clone(),
+            dest: dest_root.display().to_string(),
+            error,
+        })?;
+    }
+    copier.finish().map_err(|error| CopyError::Io {
+        source_path: sources.join(" "),
+        dest: dest_root.display().to_string(),
+        error,
+    })?;
+    Ok(true)
+}
+
 /// A digest of everything `req` would copy (for the layer cache): each matched source and,
 /// inside directories, every entry `.dockerignore` and `--exclude` let through, with its path,
 /// type, permission bits, owner (for stage sources; context files become 0:0), content and link

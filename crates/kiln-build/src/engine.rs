@@ -25,7 +25,9 @@ use kiln_dockerfile::dockerignore::DockerIgnore;
 use kiln_dockerfile::instructions::{
     CommandLine, Healthcheck, InlineFile, Instruction, NetworkMode, Span,
 };
-use kiln_dockerfile::plan::{Base, Env, Plan, PlanOptions, PlannedStage, PlannedStep, Platform};
+use kiln_dockerfile::plan::{
+    Base, DependencyKind, Env, Plan, PlanOptions, PlannedStage, PlannedStep, Platform,
+};
 
 use crate::config::{HistoryEntry, ImageConfig};
 use crate::copy::{Chmod, CopyRequest, SourceKind};
@@ -331,9 +333,13 @@ impl Engine<'_> {
         let counter = AtomicUsize::new(0);
         let unpack_lock = Mutex::new(());
         let lazy: Mutex<HashMap<String, LazyBlob>> = Mutex::new(HashMap::new());
+        let root_holds: Mutex<Option<Vec<String>>> = Mutex::new(None);
         // Independent stages run at the same time, except in-place mode where every stage
         // shares `/`.
-        let parallel = if matches!(self.sandbox.mode(), kiln_sandbox::Mode::InPlace { .. }) {
+        let in_place = matches!(self.sandbox.mode(), kiln_sandbox::Mode::InPlace { .. });
+        // The in-place stage built last (`/` holds its tree).
+        let mut last_in_place: Option<usize> = None;
+        let parallel = if in_place {
             1
         } else {
             std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8)
@@ -360,9 +366,23 @@ impl Engine<'_> {
             loop {
                 // Start every stage whose dependencies are built, in plan order.
                 while failure.is_none() && running < parallel {
-                    let Some(pos) = pending.iter().position(|i| {
-                        plan.stages[*i].dependencies.iter().all(|d| done.contains(&d.stage))
-                    }) else {
+                    let ready = pending.iter().enumerate().filter(|(_, i)| {
+                        plan.stages[**i].dependencies.iter().all(|d| done.contains(&d.stage))
+                    });
+                    let pos = if in_place {
+                        let all = results.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        ready
+                            .min_by_key(|(pos, i)| {
+                                (
+                                    in_place_order(&plan.stages[**i], &bases, &all, last_in_place),
+                                    *pos,
+                                )
+                            })
+                            .map(|(pos, _)| pos)
+                    } else {
+                        ready.map(|(pos, _)| pos).next()
+                    };
+                    let Some(pos) = pos else {
                         break;
                     };
                     let i = pending.remove(pos);
@@ -376,6 +396,7 @@ impl Engine<'_> {
                         counter: &counter,
                         unpack_lock: &unpack_lock,
                         lazy: &lazy,
+                        root_holds: &root_holds,
                         bad_keys,
                         step_index: 0,
                         total_steps,
@@ -415,6 +436,9 @@ impl Engine<'_> {
                 let mut all = results.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 all.insert(i, result);
                 done.push(i);
+                if runs_commands(&plan.stages[i]) {
+                    last_in_place = Some(i);
+                }
                 // Release roots nobody needs any more.
                 for d in &plan.stages[i].dependencies {
                     if let Some(r) = all.get_mut(&d.stage) {
@@ -487,6 +511,43 @@ impl Engine<'_> {
         }
         Ok(())
     }
+}
+
+/// Whether a stage has RUN steps (in-place builds run only those stages in `/`).
+fn runs_commands(stage: &PlannedStage) -> bool {
+    stage.steps.iter().any(|s| matches!(s.instruction, Instruction::Run { .. }))
+}
+
+/// In-place builds take the stages that are ready in this order (lowest first): stages that
+/// leave `/` alone, then one that continues the tree `/` holds (`FROM` the in-place stage
+/// built last), then the others by the size of their base, smallest first. Each in-place
+/// stage empties `/` of the one before, so the biggest tree comes last and is never removed.
+fn in_place_order(
+    stage: &PlannedStage,
+    bases: &HashMap<String, BaseImage>,
+    built: &HashMap<usize, StageResult>,
+    last_in_place: Option<usize>,
+) -> (u8, u64) {
+    if !runs_commands(stage) {
+        return (0, 0);
+    }
+    match &stage.base {
+        Base::Stage(p) if Some(*p) == last_in_place => (1, 0),
+        Base::Stage(p) => {
+            (2, built.get(p).map_or(0, |r| r.image.layers.iter().map(|l| l.size).sum()))
+        }
+        Base::Image(r) => (2, bases.get(r).map_or(0, |b| b.layers.iter().map(|l| l.size).sum())),
+        Base::Scratch => (2, 0),
+    }
+}
+
+/// The stage `from` names in stage `at` (by name, or by index when earlier than `at`).
+fn stage_named(plan: &Plan, from: &str, at: usize) -> Option<usize> {
+    let lower = from.to_ascii_lowercase();
+    plan.stages
+        .iter()
+        .position(|s| s.name.as_deref() == Some(lower.as_str()))
+        .or_else(|| from.parse::<usize>().ok().filter(|i| *i < at))
 }
 
 /// Removes the stage roots of a failed attempt (they are stale for the next one).
@@ -604,6 +665,9 @@ struct StageBuild<'e, 'a> {
     unpack_lock: &'e Mutex<()>,
     /// Blobs not on disk yet, by digest, and where to get them.
     lazy: &'e Mutex<HashMap<String, LazyBlob>>,
+    /// In-place builds: the layers `/` holds exactly, when it holds an earlier stage's
+    /// finished tree (`None` while a stage changes it, or after it is cleared).
+    root_holds: &'e Mutex<Option<Vec<String>>>,
     /// Cache entries found broken in an earlier attempt: misses now.
     bad_keys: &'e HashSet<String>,
     /// The number of the step running now.
@@ -641,8 +705,12 @@ impl StageBuild<'_, '_> {
         self.stage.display_name()
     }
 
+    /// Whether this stage is built in `/` itself: in-place mode, and the stage runs commands.
+    /// A stage without RUN steps needs no root to execute in, so it is built in its own
+    /// directory like any other build (a skeleton root, deferred files, `/` left alone).
     fn in_place(&self) -> bool {
         matches!(self.engine.sandbox.mode(), kiln_sandbox::Mode::InPlace { .. })
+            && runs_commands(self.stage)
     }
 
     fn stage_dir(&self) -> PathBuf {
@@ -722,13 +790,22 @@ impl StageBuild<'_, '_> {
                 seconds: elapsed.as_secs_f64(),
             });
         }
+        let mut saved = false;
+        if in_place && state.materialized {
+            // What later stages copy from `/` is saved before the next stage reuses it.
+            if self.users_left > 0 {
+                saved = self.save_for_later_copies(&dir.join("rootfs"))?;
+            }
+            *self.root_holds.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(state.layers.iter().map(|l| l.digest.clone()).collect());
+        }
         for (k, v) in &self.req.labels {
             state.config.set_label(k, v);
         }
         state.config.set_created(&created_time(self.req.epoch));
         Ok(StageResult {
             root: if in_place { dir.join("rootfs") } else { root },
-            materialized: state.materialized && !in_place,
+            materialized: (state.materialized && !in_place) || saved,
             key: state.key,
             image: BuiltImage {
                 config: state.config,
@@ -848,8 +925,53 @@ impl StageBuild<'_, '_> {
         Ok(state)
     }
 
+    /// For an in-place stage that later stages read only with `COPY --from`: copies what those
+    /// steps name out of `/` into `dest` (kaniko's way), so that they need not unpack the
+    /// stage's layers again once `/` holds another stage. Returns false, saving nothing, when
+    /// a later use needs the whole tree: `FROM` this stage, `RUN --mount=from=` it, or a
+    /// source that is the root itself or reaches into what in-place builds keep.
+    fn save_for_later_copies(&self, dest: &Path) -> Result<bool, BuildError> {
+        let me = self.stage.index;
+        let mut sources = Vec::new();
+        for s in self.plan.stages.iter().filter(|s| !s.skipped && s.index != me) {
+            if s.dependencies.iter().any(|d| d.stage == me && d.kind != DependencyKind::CopyFrom) {
+                return Ok(false);
+            }
+            for step in &s.steps {
+                if let Instruction::Copy { sources: src, from: Some(from), .. } = &step.instruction
+                    && stage_named(self.plan, from, s.index) == Some(me)
+                {
+                    sources.extend(src.paths.iter().cloned());
+                }
+            }
+        }
+        if sources.is_empty() {
+            return Ok(false);
+        }
+        if dest.symlink_metadata().is_ok() {
+            fs::remove_dir_all(dest).map_err(io_err("clearing a stage directory"))?;
+        }
+        fs::create_dir_all(dest).map_err(io_err("creating a stage directory"))?;
+        let root = Path::new("/");
+        let kept = self.engine.layers.kept_paths(root);
+        let saved =
+            crate::copy::save_sources(root, &sources, &kept, dest).map_err(|e| BuildError::Io {
+                context: format!("saving what later stages copy from stage {}", self.name()),
+                error: io::Error::other(e.to_string()),
+            })?;
+        if saved {
+            sources.sort();
+            sources.dedup();
+            self.engine.progress.event(Event::Saved { stage: self.name(), sources });
+        } else {
+            let _ = fs::remove_dir_all(dest);
+        }
+        Ok(saved)
+    }
+
     /// Empties `/` for a stage of an in-place build, keeping what the layer operations keep.
     fn clear_in_place_root(&self, root: &Path) -> Result<(), BuildError> {
+        *self.root_holds.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         self.engine.layers.clear_root(root).map_err(|e| BuildError::Io {
             context: format!("clearing `{}` for stage {}", root.display(), self.name()),
             error: io::Error::other(e.message),
@@ -866,20 +988,39 @@ impl StageBuild<'_, '_> {
             Base::Image(r) => r.clone(),
             _ => self.name(),
         };
-        apply_layers(
-            self.engine,
-            self.bases,
-            self.lazy,
-            &state.layers,
-            &state.root,
-            &|done, total| {
-                self.engine.progress.event(Event::Pull {
-                    reference: reference.clone(),
-                    bytes: done,
-                    total,
-                });
-            },
-        )?;
+        let mut layers = &state.layers[..];
+        if state.root == Path::new("/") {
+            // `/` may hold an earlier stage this one continues (`FROM <stage>` built just
+            // before): only the layers on top of it are applied, nothing is cleared.
+            let mut holds =
+                self.root_holds.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let held = holds.take().unwrap_or_default();
+            if !held.is_empty()
+                && held.len() <= layers.len()
+                && held.iter().zip(layers).all(|(d, l)| *d == l.digest)
+            {
+                layers = &layers[held.len()..];
+                for layer in layers {
+                    ensure_local(self.engine, self.bases, self.lazy, layer)?;
+                    self.engine.layers.apply(layer, &state.root).map_err(|source| {
+                        BuildError::Base {
+                            reference: layer.origin.clone().unwrap_or_else(|| layer.digest.clone()),
+                            source,
+                        }
+                    })?;
+                }
+                state.materialized = true;
+                state.snapshot = None;
+                return Ok(());
+            }
+        }
+        apply_layers(self.engine, self.bases, self.lazy, layers, &state.root, &|done, total| {
+            self.engine.progress.event(Event::Pull {
+                reference: reference.clone(),
+                bytes: done,
+                total,
+            });
+        })?;
         state.materialized = true;
         state.snapshot = None;
         Ok(())
@@ -1075,12 +1216,7 @@ impl StageBuild<'_, '_> {
 
     /// The stage `from` names (by name, or by index when earlier than this one).
     fn stage_named(&self, from: &str) -> Option<usize> {
-        let lower = from.to_ascii_lowercase();
-        self.plan
-            .stages
-            .iter()
-            .position(|s| s.name.as_deref() == Some(lower.as_str()))
-            .or_else(|| from.parse::<usize>().ok().filter(|i| *i < self.stage.index))
+        stage_named(self.plan, from, self.stage.index)
     }
 
     /// A digest of the context files under `source` that `.dockerignore` lets through.
@@ -1485,6 +1621,8 @@ impl StageBuild<'_, '_> {
         let mut spec = kiln_sandbox::RunSpec::new(&state.root, cmd.argv.clone())
             .user(state.config.user())
             .workdir(&workdir);
+        // Outside the root: in place, `/tmp` is the image's.
+        spec.state_dir = Some(scratch.clone());
         spec.env = env;
         spec.mounts = prepared.mounts.clone();
         if network == Some(NetworkMode::None) {

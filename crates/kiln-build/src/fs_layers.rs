@@ -132,6 +132,10 @@ impl LayerOps for FsLayers {
         Ok(())
     }
 
+    fn kept_paths(&self, root: &Path) -> Vec<String> {
+        self.keep_for(root).paths().to_vec()
+    }
+
     fn extract_archive(
         &self,
         archive: &Path,

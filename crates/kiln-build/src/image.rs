@@ -161,6 +161,12 @@ pub trait LayerOps: Send + Sync {
     /// are private directories and are removed whole by the engine instead.
     fn clear_root(&self, root: &Path) -> Result<(), SeamError>;
 
+    /// The paths below `root` (relative) that belong to the build, not to the image: what
+    /// [`Self::clear_root`] keeps. Empty for a private stage directory.
+    fn kept_paths(&self, _root: &Path) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Writes the given paths of `root` (relative, parents before children) as a layer into
     /// `blob_dir` (`None` for an empty list). Used after COPY, which knows what it wrote.
     fn paths_layer(

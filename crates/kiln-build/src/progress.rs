@@ -24,6 +24,9 @@ pub enum Event {
     Push { reference: String, bytes: u64, total: u64 },
     /// A result was written or pushed.
     Exported { destination: String, digest: String },
+    /// In place: what later stages copy from `stage` was saved before `/` is reused
+    /// (`sources` as the `COPY --from` steps name them).
+    Saved { stage: String, sources: Vec<String> },
     /// Something the user should know that does not stop the build.
     Warning { message: String },
     /// How step `index` used the layer cache (with `--cache-debug`): its key, hit or miss and

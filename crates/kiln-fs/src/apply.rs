@@ -332,34 +332,29 @@ impl Applier<'_> {
                 replace(self, false)?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-                let tmp = parent.join(format!(".kiln-tmp.{}.{name}", std::process::id()));
+                // Written at its place, what was there removed first (a running program
+                // keeps its inode): one directory operation a file, where a temporary file
+                // renamed into place takes two. A failed apply fails the build, so a
+                // half-written file is never used.
+                replace(self, false)?;
                 let result = (|| -> io::Result<()> {
                     let mut f = fs::OpenOptions::new()
                         .write(true)
                         .create_new(true)
                         .mode_private()
-                        .open(&tmp)?;
+                        .open(&target)?;
                     io::copy(entry, &mut f)?;
                     Ok(())
                 })();
                 if let Err(e) = result {
-                    let _ = fs::remove_file(&tmp);
+                    let _ = fs::remove_file(&target);
                     return Err(self.err(&rel, format!("writing the file: {e}")));
                 }
-                self.owner(&tmp, uid, gid, true, &rel)?;
-                fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
+                self.owner(&target, uid, gid, true, &rel)?;
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode))
                     .map_err(self.io(&rel))?;
-                self.xattrs(&tmp, &xattrs, &rel);
-                let _ = filetime::set_file_mtime(&tmp, mtime);
-                if let Some(m) = &existing
-                    && m.is_dir()
-                {
-                    fs::remove_dir_all(&target).map_err(self.io(&rel))?;
-                }
-                fs::rename(&tmp, &target).map_err(|e| {
-                    let _ = fs::remove_file(&tmp);
-                    self.err(&rel, format!("moving the file into place: {e}"))
-                })?;
+                self.xattrs(&target, &xattrs, &rel);
+                let _ = filetime::set_file_mtime(&target, mtime);
             }
             tar::EntryType::Symlink => {
                 let link = PathBuf::from(std::ffi::OsStr::from_bytes(

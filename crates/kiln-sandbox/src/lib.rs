@@ -180,6 +180,11 @@ pub struct RunSpec {
     pub overlay: Option<Overlay>,
     /// Hostname (rootless mode, which has its own UTS namespace) and `/etc/hosts` entry.
     pub hostname: String,
+    /// Where the run keeps its private state (`resolv.conf`, `hosts`, secret copies) in a
+    /// directory of its own; `None`: the system's temporary directory. In-place builds pass
+    /// kiln's work directory: there `/tmp` belongs to the image, may not exist, and must not
+    /// change.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl RunSpec {
@@ -197,6 +202,7 @@ impl RunSpec {
             network: Network::Host,
             overlay: None,
             hostname: "kiln".into(),
+            state_dir: None,
         }
     }
 

@@ -445,9 +445,15 @@ pub(crate) fn run(
     }
     let env = build_env(spec, &user);
 
-    let state = tempfile::Builder::new().prefix("kiln-sandbox-").tempdir().map_err(|source| {
-        Error::Io { action: "create state directory in", path: std::env::temp_dir(), source }
-    })?;
+    let state_parent = spec.state_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let state = tempfile::Builder::new()
+        .prefix("kiln-sandbox-")
+        .tempdir_in(&state_parent)
+        .map_err(|source| Error::Io {
+            action: "create state directory in",
+            path: state_parent.clone(),
+            source,
+        })?;
     let mut cleanup = Cleanup { points: MountPoints::default(), parent_mounts: Vec::new() };
     let result = prepare_and_run(
         mode,

@@ -81,6 +81,9 @@ fn plain_line(event: &Event) -> Option<String> {
         }
         Event::Exported { destination, digest } => format!("exported {destination} {digest}"),
         Event::Warning { message } => format!("warning: {message}"),
+        Event::Saved { stage, sources } => {
+            format!("[{stage}] saved {} for later COPY --from", sources.join(" "))
+        }
         Event::Cache { index, message } => format!("#{index} cache: {message}"),
         _ => return None,
     })
@@ -138,6 +141,9 @@ impl Progress for JsonProgress {
                 json!({"event": "exported", "destination": destination, "digest": digest})
             }
             Event::Warning { message } => json!({"event": "warning", "message": message}),
+            Event::Saved { stage, sources } => {
+                json!({"event": "saved", "stage": stage, "sources": sources})
+            }
             Event::Cache { index, message } => {
                 json!({"event": "cache", "step": index, "message": message})
             }

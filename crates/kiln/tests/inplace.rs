@@ -190,6 +190,77 @@ fn multi_stage_build_in_place_resets_the_root_between_stages() {
     assert_eq!(fs::read_to_string(t.ctx().join("hello.txt")).unwrap(), "hello\n");
 }
 
+/// Stage `build` is read only by `COPY --from`: what those steps name is saved out of `/` and
+/// the copies find it exact (owner, mode, time, a hardlink pair, a symlink, a followed
+/// top-level symlink, a wildcard). `base` is used by `FROM`, so it saves nothing; the stage
+/// built on it right after continues in `/` without unpacking `base` again (`build`, on
+/// `scratch`, is the smaller tree and goes first). `bb` runs nothing and never touches `/`.
+/// (`/out` is the harness's output mount, which a build never writes into the image.)
+const SAVED_STAGES: &str = "\
+FROM busybox AS bb
+
+FROM scratch AS build
+COPY --from=bb /bin/busybox /bin/busybox
+RUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]
+RUN mkdir -p /res/sub /junk && echo one > /res/sub/a && ln /res/sub/a /res/sub/b \\
+    && ln -s a /res/sub/link && chown 12:34 /res/sub/a && chmod 0640 /res/sub/a \\
+    && chmod 0751 /res/sub && touch -d @1000000000 /res/sub/a && echo j > /junk/f \\
+    && ln -s /res/sub/a /top-link && echo w1 > /w1.txt && echo w2 > /w2.txt
+
+FROM busybox AS base
+RUN echo base > /base-marker
+
+FROM base
+COPY --from=build /res /copied/res
+COPY --from=build /top-link /w*.txt /copied/
+COPY --from=bb /bin/busybox /copied/bb
+RUN test -f /base-marker && test ! -e /junk && test ! -e /res && echo ran > /marker
+";
+
+#[test]
+fn in_place_saves_what_later_stages_copy_and_continues_a_base_stage() {
+    use std::os::unix::fs::MetadataExt;
+    require_root!();
+    let t = Throwaway::new();
+    fs::write(t.ctx().join("Dockerfile"), SAVED_STAGES).unwrap();
+    fs::write(t.root().join(".dockerenv"), "").unwrap();
+    let o = t.kiln(
+        "build --isolation in-place --progress plain --ignore-path /kaniko \
+         --base-layout busybox=/bases:img --work-dir /kaniko/work \
+         -o type=oci,dest=/out /workspace",
+    );
+    let err = text(&o.stderr);
+    assert!(o.status.success(), "kiln build in place failed:\n{err}");
+    assert!(err.contains("[build] saved /res /top-link /w*.txt for later COPY --from"), "{err}");
+    assert!(!err.contains("[base] saved") && !err.contains("[bb] saved"), "{err}");
+    // The last stage continued `base` in `/`: its layers were not applied again.
+    assert!(!err.contains("pulled stage-3"), "{err}");
+
+    let rootfs = t.unpack();
+    let copied = rootfs.join("copied");
+    let a = fs::symlink_metadata(copied.join("res/sub/a")).unwrap();
+    assert_eq!(fs::read_to_string(copied.join("res/sub/a")).unwrap(), "one\n");
+    assert_eq!((a.uid(), a.gid(), a.mode() & 0o7777, a.mtime()), (12, 34, 0o640, 1_000_000_000));
+    let b = fs::symlink_metadata(copied.join("res/sub/b")).unwrap();
+    assert_eq!((b.ino(), a.nlink()), (a.ino(), 2), "the hardlink pair was split");
+    assert_eq!(fs::read_link(copied.join("res/sub/link")).unwrap(), Path::new("a"));
+    let sub = fs::symlink_metadata(copied.join("res/sub")).unwrap();
+    assert_eq!(sub.mode() & 0o7777, 0o751);
+    let top = fs::symlink_metadata(copied.join("top-link")).unwrap();
+    assert!(top.is_file(), "a top-level symlink source is copied as its target");
+    assert_eq!(fs::read_to_string(copied.join("top-link")).unwrap(), "one\n");
+    assert_eq!(fs::read_to_string(copied.join("w1.txt")).unwrap(), "w1\n");
+    assert_eq!(fs::read_to_string(copied.join("w2.txt")).unwrap(), "w2\n");
+    assert!(copied.join("bb").is_file());
+    assert_eq!(fs::read_to_string(rootfs.join("marker")).unwrap(), "ran\n");
+    assert_eq!(fs::read_to_string(rootfs.join("base-marker")).unwrap(), "base\n");
+    for absent in ["junk", "res", "top-link", "kaniko", "workspace"] {
+        assert!(!rootfs.join(absent).exists(), "/{absent} is in the image");
+    }
+    // Saved trees are gone once used.
+    assert!(!t.root().join("kaniko/work/stage-1/rootfs").exists());
+}
+
 #[test]
 fn cleanup_empties_the_root_but_what_kiln_keeps() {
     require_root!();
