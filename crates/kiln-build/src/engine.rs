@@ -626,6 +626,18 @@ fn apply_layers(
         }
         fs::create_dir_all(root).map_err(io_err("creating the stage root"))?;
     }
+    apply_each(engine, bases, lazy, layers, root, progress)
+}
+
+/// Applies `layers` to `root` as it is, in order, fetching blobs not on disk yet.
+fn apply_each(
+    engine: &Engine<'_>,
+    bases: &HashMap<String, BaseImage>,
+    lazy: &Mutex<HashMap<String, LazyBlob>>,
+    layers: &[LayerBlob],
+    root: &Path,
+    progress: &dyn Fn(u64, u64),
+) -> Result<(), BuildError> {
     let total: u64 = layers.iter().map(|l| l.size).sum();
     let mut done = 0;
     for layer in layers {
@@ -1000,15 +1012,7 @@ impl StageBuild<'_, '_> {
                 && held.iter().zip(layers).all(|(d, l)| *d == l.digest)
             {
                 layers = &layers[held.len()..];
-                for layer in layers {
-                    ensure_local(self.engine, self.bases, self.lazy, layer)?;
-                    self.engine.layers.apply(layer, &state.root).map_err(|source| {
-                        BuildError::Base {
-                            reference: layer.origin.clone().unwrap_or_else(|| layer.digest.clone()),
-                            source,
-                        }
-                    })?;
-                }
+                apply_each(self.engine, self.bases, self.lazy, layers, &state.root, &|_, _| {})?;
                 state.materialized = true;
                 state.snapshot = None;
                 return Ok(());
