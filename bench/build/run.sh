@@ -13,7 +13,8 @@
 #   KILN=/path/to/kiln                 the kiln binary (default: target/release/kiln, built)
 #
 # Peers: buildah bud --isolation chroot --layers, with overlay and with vfs storage, then
-# buildah push. The registry is the Debian `docker-registry` on 127.0.0.1 with a random port;
+# buildah push. Each timed run is settled first (bench/settle.sh: caches dropped, inputs read
+# back). The registry is the Debian `docker-registry` on 127.0.0.1 with a random port;
 # base images come from scripts/base-images.sh.
 set -euo pipefail
 shopt -s inherit_errexit
@@ -96,9 +97,13 @@ context_of() {
   fi
 }
 
-# Runs a command, appending "seconds peak_kb" to $results_file.
+# shellcheck source=../settle.sh
+source "$here/../settle.sh"
+
+# Runs a command, appending "seconds peak_kb" to $results_file; settled first (bench/settle.sh).
 measure() {
   local out="$1"; shift
+  settle "$work" "$suites_dir" "${KILN_TEST_CACHE:-$HOME/.cache/kiln-test}/bench" "${KILN:-}"
   /usr/bin/time -f "%e %M" -o "$work/time" "$@" > "$work/cmd.log" 2>&1 || {
     echo "FAILED: $*" >&2; tail -30 "$work/cmd.log" >&2; echo "fail fail" >> "$out"; return 0; }
   cat "$work/time" >> "$out"

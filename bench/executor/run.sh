@@ -5,7 +5,9 @@
 # capabilities and seccomp, no --privileged) that pushes to a local registry. Prints a Markdown
 # table of the median wall time of `podman run` (container start included), the suite's floor
 # (its RUN commands run natively in a chroot of the same bases, bench/executor/floor.py), the
-# overhead (wall - floor) and the container's peak RSS.
+# overhead (wall - floor), the RUN commands' own time inside each build (commands.py: what kiln
+# reports per step, kaniko's `Running:` line to its next log line) with the overhead above that,
+# and the container's peak RSS.
 #
 # usage: bench/executor/run.sh [-n RUNS] [-s SUITE]... [-m cold|warm]... [--no-kiln]
 #   -m cold   a fresh container: base pulled, every step run, image pushed (the default, with warm)
@@ -14,6 +16,7 @@
 #   KANIKO_EXECUTOR=/path/to/executor   adds kaniko (a static executor built from its source)
 #   KILN_EXECUTOR_IMAGE=FILE.tar        kiln's executor image as a docker archive (default: made
 #                                       by scripts/build-executor-image.sh, release profile)
+#   KILN_BENCH_KEEP=DIR                 keep each run's result file and time-stamped log there
 #
 # Both images run with: podman --runtime runc run --rm --network host --ulimit nofile=1024:1024
 #   --ulimit nproc=1024:1024 -v CONTEXT:/workspace -v DOCKERFILE:/bench/Dockerfile:ro IMAGE
@@ -23,7 +26,9 @@
 # so that bigcopy's `COPY . /data/` copies the generated context only. podman's own start cost
 # (`IMAGE --help`/`version`, median of RUNS) is printed so it can be subtracted. Peak RSS is the
 # container memory cgroup's total_rss sampled every 0.1 s (a fresh cgroup parent per run).
-# The registry is the Debian `docker-registry` on 127.0.0.1 with a random port; base images come
+# Before each run the caches are dropped and its inputs read back (bench/settle.sh: on these VMs
+# creating files right after a big delete is up to 10x slower, which made whichever run came
+# next slower). The registry is the Debian `docker-registry` on 127.0.0.1 with a random port; base images come
 # from scripts/base-images.sh. Everything lives in a temporary directory removed at exit.
 set -euo pipefail
 shopt -s inherit_errexit
@@ -52,6 +57,8 @@ tools=()
 [[ ${#tools[@]} -gt 0 ]] || { echo "nothing to run (--no-kiln and no KANIKO_EXECUTOR)" >&2; exit 2; }
 
 log() { printf '==> %s\n' "$*" >&2; }
+# shellcheck source=../settle.sh
+source "$here/../settle.sh"
 
 # (lowercase: podman names an image pulled from an OCI layout after its path)
 work=/var/tmp/kiln-bench-exec.$$; rm -rf "$work"; mkdir -p "$work"
@@ -167,24 +174,31 @@ sample_rss() {
 }
 
 run_n=0
-# Runs one containerised build, appending "seconds peak_kb" (or "fail fail") to $out.
+# Runs one containerised build of TOOL, appending "seconds peak_kb commands_s" (or "fail fail
+# fail") to $out; commands_s is the RUN commands' own time in this run (commands.py).
 run_container() {
-  local out="$1"; shift
+  local out="$1" tool="$2"; shift 2
   run_n=$((run_n + 1))
   local parent="$cg_name-$run_n"
+  settle "$work/registry" "$work/podman/root" "$suites_dir" "${KILN_TEST_CACHE:-$HOME/.cache/kiln-test}/bench"
+  # podman, runc, conmon and the executor's binary back in the page cache: an untimed start.
+  local arg=--help; [[ "$tool" == kaniko ]] && arg=version
+  "${podman[@]}" run --rm --pull=never --network host --ulimit nofile=1024:1024 \
+    --ulimit nproc=1024:1024 "localhost/$tool/executor:bench" "$arg" > /dev/null 2>&1 || true
   mkdir -p "/sys/fs/cgroup/memory/$parent"
   sample_rss "/sys/fs/cgroup/memory/$parent" "$work/peak" &
   sampler_pid=$!
   local ok=1
   /usr/bin/time -f "%e" -o "$work/time" "${podman[@]}" run --rm --pull=never --network host \
     --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 --cgroup-parent "/$parent" "$@" \
-    > "$work/cmd.log" 2>&1 || ok=0
+    2>&1 | python3 "$here/commands.py" stamp > "$work/cmd.log" || ok=0
   kill -TERM "$sampler_pid"; wait "$sampler_pid" 2>/dev/null || true; sampler_pid=""
+  if [[ -n "${KILN_BENCH_KEEP:-}" ]]; then cp "$work/cmd.log" "$KILN_BENCH_KEEP/log-$run_n-$tool"; fi
   remove_cgroups
   if [[ $ok == 0 ]]; then
-    echo "FAILED: podman run $*" >&2; tail -30 "$work/cmd.log" >&2; echo "fail fail" >> "$out"; return 0
+    echo "FAILED: podman run $*" >&2; tail -30 "$work/cmd.log" >&2; echo "fail fail fail" >> "$out"; return 0
   fi
-  echo "$(cat "$work/time") $(( $(cat "$work/peak") / 1024 ))" >> "$out"
+  echo "$(cat "$work/time") $(( $(cat "$work/peak") / 1024 )) $(python3 "$here/commands.py" sum "$tool" < "$work/cmd.log")" >> "$out"
 }
 
 build_args() {
@@ -203,7 +217,7 @@ declare -A start_cost
 for tool in "${tools[@]}"; do
   res="$work/start-$tool"; : > "$res"
   arg=--help; [[ "$tool" == kaniko ]] && arg=version
-  for _ in $(seq "$runs"); do run_container "$res" "localhost/$tool/executor:bench" "$arg"; done
+  for _ in $(seq "$runs"); do run_container "$res" "$tool" "localhost/$tool/executor:bench" "$arg"; done
   start_cost[$tool]=$(cut -d' ' -f1 "$res" | median)
 done
 
@@ -213,8 +227,8 @@ printf '\nMachine: nproc %s, %s GiB RAM, kernel %s, load before %s\n' "$(nproc)"
   "$(cut -d' ' -f1-3 /proc/loadavg)"
 printf 'podman start + --help/version (median of %s): %s\n\n' "$runs" \
   "$(for t in "${tools[@]}"; do printf '%s %s s; ' "$t" "${start_cost[$t]}"; done)"
-printf '| suite | mode | tool | wall s (median of %s) | floor s | overhead s | overhead − podman start s | peak RSS MB | load |\n' "$runs"
-printf '|---|---|---|---|---|---|---|---|---|\n'
+printf '| suite | mode | tool | wall s (median of %s) | floor s | overhead s | overhead − podman start s | commands in the run s | wall − commands − podman start s | peak RSS MB | load |\n' "$runs"
+printf '|---|---|---|---|---|---|---|---|---|---|---|\n'
 for suite in "${suites[@]}"; do
   ctx=$(context_of "$suite")
   for mode in "${modes[@]}"; do
@@ -225,6 +239,7 @@ for suite in "${suites[@]}"; do
         log "$suite: floor (RUN commands natively in a chroot)"
         : > "$work/floor"
         for _ in $(seq "$runs"); do
+          settle "$suites_dir" "$ctx" "${layouts[@]#*=}"
           python3 "$here/floor.py" "$suites_dir/$suite/Dockerfile" "$ctx" "$work/floor-root" \
             "${layouts[@]}" >> "$work/floor"
           rm -rf "$work/floor-root"
@@ -238,13 +253,16 @@ for suite in "${suites[@]}"; do
       mapfile -t args < <(build_args "$tool" "$suite" "$ctx" "$mode")
       res="$work/res-$suite-$mode-$tool"; : > "$res"
       if [[ "$mode" == warm ]]; then
-        run_container "$work/prime" "${args[@]}"
+        run_container "$work/prime" "$tool" "${args[@]}"
         tail -1 "$work/prime" | grep -q fail && echo "priming failed: $suite $tool" >&2
       fi
       load=$(cut -d' ' -f1 /proc/loadavg)
-      for _ in $(seq "$runs"); do run_container "$res" "${args[@]}"; done
+      for _ in $(seq "$runs"); do run_container "$res" "$tool" "${args[@]}"; done
       t=$(cut -d' ' -f1 "$res" | median)
       m=$(cut -d' ' -f2 "$res" | median)
+      # The median of each run's own overhead (wall - its commands' time), not of the parts.
+      c=$(awk '{print $3}' "$res" | median)
+      oc=$(awk -v s="${start_cost[$tool]}" '$1 ~ /^[0-9.]+$/ { printf "%.2f\n", $1 - $3 - s }' "$res" | median)
       [[ "$m" =~ ^[0-9]+$ ]] && m=$((m / 1024))
       if [[ "$t" =~ ^[0-9.]+$ ]]; then
         o=$(awk -v t="$t" -v f="$f" 'BEGIN { printf "%.2f", t - f }')
@@ -252,7 +270,7 @@ for suite in "${suites[@]}"; do
       else
         o=-; o2=-
       fi
-      printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$suite" "$mode" "$tool" "$t" "$f" "$o" "$o2" "$m" "$load"
+      printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$suite" "$mode" "$tool" "$t" "$f" "$o" "$o2" "$c" "$oc" "$m" "$load"
       cp "$res" "${KILN_BENCH_KEEP:-$work}/" 2>/dev/null || true
     done
   done

@@ -140,6 +140,8 @@ pub struct StepTiming {
     pub line: usize,
     pub text: String,
     pub seconds: f64,
+    /// Of `seconds`, the time a RUN's command ran (a cache hit or another instruction: none).
+    pub command_seconds: Option<f64>,
 }
 
 /// Why a build failed.
@@ -399,6 +401,7 @@ impl Engine<'_> {
                         root_holds: &root_holds,
                         bad_keys,
                         step_index: 0,
+                        command_time: None,
                         total_steps,
                         feeds_image: feeds_image.contains(&i),
                         users_left: users.get(&i).copied().unwrap_or(0),
@@ -684,6 +687,8 @@ struct StageBuild<'e, 'a> {
     bad_keys: &'e HashSet<String>,
     /// The number of the step running now.
     step_index: usize,
+    /// How long the running step's RUN command ran (set by `run_step`).
+    command_time: Option<std::time::Duration>,
     total_steps: usize,
     users_left: usize,
     /// This stage's layers end up in the target image (reported to the layer sink).
@@ -774,7 +779,9 @@ impl StageBuild<'_, '_> {
             });
             let started = Instant::now();
             let layers_before = state.layers.len();
+            self.command_time = None;
             let cached = self.step(&mut state, step)?;
+            let command = self.command_time.take();
             let elapsed = started.elapsed();
             let layer = (state.layers.len() > layers_before)
                 .then(|| state.layers.last().map_or(0, |l| l.size));
@@ -792,6 +799,7 @@ impl StageBuild<'_, '_> {
             self.engine.progress.event(Event::StepFinished {
                 index: self.step_index,
                 elapsed,
+                command,
                 cached,
                 layer,
             });
@@ -800,6 +808,7 @@ impl StageBuild<'_, '_> {
                 line: step.span.start_line,
                 text,
                 seconds: elapsed.as_secs_f64(),
+                command_seconds: command.map(|d| d.as_secs_f64()),
             });
         }
         let mut saved = false;
@@ -1573,7 +1582,9 @@ impl StageBuild<'_, '_> {
         if self.cache_hit(state, &key, &inputs, enabled, &created_by)? {
             return Ok(true);
         }
+        let started = std::time::Instant::now();
         self.materialize(state)?;
+        let root_ready = started.elapsed();
         // The snapshot to diff against: the state before this RUN.
         let before = match state.snapshot.take() {
             Some(s) => s,
@@ -1652,6 +1663,7 @@ impl StageBuild<'_, '_> {
         let index = self.step_index;
         let progress = self.engine.progress;
         let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+        let command_started = std::time::Instant::now();
         let outcome = self
             .engine
             .sandbox
@@ -1668,6 +1680,7 @@ impl StageBuild<'_, '_> {
                 });
             })
             .map_err(|e| self.step_err(line, format!("cannot run the command: {e}"), None))?;
+        self.command_time = Some(command_started.elapsed());
         drop(prepared);
         for w in &outcome.warnings {
             self.engine.progress.event(Event::Warning { message: w.clone() });
@@ -1686,6 +1699,7 @@ impl StageBuild<'_, '_> {
                 tail,
             });
         }
+        let diff_started = std::time::Instant::now();
         let watch = self.watch_layer();
         let written = self.engine.layers.diff_layer(
             &state.root,
@@ -1696,6 +1710,16 @@ impl StageBuild<'_, '_> {
         );
         drop(watch);
         let (layer, after) = written.map_err(|e| self.step_err(line, e.message, e.hint))?;
+        // Where a RUN's time goes, for `KILN_LOG=kiln_build=debug` (benchmarks, slow builds).
+        tracing::debug!(
+            stage = %self.name(),
+            line,
+            root_ready_s = root_ready.as_secs_f64(),
+            prepare_s = (command_started - started - root_ready).as_secs_f64(),
+            command_s = (diff_started - command_started).as_secs_f64(),
+            layer_s = diff_started.elapsed().as_secs_f64(),
+            "RUN timings"
+        );
         state.snapshot = Some(after);
         let with_layer = self.add_layer(state, layer);
         self.history(state, created_by, !with_layer);

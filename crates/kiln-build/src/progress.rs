@@ -18,8 +18,15 @@ pub enum Event {
     StepStarted { stage: String, index: usize, of: usize, text: String },
     /// A line a RUN printed (stdout or stderr).
     Output { index: usize, line: String, stderr: bool },
-    /// A step finished; `layer` is the size of the layer it produced, if any.
-    StepFinished { index: usize, elapsed: Duration, cached: bool, layer: Option<u64> },
+    /// A step finished; `command` is how long of `elapsed` a RUN's command ran, `layer` the
+    /// size of the layer it produced, if any.
+    StepFinished {
+        index: usize,
+        elapsed: Duration,
+        command: Option<Duration>,
+        cached: bool,
+        layer: Option<u64>,
+    },
     /// Bytes of a push: `bytes` of `total` done for `reference`.
     Push { reference: String, bytes: u64, total: u64 },
     /// A result was written or pushed.

@@ -993,7 +993,12 @@ fn build_with(
         let steps: Vec<serde_json::Value> = image
             .steps
             .iter()
-            .map(|s| serde_json::json!({"stage": s.stage, "line": s.line, "step": s.text, "seconds": s.seconds}))
+            .map(|s| {
+                serde_json::json!({
+                    "stage": s.stage, "line": s.line, "step": s.text, "seconds": s.seconds,
+                    "command_seconds": s.command_seconds,
+                })
+            })
             .collect();
         let size: u64 = image.layers.iter().map(|l| l.size).sum();
         let meta = serde_json::json!({

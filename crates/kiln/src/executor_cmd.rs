@@ -557,7 +557,7 @@ pub fn translate(args: &ExecutorArgs) -> anyhow::Result<BuildArgs> {
     if let Some(c) = &args.compression {
         b.compression.clone_from(c);
     }
-    b.compression_level = Some(args.compression_level);
+    b.compression_level = Some(kaniko_compression_level(args.compression_level));
     // The layer cache: kaniko's `oci:DIR` cache repository is a local directory in kiln.
     match args.cache_repo.as_deref().map(|r| (r, r.strip_prefix("oci:"))) {
         Some((_, Some(dir))) if args.cache => {
@@ -625,6 +625,12 @@ pub fn translate(args: &ExecutorArgs) -> anyhow::Result<BuildArgs> {
     b.work_dir = work_dir(args)?;
     b.progress = progress_mode(args);
     Ok(b)
+}
+
+/// The level kaniko compresses layers at: the given one when above 0, else go-containerregistry's
+/// default, which is 1 (`gzip.BestSpeed`, and zstd's fastest) — not gzip's own default of 6.
+fn kaniko_compression_level(level: i32) -> i32 {
+    if level > 0 { level } else { 1 }
 }
 
 /// `--verbosity` and `--log-format` as a progress renderer.
@@ -733,6 +739,10 @@ mod tests {
         assert_eq!(d.cache_dir, PathBuf::from("/cache"));
         assert_eq!(d.isolation, "in-place");
         assert_eq!(d.compression_level, -1);
+        // kaniko ignores levels up to 0 and compresses at go-containerregistry's level 1.
+        assert_eq!(kaniko_compression_level(-1), 1);
+        assert_eq!(kaniko_compression_level(0), 1);
+        assert_eq!(kaniko_compression_level(9), 9);
     }
 
     #[test]

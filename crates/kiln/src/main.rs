@@ -151,6 +151,23 @@ fn invoked_as() -> Option<String> {
     matches!(name.as_str(), "executor" | "warmer").then_some(name)
 }
 
+/// `KILN_LOG` (a `tracing` filter such as `kiln_build=debug`) turns on kiln's log on stderr
+/// for the commands that have no flags for it; the executor takes kaniko's `--verbosity`.
+fn init_env_logging() {
+    let Ok(filter) = std::env::var("KILN_LOG") else { return };
+    let Ok(filter) = tracing_subscriber::EnvFilter::try_new(&filter) else {
+        eprintln!(
+            "warning: KILN_LOG={filter:?} is not a log filter; try KILN_LOG=kiln_build=debug"
+        );
+        return;
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
 fn main() -> ExitCode {
     // A re-run started by `enter_user_namespace` joins its namespace before anything else
     // (unshare needs a single-threaded process).
@@ -162,6 +179,9 @@ fn main() -> ExitCode {
         Some("warmer") => Command::Warmer(WarmerCli::parse().args),
         _ => Cli::parse().command,
     };
+    if !matches!(command, Command::Executor(_)) {
+        init_env_logging();
+    }
     let result = match command {
         Command::Build(args) => {
             // The parent of a user-namespace re-run keeps the default signal actions: when it

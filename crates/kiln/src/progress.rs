@@ -45,6 +45,11 @@ fn secs(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
 }
 
+/// A command's time: to the hundredth under a second, where a quick RUN's time goes.
+fn command_secs(d: Duration) -> String {
+    if d < Duration::from_secs(1) { format!("{:.2}s", d.as_secs_f64()) } else { secs(d) }
+}
+
 fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
     let mut v = n as f64;
@@ -66,15 +71,21 @@ fn plain_line(event: &Event) -> Option<String> {
         }
         Event::StepStarted { stage, index, of, text } => format!("#{index}/{of} [{stage}] {text}"),
         Event::Output { index, line, .. } => format!("#{index} {line}"),
-        Event::StepFinished { index, elapsed, cached, layer } => {
-            let what = match (cached, layer) {
-                (true, _) => "CACHED".to_owned(),
-                (false, Some(size)) => {
-                    format!("DONE {} (layer {})", secs(*elapsed), human_bytes(*size))
-                }
-                (false, None) => format!("DONE {}", secs(*elapsed)),
-            };
-            format!("#{index} {what}")
+        Event::StepFinished { index, elapsed, command, cached, layer } => {
+            if *cached {
+                return Some(format!("#{index} CACHED"));
+            }
+            // The command's own time next to the step's: the rest is kiln's.
+            let details: Vec<String> = command
+                .map(|c| format!("command {}", command_secs(c)))
+                .into_iter()
+                .chain(layer.map(|size| format!("layer {}", human_bytes(size))))
+                .collect();
+            if details.is_empty() {
+                format!("#{index} DONE {}", secs(*elapsed))
+            } else {
+                format!("#{index} DONE {} ({})", secs(*elapsed), details.join(", "))
+            }
         }
         Event::Push { reference, bytes, total } if bytes == total => {
             format!("pushed {reference} ({})", human_bytes(*total))
@@ -130,8 +141,9 @@ impl Progress for JsonProgress {
             Event::Output { index, line, stderr } => {
                 json!({"event": "output", "index": index, "line": line, "stderr": stderr})
             }
-            Event::StepFinished { index, elapsed, cached, layer } => json!({
+            Event::StepFinished { index, elapsed, command, cached, layer } => json!({
                 "event": "done", "index": index, "seconds": elapsed.as_secs_f64(),
+                "command_seconds": command.map(|c| c.as_secs_f64()),
                 "cached": cached, "layer_bytes": layer,
             }),
             Event::Push { reference, bytes, total } => {
@@ -255,10 +267,27 @@ mod tests {
         let l = plain_line(&Event::StepFinished {
             index: 2,
             elapsed: Duration::from_millis(1234),
+            command: None,
             cached: false,
             layer: Some(2_500_000),
         });
         assert_eq!(l.as_deref(), Some("#2 DONE 1.2s (layer 2.5 MB)"));
+        let l = plain_line(&Event::StepFinished {
+            index: 3,
+            elapsed: Duration::from_millis(6000),
+            command: Some(Duration::from_millis(5100)),
+            cached: false,
+            layer: Some(21_400_000),
+        });
+        assert_eq!(l.as_deref(), Some("#3 DONE 6.0s (command 5.1s, layer 21.4 MB)"));
+        let l = plain_line(&Event::StepFinished {
+            index: 4,
+            elapsed: Duration::from_millis(31),
+            command: Some(Duration::from_millis(4)),
+            cached: false,
+            layer: None,
+        });
+        assert_eq!(l.as_deref(), Some("#4 DONE 0.0s (command 0.00s)"));
         assert_eq!(
             plain_line(&Event::Pull { reference: "a".into(), bytes: 1, total: 2 }),
             None,

@@ -686,6 +686,10 @@ fn metadata_file_has_the_digest_and_step_timings() {
     assert!(secs.iter().all(|s| *s >= 0.0), "{meta}");
     assert!(secs[1] >= 1.2, "the RUN took its sleep: {meta}");
     assert!(secs[0] < 1.0 && secs[3] < 1.0, "metadata steps are quick: {meta}");
+    // Only the RUN has a command time: the sleep, and no more than the whole step.
+    let command = steps[1]["command_seconds"].as_f64().unwrap();
+    assert!((1.2..=secs[1]).contains(&command), "{meta}");
+    assert!(steps.iter().enumerate().all(|(i, s)| i == 1 || s["command_seconds"].is_null()));
     assert!(meta["image.size"].as_u64().unwrap() > 0, "{meta}");
     let (m, _) = manifest(&b.path("out"));
     assert_eq!(meta["layers"].as_u64().unwrap() as usize, m["layers"].as_array().unwrap().len());
@@ -805,6 +809,11 @@ fn progress_json_is_one_object_per_line() {
     let done: Vec<&Value> = of("done").collect();
     assert_eq!(done.len(), 3, "every step finishes: {stderr}");
     assert!(done.iter().all(|d| d["seconds"].as_f64().is_some() && d["cached"] == false));
+    let run_done = done.iter().find(|d| d["index"] == run_index).unwrap();
+    assert!(run_done["command_seconds"].as_f64().unwrap() <= run_done["seconds"].as_f64().unwrap());
+    assert!(
+        done.iter().filter(|d| d["index"] != run_index).all(|d| d["command_seconds"].is_null())
+    );
     let exported: Vec<&Value> = of("exported").collect();
     assert_eq!(exported.len(), 1);
     assert_eq!(exported[0]["digest"], manifest(&b.path("out")).1, "{stderr}");
