@@ -644,11 +644,20 @@ fn apply_each(
     let total: u64 = layers.iter().map(|l| l.size).sum();
     let mut done = 0;
     for layer in layers {
+        let started = std::time::Instant::now();
         ensure_local(engine, bases, lazy, layer)?;
+        let fetched = started.elapsed();
         engine.layers.apply(layer, root).map_err(|source| BuildError::Base {
             reference: layer.origin.clone().unwrap_or_else(|| layer.digest.clone()),
             source,
         })?;
+        tracing::debug!(
+            layer = %layer.digest,
+            size = layer.size,
+            fetch_s = fetched.as_secs_f64(),
+            apply_s = (started.elapsed() - fetched).as_secs_f64(),
+            "layer applied"
+        );
         done += layer.size;
         progress(done, total);
     }

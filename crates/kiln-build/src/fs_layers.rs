@@ -175,7 +175,9 @@ impl LayerOps for FsLayers {
     }
 
     fn snapshot(&self, root: &Path) -> Result<Box<dyn Snapshot>, SeamError> {
+        let started = std::time::Instant::now();
         let table = FsSnapshot::take(root, &self.snapshot_options(root)).map_err(seam)?;
+        tracing::debug!(snapshot_s = started.elapsed().as_secs_f64(), "snapshot");
         Ok(Box::new(Table(table)))
     }
 
@@ -190,9 +192,19 @@ impl LayerOps for FsLayers {
         let before = before.as_any().downcast_ref::<Table>().ok_or_else(|| {
             SeamError::new("internal: a snapshot from another layer implementation")
         })?;
+        let started = std::time::Instant::now();
         let after = FsSnapshot::take(root, &self.snapshot_options(root)).map_err(seam)?;
+        let taken = started.elapsed();
         let entries = before.0.diff(&after);
+        let diffed = started.elapsed();
         let layer = self.write(root, &entries, &HashMap::new(), blob_dir, media_types, watch)?;
+        tracing::debug!(
+            entries = entries.len(),
+            snapshot_s = taken.as_secs_f64(),
+            diff_s = (diffed - taken).as_secs_f64(),
+            write_s = (started.elapsed() - diffed).as_secs_f64(),
+            "layer from a snapshot"
+        );
         Ok((layer, Box::new(Table(after))))
     }
 

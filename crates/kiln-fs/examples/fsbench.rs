@@ -44,6 +44,18 @@ fn main() {
                 files.len()
             );
         }
+        Some("snaploop") => {
+            // The mean time of one snapshot of a small root (a RUN step's change detection).
+            let root = Path::new(&args[2]);
+            let n: u32 = args[3].parse().unwrap();
+            let threads: usize = args.get(4).map_or(0, |t| t.parse().unwrap());
+            let opts = SnapshotOptions { threads, ..SnapshotOptions::default() };
+            let t = Instant::now();
+            for _ in 0..n {
+                Snapshot::take(root, &opts).unwrap();
+            }
+            println!("snapshot_us={:.0}", t.elapsed().as_secs_f64() * 1e6 / f64::from(n));
+        }
         Some("write") => {
             let root = Path::new(&args[2]);
             let blobs = Path::new(&args[3]);

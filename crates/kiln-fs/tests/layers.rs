@@ -231,6 +231,30 @@ fn hostile_archives_never_touch_anything_outside_the_root() {
             vec![("abs", Symlink, "/outside"), ("abs/canary", Regular, "pwned")],
             false,
         ),
+        // The applier remembers the directory the last entry was in (or was): a directory, or
+        // the link to it, replaced by a link out between two of its files is not written
+        // through.
+        (
+            "directory replaced by a link out between its files",
+            vec![
+                ("d", Directory, ""),
+                ("d/a", Regular, "x"),
+                ("d", Symlink, "../outside"),
+                ("d/canary", Regular, "pwned"),
+            ],
+            false,
+        ),
+        (
+            "link to a directory replaced between its files",
+            vec![
+                ("real", Directory, ""),
+                ("l", Symlink, "real"),
+                ("l/a", Regular, "x"),
+                ("l", Symlink, "../outside"),
+                ("l/canary", Regular, "pwned"),
+            ],
+            false,
+        ),
         (
             "symlink dir chain",
             vec![
@@ -669,4 +693,47 @@ fn fifos_and_device_nodes_are_made() {
     let null = fs::symlink_metadata(t.path().join("null")).unwrap();
     assert!(null.file_type().is_char_device());
     assert_eq!(null.rdev(), rustix::fs::makedev(1, 3));
+}
+
+/// Owners are the archive's, also where creating a file alone would give another one (a
+/// setgid directory hands its group down) or would not change it (root's own files).
+#[test]
+fn owners_follow_the_archive_in_setgid_directories() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("SKIPPED: setting owners needs root (CI runs as root)");
+        return;
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, kind, mode, uid, gid) in [
+        ("shared", tar::EntryType::Directory, 0o2775, 0, 50),
+        ("shared/root-file", tar::EntryType::Regular, 0o644, 0, 0),
+        ("shared/group-file", tar::EntryType::Regular, 0o644, 0, 50),
+        ("shared/user-file", tar::EntryType::Regular, 0o4755, 1000, 1000),
+        ("plain", tar::EntryType::Directory, 0o755, 0, 0),
+        ("plain/root-file", tar::EntryType::Regular, 0o600, 0, 0),
+    ] {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_path(name).unwrap();
+        h.set_mode(mode);
+        h.set_uid(uid);
+        h.set_gid(gid);
+        h.set_size(0);
+        h.set_cksum();
+        b.append(&h, std::io::empty()).unwrap();
+    }
+    let tar = b.into_inner().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let outcome = apply::apply_reader(&tar[..], t.path(), &ApplyOptions::default()).unwrap();
+    assert!(outcome.warnings.is_empty(), "{:?}", outcome.warnings);
+    let owner = |p: &str| {
+        let m = fs::symlink_metadata(t.path().join(p)).unwrap();
+        (m.uid(), m.gid(), m.mode() & 0o7777)
+    };
+    assert_eq!(owner("shared"), (0, 50, 0o2775));
+    assert_eq!(owner("shared/root-file"), (0, 0, 0o644));
+    assert_eq!(owner("shared/group-file"), (0, 50, 0o644));
+    // The setuid bit survives the owner change (the mode is set after it).
+    assert_eq!(owner("shared/user-file"), (1000, 1000, 0o4755));
+    assert_eq!(owner("plain/root-file"), (0, 0, 0o600));
 }

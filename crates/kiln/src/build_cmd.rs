@@ -878,6 +878,10 @@ fn build_with(
             _ => None,
         })
         .collect();
+    // Each upload takes three requests (start, data, digest); with a layer every few
+    // milliseconds (30 one-line RUN steps) two workers fell ~0.1 s behind the build, which the
+    // final push then waited for. Four, as docker and go-containerregistry use.
+    const EARLY_UPLOAD_WORKERS: usize = 4;
     let early = kiln_build::registry_source::EarlyUploads::new(&client, &destinations);
     let engine = kiln_build::engine::Engine {
         images: &images,
@@ -890,7 +894,7 @@ fn build_with(
     let req = &resolved.request;
     let built = std::thread::scope(|scope| {
         if !destinations.is_empty() {
-            for _ in 0..2 {
+            for _ in 0..EARLY_UPLOAD_WORKERS {
                 scope.spawn(|| early.work());
             }
         }
