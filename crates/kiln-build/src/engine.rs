@@ -645,6 +645,17 @@ fn apply_each(
     let mut done = 0;
     for layer in layers {
         let started = std::time::Instant::now();
+        if !layer.path.is_file() && apply_while_downloading(engine, bases, lazy, layer, root)? {
+            tracing::debug!(
+                layer = %layer.digest,
+                size = layer.size,
+                streamed_s = started.elapsed().as_secs_f64(),
+                "layer applied while downloading"
+            );
+            done += layer.size;
+            progress(done, total);
+            continue;
+        }
         ensure_local(engine, bases, lazy, layer)?;
         let fetched = started.elapsed();
         engine.layers.apply(layer, root).map_err(|source| BuildError::Base {
@@ -662,6 +673,62 @@ fn apply_each(
         progress(done, total);
     }
     Ok(())
+}
+
+/// Compressed chunks a download may be ahead of the apply reading it.
+const DOWNLOAD_CHUNKS_AHEAD: usize = 64;
+
+/// Applies a base image's layer as it downloads (the download, the inflate and the files
+/// overlap). `Ok(false)` when it cannot stream from its source or the download failed: the
+/// caller then fetches the blob the usual way (with retries) and applies it again over what
+/// this one wrote, which gives the same tree. An apply error with a complete download is the
+/// layer's own and is returned.
+fn apply_while_downloading(
+    engine: &Engine<'_>,
+    bases: &HashMap<String, BaseImage>,
+    lazy: &Mutex<HashMap<String, LazyBlob>>,
+    layer: &LayerBlob,
+    root: &Path,
+) -> Result<bool, BuildError> {
+    let source =
+        lazy.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&layer.digest).cloned();
+    let Some(LazyBlob::Base(reference)) = source else { return Ok(false) };
+    let Some(base) = bases.get(&reference) else { return Ok(false) };
+    if !engine.images.can_stream(base) {
+        return Ok(false);
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(DOWNLOAD_CHUNKS_AHEAD);
+    let (downloaded, applied) = std::thread::scope(|scope| {
+        let download = scope.spawn(move || {
+            // An apply that stopped (at the tar's end, or on an error) no longer reads; the
+            // download still goes to its end, so the blob on disk is whole and verified.
+            let mut reading = true;
+            let result = engine.images.stream_blob(base, layer, &mut |chunk| {
+                reading = reading && tx.send(Ok(chunk.to_vec())).is_ok();
+            });
+            if result.is_ok() {
+                let _ = tx.send(Ok(Vec::new()));
+            }
+            result
+        });
+        let applied =
+            engine.layers.apply_stream(layer, Box::new(kiln_fs::apply::ChunkReader::new(rx)), root);
+        let downloaded =
+            download.join().unwrap_or_else(|_| Err(SeamError::new("the download thread panicked")));
+        (downloaded, applied)
+    });
+    match (downloaded, applied) {
+        (Ok(()), Ok(())) => Ok(true),
+        (Ok(()), Err(source)) => Err(BuildError::Base {
+            reference: layer.origin.clone().unwrap_or_else(|| layer.digest.clone()),
+            source,
+        }),
+        (Err(e), _) => {
+            tracing::debug!(layer = %layer.digest, "streamed download failed, fetching again: {}", e.message);
+            let _ = fs::remove_file(&layer.path);
+            Ok(false)
+        }
+    }
 }
 
 /// The key's identity of an instruction: its expanded form (ONBUILD by its text, since its

@@ -109,6 +109,21 @@ impl LayerOps for FsLayers {
         Ok(())
     }
 
+    fn apply_stream(
+        &self,
+        layer: &LayerBlob,
+        blob: Box<dyn std::io::Read + Send>,
+        root: &Path,
+    ) -> Result<(), SeamError> {
+        let opts = ApplyOptions {
+            name: layer.digest.clone(),
+            keep: self.keep_for(root),
+            ..ApplyOptions::default()
+        };
+        apply::apply_stream(blob, root, &opts).map_err(seam)?;
+        Ok(())
+    }
+
     fn apply_skeleton(&self, layer: &LayerBlob, root: &Path) -> Result<(), SeamError> {
         let opts = ApplyOptions {
             name: layer.digest.clone(),

@@ -112,6 +112,23 @@ pub trait ImageSource: Send + Sync {
 
     /// Makes sure `layer.path` holds the verified blob.
     fn ensure_blob(&self, image: &BaseImage, layer: &LayerBlob) -> Result<(), SeamError>;
+
+    /// Whether [`ImageSource::stream_blob`] can download `image`'s layers.
+    fn can_stream(&self, _image: &BaseImage) -> bool {
+        false
+    }
+
+    /// Downloads `layer` into `layer.path` in one attempt, handing each chunk to `tee` as it
+    /// arrives (an apply that keeps up with the download); `Ok` once the digest matched. A
+    /// caller whose stream failed uses [`ImageSource::ensure_blob`] (with its retries).
+    fn stream_blob(
+        &self,
+        _image: &BaseImage,
+        layer: &LayerBlob,
+        _tee: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), SeamError> {
+        Err(SeamError::new(format!("layer {} cannot be streamed from here", layer.digest)))
+    }
 }
 
 /// A table of a tree's state, to diff against later. Opaque to the engine.
@@ -123,6 +140,14 @@ pub trait Snapshot: Send + Sync {
 pub trait LayerOps: Send + Sync {
     /// Applies a layer blob to `root` (whiteouts, links, owners, confined to the root).
     fn apply(&self, layer: &LayerBlob, root: &Path) -> Result<(), SeamError>;
+
+    /// Applies `layer` read from `blob` as it arrives (see [`ImageSource::stream_blob`]).
+    fn apply_stream(
+        &self,
+        layer: &LayerBlob,
+        blob: Box<dyn std::io::Read + Send>,
+        root: &Path,
+    ) -> Result<(), SeamError>;
 
     /// Applies only the skeleton of `layer` (directories, symlinks, `etc/` files; see
     /// `kiln_fs::apply::ApplyOptions::skeleton`): a root for COPY steps that never read it.

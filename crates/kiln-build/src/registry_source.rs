@@ -96,6 +96,30 @@ impl ImageSource for RegistryImages<'_> {
         let d = Descriptor::new(layer.media_type.clone(), digest, layer.size);
         self.client.get_blob(&r, &d, &layer.path).map_err(seam)
     }
+
+    fn can_stream(&self, _image: &BaseImage) -> bool {
+        true
+    }
+
+    fn stream_blob(
+        &self,
+        image: &BaseImage,
+        layer: &LayerBlob,
+        tee: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), SeamError> {
+        let r = Reference::parse(&image.reference).map_err(|e| SeamError::new(e.to_string()))?;
+        let digest: Digest = layer
+            .digest
+            .parse()
+            .map_err(|e: kiln_oci::DigestError| SeamError::new(e.to_string()))?;
+        let d = Descriptor::new(layer.media_type.clone(), digest, layer.size);
+        self.client
+            .get_blob_tee(&r, &d, &layer.path, &mut |chunk| {
+                tee(chunk);
+                Ok(())
+            })
+            .map_err(seam)
+    }
 }
 
 /// Blobs known to be in a destination repository: (`registry/repo`, digest).
@@ -104,6 +128,9 @@ pub type Uploaded = HashSet<(String, String)>;
 /// How a push gets a blob the build never needed on disk (see
 /// [`crate::engine::Engine::fetch_layer`]).
 pub type FetchLayer<'f> = dyn Fn(&LayerBlob) -> Result<(), SeamError> + Sync + 'f;
+
+/// Layers smaller than this (compressed) are uploaded once written rather than streamed.
+const STREAM_ABOVE: u64 = 1 << 20;
 
 /// How many blobs a push uploads at the same time.
 const PARALLEL_UPLOADS: usize = 4;
@@ -123,10 +150,19 @@ fn put_layer(
         .digest
         .parse()
         .map_err(|e: kiln_oci::DigestError| SeamError::new(format!("{dest}: {e}")))?;
+    let origin = layer.origin.as_deref().and_then(|o| Reference::parse(o).ok());
+    // A mount answers "already there" too, so a layer with an origin on the same registry
+    // (a base image's, a cache entry's) takes one request, not a check and then a mount.
+    if let Some(from) = &origin
+        && from.registry == dest.registry
+        && from.repository != dest.repository
+        && client.mount_blob(dest, &digest, &from.repository).map_err(seam)?
+    {
+        return Ok(());
+    }
     if client.has_blob(dest, &digest).map_err(seam)? {
         return Ok(());
     }
-    let origin = layer.origin.as_deref().and_then(|o| Reference::parse(o).ok());
     for from in origin.iter().chain(earlier) {
         if from.registry == dest.registry
             && from.repository != dest.repository
@@ -207,6 +243,33 @@ impl<'c> EarlyUploads<'c> {
     /// from the finished file; a failed stream is uploaded whole.
     fn stream(&self, blob: &Arc<GrowingBlob>) {
         let Some(first) = self.destinations.first() else { return };
+        if !blob.grows_past(STREAM_ABOVE) {
+            // Written before it was worth streaming: the finished file in two requests
+            // (start, then the data with its digest) where a stream takes three. The
+            // registry shares the build's cores, and a one-line RUN makes a layer every few
+            // milliseconds. A layer this build just made is new, so nobody asks first.
+            let Some((digest, size, path)) = blob.wait() else { return };
+            let layer = LayerBlob {
+                digest: digest.to_string(),
+                diff_id: String::new(),
+                size,
+                media_type: String::new(),
+                path,
+                origin: None,
+            };
+            let d = Descriptor::new(String::new(), digest, size);
+            match self.client.upload_blob(first, &d, &layer.path) {
+                Ok(()) => {
+                    self.record(first, &layer);
+                    self.to_destinations(&layer, 1);
+                }
+                Err(e) => {
+                    tracing::debug!("early upload of {} to {first} failed: {e}", layer.digest);
+                    self.to_destinations(&layer, 0);
+                }
+            }
+            return;
+        }
         let streamed = self.client.upload_stream(first, Box::new(blob.reader()), &|| {
             blob.wait().map(|(digest, _, _)| digest)
         });
@@ -324,7 +387,16 @@ pub fn push_image(
     let sent = AtomicU64::new(total - todo.iter().map(|l| l.size).sum::<u64>());
     let next = AtomicUsize::new(0);
     let failure: Mutex<Option<SeamError>> = Mutex::new(None);
+    let config = img.raw_config().to_vec();
+    let config_desc = img.manifest().config.clone();
     std::thread::scope(|scope| {
+        // The config goes up beside the layers (from memory: an in-place build whose steps
+        // all hit may have no /tmp at all); only the manifest has to wait for everything.
+        scope.spawn(|| {
+            if let Err(e) = client.push_bytes(&r, &config_desc, &config) {
+                failure.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(seam(e));
+            }
+        });
         for _ in 0..PARALLEL_UPLOADS.min(todo.len()) {
             scope.spawn(|| {
                 loop {
@@ -350,10 +422,6 @@ pub fn push_image(
     if let Some(e) = failure.into_inner().unwrap_or_else(PoisonError::into_inner) {
         return Err(e);
     }
-    let config = img.raw_config().to_vec();
-    let config_desc = img.manifest().config.clone();
-    // From memory: an in-place build whose steps all hit may have no /tmp at all.
-    client.push_bytes(&r, &config_desc, &config).map_err(seam)?;
     let digest =
         client.put_manifest(&r, img.raw_manifest(), img.manifest().media_type()).map_err(seam)?;
     progress.event(Event::Push { reference: r.to_string(), bytes: total, total });

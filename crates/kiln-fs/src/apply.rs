@@ -85,7 +85,12 @@ pub fn detect<R: BufRead>(r: &mut R) -> io::Result<Detected> {
 
 /// A reader of the decompressed tar stream of `path`.
 pub fn open_decompressed(path: &Path) -> io::Result<Box<dyn Read + Send>> {
-    let mut r = BufReader::with_capacity(1 << 20, fs::File::open(path)?);
+    decompressed(Box::new(fs::File::open(path)?))
+}
+
+/// The decompressed tar stream of a (possibly compressed) stream.
+fn decompressed(reader: Box<dyn Read + Send>) -> io::Result<Box<dyn Read + Send>> {
+    let mut r = BufReader::with_capacity(1 << 20, reader);
     Ok(match detect(&mut r)? {
         Detected::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(r)),
         Detected::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(r)?),
@@ -130,12 +135,35 @@ pub fn apply_file(blob: &Path, root: &Path, opts: &ApplyOptions) -> Result<Apply
         entry: String::new(),
         reason: format!("cannot read {}: {e}", blob.display()),
     })?;
+    apply_decoded_ahead(reader, root, opts)
+}
+
+/// Applies a layer blob read from `blob` as it arrives (a download), decompressed on a
+/// thread of its own like [`apply_file`]'s.
+pub fn apply_stream(
+    blob: Box<dyn Read + Send>,
+    root: &Path,
+    opts: &ApplyOptions,
+) -> Result<ApplyOutcome, FsError> {
+    let reader = decompressed(blob).map_err(|e| FsError::Layer {
+        layer: opts.name.clone(),
+        entry: String::new(),
+        reason: format!("cannot read the layer: {e}"),
+    })?;
+    apply_decoded_ahead(reader, root, opts)
+}
+
+fn apply_decoded_ahead(
+    reader: Box<dyn Read + Send>,
+    root: &Path,
+    opts: &ApplyOptions,
+) -> Result<ApplyOutcome, FsError> {
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel(DECODED_CHUNKS_AHEAD);
         scope.spawn(move || decode_ahead(reader, &tx));
         // The receiver goes with the reader: when the apply stops early, the decoder's next
         // send fails and it ends, so the scope never waits for the whole blob.
-        apply_reader(ChunkReader { chunks: rx, chunk: Vec::new(), pos: 0, done: false }, root, opts)
+        apply_reader(ChunkReader::new(rx), root, opts)
     })
 }
 
@@ -174,12 +202,19 @@ fn decode_ahead(
     }
 }
 
-/// The reading end of [`decode_ahead`].
-struct ChunkReader {
+/// Reads the chunks another thread sends: an empty chunk is the end, an error is passed on,
+/// and a sender gone before the end is an error (what it produced was cut short).
+pub struct ChunkReader {
     chunks: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
     chunk: Vec<u8>,
     pos: usize,
     done: bool,
+}
+
+impl ChunkReader {
+    pub fn new(chunks: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>) -> ChunkReader {
+        ChunkReader { chunks, chunk: Vec::new(), pos: 0, done: false }
+    }
 }
 
 impl Read for ChunkReader {
@@ -206,7 +241,7 @@ impl Read for ChunkReader {
                 }
                 Err(_) => {
                     self.done = true;
-                    return Err(io::Error::other("the layer's decoder stopped before its end"));
+                    return Err(io::Error::other("the stream stopped before its end"));
                 }
             }
         }
@@ -409,7 +444,8 @@ impl Applier<'_> {
         match kind {
             tar::EntryType::Directory => {
                 replace(self, true)?;
-                if existing.as_ref().is_none_or(|m| !m.is_dir()) {
+                let made = existing.as_ref().is_none_or(|m| !m.is_dir());
+                if made {
                     fs::create_dir(&target).map_err(self.io(&rel))?;
                 } else {
                     // The layer's directory replaces the lower one's metadata: drop xattrs the
@@ -424,7 +460,9 @@ impl Applier<'_> {
                         }
                     }
                 }
-                self.owner(&target, uid, gid, true, &rel)?;
+                if !(made && self.as_created(uid, gid, parent_setgid)) {
+                    self.owner(&target, uid, gid, true, &rel)?;
+                }
                 fs::set_permissions(&target, fs::Permissions::from_mode(mode))
                     .map_err(self.io(&rel))?;
                 self.xattrs(&target, &xattrs, &rel);
@@ -468,10 +506,7 @@ impl Applier<'_> {
                         return Err(self.err(&rel, format!("writing the file: {e}")));
                     }
                 };
-                // The new file is the creator's, in its group unless the directory is setgid:
-                // when that is what the archive says, there is nothing to change.
-                let as_created = uid == self.creator.0 && gid == self.creator.1 && !parent_setgid;
-                if self.opts.chown && !as_created {
+                if self.opts.chown && !self.as_created(uid, gid, parent_setgid) {
                     let r = rustix::fs::fchown(
                         &file,
                         Some(rustix::fs::Uid::from_raw(uid)),
@@ -493,7 +528,9 @@ impl Applier<'_> {
                 ));
                 replace(self, false)?;
                 std::os::unix::fs::symlink(&link, &target).map_err(self.io(&rel))?;
-                self.owner(&target, uid, gid, false, &rel)?;
+                if !self.as_created(uid, gid, parent_setgid) {
+                    self.owner(&target, uid, gid, false, &rel)?;
+                }
                 let _ = filetime::set_symlink_file_times(&target, mtime, mtime);
             }
             tar::EntryType::Link => {
@@ -566,6 +603,12 @@ impl Applier<'_> {
         self.written.insert(rel.clone());
         self.outcome.written.push(rel);
         Ok(())
+    }
+
+    /// Whether something this apply just created already has the owner `uid:gid`: it is the
+    /// creator's, in the creator's group unless its directory is setgid.
+    fn as_created(&self, uid: u32, gid: u32, parent_setgid: bool) -> bool {
+        uid == self.creator.0 && gid == self.creator.1 && !parent_setgid
     }
 
     /// The directory `parent_rel` of entry `rel`, resolved in the root and made when missing

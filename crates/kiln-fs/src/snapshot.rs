@@ -148,6 +148,9 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Directories waiting to be read before the walk takes one more thread.
+const HELPER_BACKLOG: usize = 8;
+
 /// Work shared by the walker threads.
 struct Queue {
     state: Mutex<QueueState>,
@@ -174,9 +177,17 @@ impl Snapshot {
         };
         let results: Mutex<Vec<(String, Stat)>> = Mutex::new(Vec::new());
         std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(|| walker(root, &ignore, &queue, &results));
-            }
+            // The calling thread walks, and starts helpers only while directories pile up: a
+            // small root (busybox, a RUN step's few hundred paths) is walked before a thread
+            // could have started, and on two cores the spare threads only contend.
+            let helpers = std::cell::Cell::new(0usize);
+            let grow = |backlog: usize| {
+                if backlog >= HELPER_BACKLOG && helpers.get() + 1 < threads {
+                    helpers.set(helpers.get() + 1);
+                    s.spawn(|| walker(root, &ignore, &queue, &results, &|_| {}));
+                }
+            };
+            walker(root, &ignore, &queue, &results, &grow);
         });
         let state = queue.state.into_inner().map_err(|_| poisoned())?;
         if let Some(e) = state.failed {
@@ -265,6 +276,7 @@ fn walker(
     ignore: &BTreeSet<&str>,
     queue: &Queue,
     results: &Mutex<Vec<(String, Stat)>>,
+    on_backlog: &dyn Fn(usize),
 ) {
     let mut local: Vec<(String, Stat)> = Vec::new();
     loop {
@@ -301,8 +313,10 @@ fn walker(
                 st.failed.get_or_insert(e);
             }
         }
+        let backlog = st.dirs.len();
         drop(st);
         queue.wake.notify_all();
+        on_backlog(backlog);
     }
     if let Ok(mut r) = results.lock() {
         r.extend(local);

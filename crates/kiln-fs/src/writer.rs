@@ -131,6 +131,20 @@ impl GrowingBlob {
         }
     }
 
+    /// Waits until at least `bytes` were written (true) or the write ended first (false).
+    pub fn grows_past(&self, bytes: u64) -> bool {
+        let mut g = self.lock();
+        loop {
+            if g.written >= bytes && g.end.is_none() {
+                return true;
+            }
+            if g.end.is_some() {
+                return false;
+            }
+            g = self.changed.wait(g).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
     /// The digest, if the write ended well (does not wait).
     pub fn digest(&self) -> Option<Digest> {
         self.lock().end.as_ref().and_then(|e| e.as_ref().ok()).map(|(d, _, _)| d.clone())

@@ -709,6 +709,8 @@ fn owners_follow_the_archive_in_setgid_directories() {
         ("shared/root-file", tar::EntryType::Regular, 0o644, 0, 0),
         ("shared/group-file", tar::EntryType::Regular, 0o644, 0, 50),
         ("shared/user-file", tar::EntryType::Regular, 0o4755, 1000, 1000),
+        ("shared/sub", tar::EntryType::Directory, 0o755, 0, 0),
+        ("shared/link", tar::EntryType::Symlink, 0o777, 0, 0),
         ("plain", tar::EntryType::Directory, 0o755, 0, 0),
         ("plain/root-file", tar::EntryType::Regular, 0o600, 0, 0),
     ] {
@@ -718,6 +720,9 @@ fn owners_follow_the_archive_in_setgid_directories() {
         h.set_mode(mode);
         h.set_uid(uid);
         h.set_gid(gid);
+        if kind == tar::EntryType::Symlink {
+            h.set_link_name("root-file").unwrap();
+        }
         h.set_size(0);
         h.set_cksum();
         b.append(&h, std::io::empty()).unwrap();
@@ -736,4 +741,52 @@ fn owners_follow_the_archive_in_setgid_directories() {
     // The setuid bit survives the owner change (the mode is set after it).
     assert_eq!(owner("shared/user-file"), (1000, 1000, 0o4755));
     assert_eq!(owner("plain/root-file"), (0, 0, 0o600));
+    // A directory and a link made in the setgid directory would take its group too.
+    assert_eq!(owner("shared/sub"), (0, 0, 0o755));
+    let link = fs::symlink_metadata(t.path().join("shared/link")).unwrap();
+    assert_eq!((link.uid(), link.gid()), (0, 0));
+}
+
+/// A layer applied from a stream as it arrives (a download) gives the tree a file gives; a
+/// stream cut short is an error, never a quietly smaller tree.
+#[test]
+fn streamed_layers_apply_like_files_and_cut_streams_fail() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    sample_tree(&src);
+    let layer = writer::write_layer(
+        &src,
+        &all_paths(&src),
+        &t.path().join("blobs"),
+        &WriteOptions::default(),
+    )
+    .unwrap();
+    let blob = fs::read(&layer.path).unwrap();
+    let send = |upto: usize, end: bool| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        let part = blob[..upto].to_vec();
+        std::thread::spawn(move || {
+            for c in part.chunks(7) {
+                if tx.send(Ok(c.to_vec())).is_err() {
+                    return;
+                }
+            }
+            if end {
+                let _ = tx.send(Ok(Vec::new()));
+            }
+        });
+        apply::ChunkReader::new(rx)
+    };
+    let whole = t.path().join("whole");
+    fs::create_dir_all(&whole).unwrap();
+    apply::apply_stream(Box::new(send(blob.len(), true)), &whole, &ApplyOptions::default())
+        .unwrap();
+    assert_eq!(describe(&whole), describe(&src));
+
+    let cut = t.path().join("cut");
+    fs::create_dir_all(&cut).unwrap();
+    let err =
+        apply::apply_stream(Box::new(send(blob.len() / 2, false)), &cut, &ApplyOptions::default())
+            .unwrap_err();
+    assert!(err.to_string().contains("stopped before its end"), "{err}");
 }

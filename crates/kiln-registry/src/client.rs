@@ -951,6 +951,55 @@ impl RegistryClient {
         })
     }
 
+    /// Downloads a blob to `dest` like [`Self::get_blob`], handing every chunk to `tee` as it
+    /// arrives (a layer applied while it downloads). One attempt: the bytes already handed on
+    /// cannot be taken back, so a caller whose download failed starts again from
+    /// [`Self::get_blob`]. The digest is checked at the end: `Ok` means every byte `tee` saw
+    /// was the blob's. An error from `tee` stops the download.
+    pub fn get_blob_tee(
+        &self,
+        r: &Reference,
+        d: &Descriptor,
+        dest: &Path,
+        tee: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> Result<(), RegistryError> {
+        let dir = dest.parent().unwrap_or(Path::new("."));
+        let io = |error: io::Error| RegistryError::Io {
+            reference: r.to_string(),
+            path: dest.to_path_buf(),
+            error,
+        };
+        fs::create_dir_all(dir).map_err(io)?;
+        let resp = self.blob_response(r, d)?;
+        let mut tmp = tempfile::Builder::new().prefix(".download-").tempfile_in(dir).map_err(io)?;
+        let mut reader = VerifyingReader::new(resp, d.digest.clone(), d.size);
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    return Err(RegistryError::Invalid {
+                        reference: format!("{}@{}", r.name(), d.digest),
+                        detail: e.to_string(),
+                    });
+                }
+                Err(e) => {
+                    return Err(RegistryError::Unreachable {
+                        reference: format!("{}@{}", r.name(), d.digest),
+                        detail: e.to_string(),
+                        hint: "the download was interrupted; check the network".into(),
+                    });
+                }
+            };
+            io::Write::write_all(tmp.as_file_mut(), &buf[..n]).map_err(io)?;
+            tee(&buf[..n]).map_err(io)?;
+        }
+        tmp.persist(dest).map_err(|e| io(e.error))?;
+        Ok(())
+    }
+
     /// Whether the repository has a blob.
     pub fn has_blob(&self, r: &Reference, digest: &Digest) -> Result<bool, RegistryError> {
         let url = format!("{}/blobs/{digest}", self.base(r));

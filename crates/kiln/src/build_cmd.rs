@@ -704,6 +704,20 @@ impl kiln_build::image::ImageSource for BaseImages<'_> {
         }
         self.registry.ensure_blob(image, layer)
     }
+
+    fn can_stream(&self, image: &kiln_build::image::BaseImage) -> bool {
+        // (Blobs on disk, from the warmer's cache, are applied from there.)
+        !self.layouts.has(&image.reference)
+    }
+
+    fn stream_blob(
+        &self,
+        image: &kiln_build::image::BaseImage,
+        layer: &kiln_build::image::LayerBlob,
+        tee: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), kiln_build::image::SeamError> {
+        self.registry.stream_blob(image, layer, tee)
+    }
 }
 
 /// The work directory this process made, removed by [`remove_owned_work_dir`] when kiln

@@ -46,8 +46,16 @@ fn secs(d: Duration) -> String {
 }
 
 /// A command's time: to the hundredth under a second, where a quick RUN's time goes.
+/// A command's own time: to the millisecond under a tenth of a second (a one-line RUN takes a
+/// few), to the hundredth under a second.
 fn command_secs(d: Duration) -> String {
-    if d < Duration::from_secs(1) { format!("{:.2}s", d.as_secs_f64()) } else { secs(d) }
+    if d < Duration::from_millis(100) {
+        format!("{:.3}s", d.as_secs_f64())
+    } else if d < Duration::from_secs(1) {
+        format!("{:.2}s", d.as_secs_f64())
+    } else {
+        secs(d)
+    }
 }
 
 fn human_bytes(n: u64) -> String {
@@ -287,7 +295,7 @@ mod tests {
             cached: false,
             layer: None,
         });
-        assert_eq!(l.as_deref(), Some("#4 DONE 0.0s (command 0.00s)"));
+        assert_eq!(l.as_deref(), Some("#4 DONE 0.0s (command 0.004s)"));
         assert_eq!(
             plain_line(&Event::Pull { reference: "a".into(), bytes: 1, total: 2 }),
             None,
