@@ -724,8 +724,8 @@ fn apply_while_downloading(
             source,
         }),
         (Err(e), _) => {
+            // (A failed download leaves no file: it is renamed into place only when verified.)
             tracing::debug!(layer = %layer.digest, "streamed download failed, fetching again: {}", e.message);
-            let _ = fs::remove_file(&layer.path);
             Ok(false)
         }
     }

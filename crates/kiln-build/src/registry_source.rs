@@ -153,9 +153,9 @@ fn put_layer(
     let origin = layer.origin.as_deref().and_then(|o| Reference::parse(o).ok());
     // A mount answers "already there" too, so a layer with an origin on the same registry
     // (a base image's, a cache entry's) takes one request, not a check and then a mount.
-    if let Some(from) = &origin
-        && from.registry == dest.registry
-        && from.repository != dest.repository
+    let same_registry =
+        |from: &Reference| from.registry == dest.registry && from.repository != dest.repository;
+    if let Some(from) = origin.as_ref().filter(|f| same_registry(f))
         && client.mount_blob(dest, &digest, &from.repository).map_err(seam)?
     {
         return Ok(());
@@ -163,9 +163,8 @@ fn put_layer(
     if client.has_blob(dest, &digest).map_err(seam)? {
         return Ok(());
     }
-    for from in origin.iter().chain(earlier) {
-        if from.registry == dest.registry
-            && from.repository != dest.repository
+    for from in earlier {
+        if same_registry(from)
             && client.mount_blob(dest, &digest, &from.repository).map_err(seam)?
         {
             return Ok(());
@@ -243,36 +242,18 @@ impl<'c> EarlyUploads<'c> {
     /// from the finished file; a failed stream is uploaded whole.
     fn stream(&self, blob: &Arc<GrowingBlob>) {
         let Some(first) = self.destinations.first() else { return };
-        if !blob.grows_past(STREAM_ABOVE) {
-            // Written before it was worth streaming: the finished file in two requests
-            // (start, then the data with its digest) where a stream takes three. The
-            // registry shares the build's cores, and a one-line RUN makes a layer every few
-            // milliseconds. A layer this build just made is new, so nobody asks first.
-            let Some((digest, size, path)) = blob.wait() else { return };
-            let layer = LayerBlob {
-                digest: digest.to_string(),
-                diff_id: String::new(),
-                size,
-                media_type: String::new(),
-                path,
-                origin: None,
-            };
-            let d = Descriptor::new(String::new(), digest, size);
-            match self.client.upload_blob(first, &d, &layer.path) {
-                Ok(()) => {
-                    self.record(first, &layer);
-                    self.to_destinations(&layer, 1);
-                }
-                Err(e) => {
-                    tracing::debug!("early upload of {} to {first} failed: {e}", layer.digest);
-                    self.to_destinations(&layer, 0);
-                }
-            }
-            return;
-        }
-        let streamed = self.client.upload_stream(first, Box::new(blob.reader()), &|| {
-            blob.wait().map(|(digest, _, _)| digest)
-        });
+        // Written before it was worth streaming: the finished file in two requests (start,
+        // then the data with its digest) where a stream takes three. The registry shares the
+        // build's cores, and a one-line RUN makes a layer every few milliseconds. A layer
+        // this build just made is new, so nobody asks first.
+        let whole = !blob.grows_past(STREAM_ABOVE);
+        let streamed = if whole {
+            None
+        } else {
+            Some(self.client.upload_stream(first, Box::new(blob.reader()), &|| {
+                blob.wait().map(|(digest, _, _)| digest)
+            }))
+        };
         let Some((digest, size, path)) = blob.wait() else { return };
         // Only digest, size and file matter for an upload.
         let layer = LayerBlob {
@@ -283,13 +264,23 @@ impl<'c> EarlyUploads<'c> {
             path,
             origin: None,
         };
-        match streamed {
-            Ok(_) => {
+        let sent = match streamed {
+            Some(streamed) => streamed.map(|_| ()),
+            None => {
+                let d = Descriptor::new(String::new(), digest, size);
+                self.client.upload_blob(first, &d, &layer.path)
+            }
+        };
+        match sent {
+            Ok(()) => {
                 self.record(first, &layer);
                 self.to_destinations(&layer, 1);
             }
             Err(e) => {
-                tracing::debug!("streaming {digest} to {first} failed, uploading it whole: {e}");
+                tracing::debug!(
+                    "early upload of {} to {first} failed, sent whole: {e}",
+                    layer.digest
+                );
                 self.to_destinations(&layer, 0);
             }
         }

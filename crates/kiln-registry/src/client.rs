@@ -683,6 +683,14 @@ impl RegistryClient {
     }
 }
 
+/// How one download ended when it did not end well.
+enum Download {
+    /// For good: the registry's answer, a digest mismatch, the local disk.
+    Failed(RegistryError),
+    /// The connection dropped: another attempt may succeed.
+    Dropped(io::Error),
+}
+
 fn backoff(attempt: u32, retry_after: Option<u64>) -> Duration {
     match retry_after {
         Some(s) => Duration::from_secs(s.min(60)),
@@ -913,35 +921,16 @@ impl RegistryClient {
         d: &Descriptor,
         dest: &Path,
     ) -> Result<(), RegistryError> {
-        let dir = dest.parent().unwrap_or(Path::new("."));
-        let io = |error: io::Error| RegistryError::Io {
-            reference: r.to_string(),
-            path: dest.to_path_buf(),
-            error,
-        };
-        fs::create_dir_all(dir).map_err(io)?;
         let mut last = None;
         for attempt in 1..=self.options.attempts {
-            let resp = self.blob_response(r, d)?;
-            let mut tmp =
-                tempfile::Builder::new().prefix(".download-").tempfile_in(dir).map_err(io)?;
-            let mut reader = VerifyingReader::new(resp, d.digest.clone(), d.size);
-            match io::copy(&mut reader, tmp.as_file_mut()) {
-                Ok(_) => {
-                    tmp.persist(dest).map_err(|e| io(e.error))?;
-                    return Ok(());
-                }
-                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                    return Err(RegistryError::Invalid {
-                        reference: format!("{}@{}", r.name(), d.digest),
-                        detail: e.to_string(),
-                    });
-                }
+            match self.download(r, d, dest, &mut |_| Ok(())) {
+                Ok(()) => return Ok(()),
                 // A dropped connection: start again.
-                Err(e) => {
+                Err(Download::Dropped(e)) => {
                     last = Some(e);
                     std::thread::sleep(backoff(attempt, None));
                 }
+                Err(Download::Failed(e)) => return Err(e),
             }
         }
         Err(RegistryError::Unreachable {
@@ -963,14 +952,35 @@ impl RegistryClient {
         dest: &Path,
         tee: &mut dyn FnMut(&[u8]) -> io::Result<()>,
     ) -> Result<(), RegistryError> {
+        self.download(r, d, dest, tee).map_err(|e| match e {
+            Download::Failed(e) => e,
+            Download::Dropped(e) => RegistryError::Unreachable {
+                reference: format!("{}@{}", r.name(), d.digest),
+                detail: e.to_string(),
+                hint: "the download was interrupted; check the network".into(),
+            },
+        })
+    }
+
+    /// One download of a verified blob into a temp file beside `dest`, renamed to `dest` only
+    /// when its digest matched (so `dest` is never half-written).
+    fn download(
+        &self,
+        r: &Reference,
+        d: &Descriptor,
+        dest: &Path,
+        tee: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> Result<(), Download> {
         let dir = dest.parent().unwrap_or(Path::new("."));
-        let io = |error: io::Error| RegistryError::Io {
-            reference: r.to_string(),
-            path: dest.to_path_buf(),
-            error,
+        let io = |error: io::Error| {
+            Download::Failed(RegistryError::Io {
+                reference: r.to_string(),
+                path: dest.to_path_buf(),
+                error,
+            })
         };
         fs::create_dir_all(dir).map_err(io)?;
-        let resp = self.blob_response(r, d)?;
+        let resp = self.blob_response(r, d).map_err(Download::Failed)?;
         let mut tmp = tempfile::Builder::new().prefix(".download-").tempfile_in(dir).map_err(io)?;
         let mut reader = VerifyingReader::new(resp, d.digest.clone(), d.size);
         let mut buf = vec![0u8; 256 << 10];
@@ -980,18 +990,12 @@ impl RegistryClient {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                    return Err(RegistryError::Invalid {
+                    return Err(Download::Failed(RegistryError::Invalid {
                         reference: format!("{}@{}", r.name(), d.digest),
                         detail: e.to_string(),
-                    });
+                    }));
                 }
-                Err(e) => {
-                    return Err(RegistryError::Unreachable {
-                        reference: format!("{}@{}", r.name(), d.digest),
-                        detail: e.to_string(),
-                        hint: "the download was interrupted; check the network".into(),
-                    });
-                }
+                Err(e) => return Err(Download::Dropped(e)),
             };
             io::Write::write_all(tmp.as_file_mut(), &buf[..n]).map_err(io)?;
             tee(&buf[..n]).map_err(io)?;
