@@ -222,6 +222,9 @@ pub struct Engine<'a> {
     pub layer_sink: Option<&'a dyn LayerSink>,
 }
 
+/// How many cache hits' blobs are fetched at once when a build ends.
+const CACHE_FETCHES: usize = 4;
+
 /// Where a layer blob that is not on disk yet comes from.
 #[derive(Debug, Clone)]
 enum LazyBlob {
@@ -469,6 +472,7 @@ impl Engine<'_> {
         // Cache hits are fetched now, so that a broken entry still means building again;
         // base layers never needed on disk are left to the outputs (`fetch_layer`): a push
         // to a registry that has them, or can mount or copy them, never downloads them.
+        let mut fetch = Vec::new();
         for layer in &image.layers {
             let base = match lazy
                 .lock()
@@ -482,8 +486,32 @@ impl Engine<'_> {
                 Some(base) if !layer.path.is_file() => {
                     image.pending.insert(layer.digest.clone(), PendingBlob::Base(base));
                 }
-                _ => ensure_local(self, &bases, &lazy, layer)?,
+                _ if !layer.path.is_file() => fetch.push(layer),
+                _ => {}
             }
+        }
+        // Side by side: a warm rebuild's hits are many small downloads, each mostly waiting.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let failure: Mutex<Option<BuildError>> = Mutex::new(None);
+        std::thread::scope(|scope| {
+            for _ in 0..fetch.len().min(CACHE_FETCHES) {
+                scope.spawn(|| {
+                    while let Some(layer) =
+                        fetch.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                    {
+                        if let Err(e) = ensure_local(self, &bases, &lazy, layer) {
+                            failure
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .get_or_insert(e);
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = failure.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
+            return Err(e);
         }
         Ok(image)
     }

@@ -14,6 +14,32 @@ use kiln_registry::{RegistryClient, RegistryError};
 use crate::{CacheEntry, CacheError, CacheKey, CachedLayer, LayerCache, now_secs};
 
 const EMPTY_LABEL: &str = "dev.kiln.cache.empty";
+const CREATED_ANNOTATION: &str = "dev.kiln.cache.created";
+const DIFF_ID_ANNOTATION: &str = "dev.kiln.cache.diff-id";
+
+/// The entry an OCI cache manifest describes in its annotations (written by `put` since
+/// they exist); `None` for an older entry or a Docker-type manifest, read from its config.
+fn from_annotations(bytes: &[u8], media_type: &str) -> Option<CacheEntry> {
+    if media_type != "application/vnd.oci.image.manifest.v1+json" {
+        return None;
+    }
+    let m: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let notes = m.get("annotations")?;
+    let created = parse_rfc3339(notes.get(CREATED_ANNOTATION)?.as_str()?)?;
+    let empty = notes.get(EMPTY_LABEL)?.as_str()? == "true";
+    let layers = m.get("layers")?.as_array()?;
+    let layer = match (empty, layers.as_slice()) {
+        (true, []) => None,
+        (false, [d]) => Some(CachedLayer {
+            digest: d.get("digest")?.as_str()?.to_owned(),
+            diff_id: notes.get(DIFF_ID_ANNOTATION)?.as_str()?.to_owned(),
+            size: d.get("size")?.as_u64()?,
+            media_type: d.get("mediaType")?.as_str()?.to_owned(),
+        }),
+        _ => return None,
+    };
+    Some(CacheEntry { layer, created })
+}
 
 /// A layer cache in a registry repository.
 pub struct RegistryCache<'a> {
@@ -105,8 +131,17 @@ impl LayerCache for RegistryCache<'_> {
 
     fn get(&self, key: &CacheKey) -> Result<Option<CacheEntry>, CacheError> {
         let r = self.tagged(key);
+        // An OCI entry says in its manifest what its config says: one request per lookup.
+        let fetched = match self.client.get_manifest(&r) {
+            Ok(m) => m,
+            Err(RegistryError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.err(e)),
+        };
+        if let Some(entry) = from_annotations(&fetched.0, &fetched.1) {
+            return Ok((!entry.expired(self.ttl, SystemTime::now())).then_some(entry));
+        }
         let any = kiln_oci::Platform::new("", "", "");
-        let pulled = match self.client.pull_manifest(&r, &any) {
+        let pulled = match self.client.pull_fetched_manifest(&r, &any, fetched) {
             Ok(p) => p,
             Err(RegistryError::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(self.err(e)),
@@ -187,12 +222,20 @@ impl LayerCache for RegistryCache<'_> {
         );
         // From memory: an in-place build's `/` may have no /tmp.
         self.client.push_bytes(&r, &cd, &config_bytes).map_err(|e| self.err(e))?;
-        let manifest = serde_json::json!({
+        let mut manifest = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": manifest_type,
             "config": {"mediaType": config_type, "digest": config_digest.to_string(), "size": config_bytes.len()},
             "layers": layers,
         });
+        if !docker {
+            // What `get` needs from the config, where the manifest already brings it.
+            manifest["annotations"] = serde_json::json!({
+                CREATED_ANNOTATION: config["created"],
+                EMPTY_LABEL: if layer.is_none() { "true" } else { "false" },
+                DIFF_ID_ANNOTATION: layer.map(|(l, _)| l.diff_id.as_str()).unwrap_or_default(),
+            });
+        }
         let bytes = serde_json::to_vec(&manifest).map_err(|e| self.err(e))?;
         self.client.put_manifest(&r, &bytes, manifest_type).map_err(|e| self.err(e))?;
         Ok(())
@@ -209,6 +252,7 @@ impl LayerCache for RegistryCache<'_> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -219,5 +263,55 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(parse_rfc3339("2026-11-30T12:00:00.123456Z"), Some(1_796_040_000));
         assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+
+    const OCI: &str = "application/vnd.oci.image.manifest.v1+json";
+
+    fn manifest(annotations: serde_json::Value, layers: serde_json::Value) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": "sha256:00", "size": 2},
+            "layers": layers,
+            "annotations": annotations,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn entries_are_read_from_manifest_annotations() {
+        let layer = serde_json::json!([{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                                        "digest": "sha256:aa", "size": 42}]);
+        let bytes = manifest(
+            serde_json::json!({CREATED_ANNOTATION: "2026-11-30T12:00:00Z", EMPTY_LABEL: "false",
+                               DIFF_ID_ANNOTATION: "sha256:bb"}),
+            layer.clone(),
+        );
+        let entry = from_annotations(&bytes, OCI).unwrap();
+        assert_eq!(entry.created, 1_796_040_000);
+        let l = entry.layer.unwrap();
+        assert_eq!((l.digest.as_str(), l.diff_id.as_str(), l.size), ("sha256:aa", "sha256:bb", 42));
+        assert_eq!(l.media_type, "application/vnd.oci.image.layer.v1.tar+gzip");
+
+        let empty = manifest(
+            serde_json::json!({CREATED_ANNOTATION: "2026-11-30T12:00:00Z", EMPTY_LABEL: "true",
+                               DIFF_ID_ANNOTATION: ""}),
+            serde_json::json!([]),
+        );
+        assert!(from_annotations(&empty, OCI).unwrap().layer.is_none());
+
+        // Older entries, foreign images and Docker-type manifests go through the config.
+        assert!(from_annotations(&manifest(serde_json::json!({}), layer.clone()), OCI).is_none());
+        assert!(
+            from_annotations(&bytes, "application/vnd.docker.distribution.manifest.v2+json")
+                .is_none()
+        );
+        let marked_empty_with_a_layer = manifest(
+            serde_json::json!({CREATED_ANNOTATION: "2026-11-30T12:00:00Z", EMPTY_LABEL: "true",
+                               DIFF_ID_ANNOTATION: ""}),
+            layer,
+        );
+        assert!(from_annotations(&marked_empty_with_a_layer, OCI).is_none());
     }
 }

@@ -590,7 +590,21 @@ impl RegistryClient {
             } else if let Some(Credential::Basic { username, password, .. }) = self.basic_hint(r) {
                 req = req.basic_auth(username, Some(password));
             }
-            let result = req.send();
+            // Method, path and time of every request at trace level: the path only, as a
+            // query (an upload's state, a token request) is nobody's business in a log.
+            let result = req.build().and_then(|request| {
+                let (method, path) = (request.method().clone(), request.url().path().to_owned());
+                let started = std::time::Instant::now();
+                let result = client.execute(request);
+                tracing::trace!(
+                    %method,
+                    path,
+                    status = result.as_ref().map(|r| r.status().as_u16()).unwrap_or(0),
+                    secs = started.elapsed().as_secs_f64(),
+                    "registry request"
+                );
+                result
+            });
             let response = match result {
                 Ok(resp) => resp,
                 Err(e)
@@ -851,8 +865,18 @@ impl RegistryClient {
         r: &Reference,
         platform: &kiln_oci::Platform,
     ) -> Result<PulledManifest, RegistryError> {
+        let fetched = self.get_manifest(r)?;
+        self.pull_fetched_manifest(r, platform, fetched)
+    }
+
+    /// [`Self::pull_manifest`] from a manifest already fetched with [`Self::get_manifest`].
+    pub fn pull_fetched_manifest(
+        &self,
+        r: &Reference,
+        platform: &kiln_oci::Platform,
+        (mut bytes, mut mt, mut digest): (Vec<u8>, String, Digest),
+    ) -> Result<PulledManifest, RegistryError> {
         let invalid = |detail: String| RegistryError::Invalid { reference: r.to_string(), detail };
-        let (mut bytes, mut mt, mut digest) = self.get_manifest(r)?;
         for _ in 0..3 {
             match Manifest::from_slice(&bytes, Some(&mt)).map_err(|e| invalid(e.to_string()))? {
                 Manifest::Index(index) => {
