@@ -7,7 +7,9 @@
 # (its RUN commands run natively in a chroot of the same bases, bench/executor/floor.py), the
 # overhead (wall - floor), the RUN commands' own time inside each build (commands.py: what kiln
 # reports per step, kaniko's `Running:` line to its next log line) with the overhead above that,
-# and the container's peak RSS.
+# and the container's peak RSS. The tools take turns run by run, each run less the container
+# start timed just before it, and the paired ratios (kiln's overhead over kaniko's in the
+# neighbouring run) close the output.
 #
 # usage: bench/executor/run.sh [-n RUNS] [-s SUITE]... [-m cold|warm]... [--no-kiln]
 #   -m cold   a fresh container: base pulled, every step run, image pushed (the default, with warm)
@@ -174,8 +176,9 @@ sample_rss() {
 }
 
 run_n=0
-# Runs one containerised build of TOOL, appending "seconds peak_kb commands_s" (or "fail fail
-# fail") to $out; commands_s is the RUN commands' own time in this run (commands.py).
+# Runs one containerised build of TOOL, appending "seconds peak_kb commands_s start_s" (or
+# "fail ...") to $out; commands_s is the RUN commands' own time in this run (commands.py),
+# start_s what a container start with --help/version took just before it.
 run_container() {
   local out="$1" tool="$2"; shift 2
   run_n=$((run_n + 1))
@@ -185,6 +188,11 @@ run_container() {
   local arg=--help; [[ "$tool" == kaniko ]] && arg=version
   "${podman[@]}" run --rm --pull=never --network host --ulimit nofile=1024:1024 \
     --ulimit nproc=1024:1024 "localhost/$tool/executor:bench" "$arg" > /dev/null 2>&1 || true
+  # ... and a timed one: what starting a container costs right now, subtracted from this run
+  # alone (the VM's speed drifts within minutes, so a start measured at the beginning is off).
+  /usr/bin/time -f "%e" -o "$work/start" "${podman[@]}" run --rm --pull=never --network host \
+    --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 "localhost/$tool/executor:bench" "$arg" \
+    > /dev/null 2>&1 || true
   mkdir -p "/sys/fs/cgroup/memory/$parent"
   sample_rss "/sys/fs/cgroup/memory/$parent" "$work/peak" &
   sampler_pid=$!
@@ -196,9 +204,9 @@ run_container() {
   if [[ -n "${KILN_BENCH_KEEP:-}" ]]; then cp "$work/cmd.log" "$KILN_BENCH_KEEP/log-$run_n-$tool"; fi
   remove_cgroups
   if [[ $ok == 0 ]]; then
-    echo "FAILED: podman run $*" >&2; tail -30 "$work/cmd.log" >&2; echo "fail fail fail" >> "$out"; return 0
+    echo "FAILED: podman run $*" >&2; tail -30 "$work/cmd.log" >&2; echo "fail fail fail fail" >> "$out"; return 0
   fi
-  echo "$(cat "$work/time") $(( $(cat "$work/peak") / 1024 )) $(python3 "$here/commands.py" sum "$tool" < "$work/cmd.log")" >> "$out"
+  echo "$(cat "$work/time") $(( $(cat "$work/peak") / 1024 )) $(python3 "$here/commands.py" sum "$tool" < "$work/cmd.log") $(tail -1 "$work/start")" >> "$out"
 }
 
 build_args() {
@@ -227,8 +235,9 @@ printf '\nMachine: nproc %s, %s GiB RAM, kernel %s, load before %s\n' "$(nproc)"
   "$(cut -d' ' -f1-3 /proc/loadavg)"
 printf 'podman start + --help/version (median of %s): %s\n\n' "$runs" \
   "$(for t in "${tools[@]}"; do printf '%s %s s; ' "$t" "${start_cost[$t]}"; done)"
-printf '| suite | mode | tool | wall s (median of %s) | floor s | overhead s | overhead − podman start s | commands in the run s | wall − commands − podman start s | peak RSS MB | load |\n' "$runs"
-printf '|---|---|---|---|---|---|---|---|---|---|---|\n'
+printf '| suite | mode | tool | wall s (median of %s) | floor s | overhead s | podman start s (per run) | overhead − podman start s | commands in the run s | wall − commands − podman start s | peak RSS MB | load |\n' "$runs"
+printf '|---|---|---|---|---|---|---|---|---|---|---|---|\n'
+paired=()
 for suite in "${suites[@]}"; do
   ctx=$(context_of "$suite")
   for mode in "${modes[@]}"; do
@@ -248,30 +257,63 @@ for suite in "${suites[@]}"; do
       fi
       f=${floor[$suite]}
     fi
+    # The tools take turns, run by run, the first alternating: a slow spell of the VM then
+    # falls on both, and each run is compared with its neighbour (the paired ratios below).
     for tool in "${tools[@]}"; do
-      log "$suite $mode $tool"
-      mapfile -t args < <(build_args "$tool" "$suite" "$ctx" "$mode")
-      res="$work/res-$suite-$mode-$tool"; : > "$res"
+      : > "$work/res-$suite-$mode-$tool"
       if [[ "$mode" == warm ]]; then
+        mapfile -t args < <(build_args "$tool" "$suite" "$ctx" "$mode")
+        log "$suite $mode $tool: priming"
         run_container "$work/prime" "$tool" "${args[@]}"
         tail -1 "$work/prime" | grep -q fail && echo "priming failed: $suite $tool" >&2
       fi
-      load=$(cut -d' ' -f1 /proc/loadavg)
-      for _ in $(seq "$runs"); do run_container "$res" "$tool" "${args[@]}"; done
+    done
+    load=$(cut -d' ' -f1 /proc/loadavg)
+    for i in $(seq "$runs"); do
+      order=("${tools[@]}")
+      if (( i % 2 == 0 && ${#tools[@]} == 2 )); then order=("${tools[1]}" "${tools[0]}"); fi
+      for tool in "${order[@]}"; do
+        log "$suite $mode $tool ($i/$runs)"
+        mapfile -t args < <(build_args "$tool" "$suite" "$ctx" "$mode")
+        run_container "$work/res-$suite-$mode-$tool" "$tool" "${args[@]}"
+      done
+    done
+    for tool in "${tools[@]}"; do
+      res="$work/res-$suite-$mode-$tool"
       t=$(cut -d' ' -f1 "$res" | median)
       m=$(cut -d' ' -f2 "$res" | median)
-      # The median of each run's own overhead (wall - its commands' time), not of the parts.
       c=$(awk '{print $3}' "$res" | median)
-      oc=$(awk -v s="${start_cost[$tool]}" '$1 ~ /^[0-9.]+$/ { printf "%.2f\n", $1 - $3 - s }' "$res" | median)
+      st=$(awk '{print $4}' "$res" | median)
+      # Medians of each run's own overheads, not differences of medians: above the floor,
+      # and above the commands' time in that run, both less that run's container start.
+      o=$(awk -v f="$f" '$1 ~ /^[0-9.]+$/ { printf "%.2f\n", $1 - f }' "$res" | median)
+      o2=$(awk -v f="$f" '$1 ~ /^[0-9.]+$/ { printf "%.2f\n", $1 - f - $4 }' "$res" | median)
+      oc=$(awk '$1 ~ /^[0-9.]+$/ { printf "%.2f\n", $1 - $3 - $4 }' "$res" | median)
       [[ "$m" =~ ^[0-9]+$ ]] && m=$((m / 1024))
-      if [[ "$t" =~ ^[0-9.]+$ ]]; then
-        o=$(awk -v t="$t" -v f="$f" 'BEGIN { printf "%.2f", t - f }')
-        o2=$(awk -v o="$o" -v s="${start_cost[$tool]}" 'BEGIN { printf "%.2f", o - s }')
-      else
-        o=-; o2=-
-      fi
-      printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$suite" "$mode" "$tool" "$t" "$f" "$o" "$o2" "$c" "$oc" "$m" "$load"
+      printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$suite" "$mode" "$tool" "$t" "$f" "$o" "$st" "$o2" "$c" "$oc" "$m" "$load"
       cp "$res" "${KILN_BENCH_KEEP:-$work}/" 2>/dev/null || true
     done
+    if [[ ${#tools[@]} == 2 ]]; then
+      # kiln's overhead over kaniko's, run i against run i; the median of those ratios.
+      paired+=("$(paste -d' ' "$work/res-$suite-$mode-kiln" "$work/res-$suite-$mode-kaniko" |
+        awk -v f="$f" -v suite="$suite" -v mode="$mode" '
+          function ratio(a, b) { return b > 0 ? sprintf("%.0f", 100 * a / b) : "-" }
+          $1 ~ /^[0-9.]+$/ && $5 ~ /^[0-9.]+$/ {
+            floor_r = floor_r " " ratio($1 - f - $4, $5 - f - $8)
+            run_r = run_r " " ratio($1 - $3 - $4, $5 - $7 - $8)
+          }
+          END { printf "%s %s %s|%s\n", suite, mode, floor_r, run_r }')")
+    fi
   done
 done
+if [[ ${#paired[@]} -gt 0 ]]; then
+  printf '\nkiln overhead / kaniko overhead, run by run (%%; each less its own container start):\n\n'
+  printf '| suite | mode | above the floor | median | above the commands in the run | median |\n|---|---|---|---|---|---|\n'
+  for p in "${paired[@]}"; do
+    read -r suite mode rest <<< "${p%%|*}"
+    runr="${p#*|}"
+    printf '| %s | %s | %s | %s | %s | %s |\n' "$suite" "$mode" "$rest" \
+      "$(tr ' ' '\n' <<< "$rest" | grep -v '^$' | median)" "$runr" \
+      "$(tr ' ' '\n' <<< "$runr" | grep -v '^$' | median)"
+  done
+fi
