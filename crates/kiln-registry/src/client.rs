@@ -221,6 +221,11 @@ pub struct PulledManifest {
     pub layers: Vec<Descriptor>,
 }
 
+/// In-memory blobs smaller than this are uploaded without asking first whether the registry
+/// has them (see [`RegistryClient::push_bytes`]); uploading a blob a registry already has is
+/// harmless (the distribution spec makes uploads idempotent by digest).
+pub const UPLOAD_WITHOUT_HEAD_BELOW: usize = 64 * 1024;
+
 /// A distribution API client shared by a whole build.
 pub struct RegistryClient {
     /// Trusts the system roots and the global extra CAs.
@@ -1092,14 +1097,18 @@ impl RegistryClient {
         self.upload_location(r, &resp)
     }
 
-    /// Uploads a small blob held in memory (a config), skipped when the registry has it.
+    /// Uploads a blob held in memory (a config). Under [`UPLOAD_WITHOUT_HEAD_BELOW`] it is
+    /// uploaded straight away: sending a few kilobytes costs what asking for them does, and a
+    /// new image's config is new (it holds the build time), so the `HEAD` would be one more
+    /// round trip on the way to the manifest. Larger ones are skipped when the registry has
+    /// them.
     pub fn push_bytes(
         &self,
         r: &Reference,
         d: &Descriptor,
         bytes: &[u8],
     ) -> Result<(), RegistryError> {
-        if self.has_blob(r, &d.digest)? {
+        if bytes.len() >= UPLOAD_WITHOUT_HEAD_BELOW && self.has_blob(r, &d.digest)? {
             return Ok(());
         }
         let location = self.start_upload(r)?;
