@@ -491,28 +491,9 @@ impl Engine<'_> {
             }
         }
         // Side by side: a warm rebuild's hits are many small downloads, each mostly waiting.
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let failure: Mutex<Option<BuildError>> = Mutex::new(None);
-        std::thread::scope(|scope| {
-            for _ in 0..fetch.len().min(CACHE_FETCHES) {
-                scope.spawn(|| {
-                    while let Some(layer) =
-                        fetch.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
-                    {
-                        if let Err(e) = ensure_local(self, &bases, &lazy, layer) {
-                            failure
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .get_or_insert(e);
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        if let Some(e) = failure.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
-            return Err(e);
-        }
+        crate::parallel::try_for_each(&fetch, CACHE_FETCHES, |layer| {
+            ensure_local(self, &bases, &lazy, layer)
+        })?;
         Ok(image)
     }
 

@@ -24,6 +24,7 @@ pub mod layout_source;
 pub mod mounts;
 pub mod options;
 pub mod owner;
+mod parallel;
 pub mod progress;
 pub mod registry_source;
 mod remote;

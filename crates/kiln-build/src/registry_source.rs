@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 
 use kiln_dockerfile::plan::Platform;
@@ -376,43 +376,27 @@ pub fn push_image(
         image.layers.iter().filter(|l| !uploaded.contains(&(r.name(), l.digest.clone()))).collect();
     let total: u64 = image.layers.iter().map(|l| l.size).sum();
     let sent = AtomicU64::new(total - todo.iter().map(|l| l.size).sum::<u64>());
-    let next = AtomicUsize::new(0);
-    let failure: Mutex<Option<SeamError>> = Mutex::new(None);
     let config = img.raw_config().to_vec();
     let config_desc = img.manifest().config.clone();
     std::thread::scope(|scope| {
         // The config goes up beside the layers (from memory: an in-place build whose steps
         // all hit may have no /tmp at all); only the manifest has to wait for everything.
-        scope.spawn(|| {
-            if let Err(e) = client.push_bytes(&r, &config_desc, &config) {
-                failure.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(seam(e));
+        let config_sent =
+            scope.spawn(|| client.push_bytes(&r, &config_desc, &config).map_err(seam));
+        let layers_sent = crate::parallel::try_for_each(&todo, PARALLEL_UPLOADS, |layer| {
+            put_layer(client, &r, layer, &earlier, fetch)?;
+            let bytes = sent.fetch_add(layer.size, Ordering::Relaxed) + layer.size;
+            // The event with `bytes == total` comes once the manifest is up.
+            if bytes < total {
+                progress.event(Event::Push { reference: r.to_string(), bytes, total });
             }
+            Ok(())
         });
-        for _ in 0..PARALLEL_UPLOADS.min(todo.len()) {
-            scope.spawn(|| {
-                loop {
-                    if failure.lock().unwrap_or_else(PoisonError::into_inner).is_some() {
-                        return;
-                    }
-                    let Some(layer) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                        return;
-                    };
-                    if let Err(e) = put_layer(client, &r, layer, &earlier, fetch) {
-                        failure.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(e);
-                        return;
-                    }
-                    let bytes = sent.fetch_add(layer.size, Ordering::Relaxed) + layer.size;
-                    // The event with `bytes == total` comes once the manifest is up.
-                    if bytes < total {
-                        progress.event(Event::Push { reference: r.to_string(), bytes, total });
-                    }
-                }
-            });
-        }
-    });
-    if let Some(e) = failure.into_inner().unwrap_or_else(PoisonError::into_inner) {
-        return Err(e);
-    }
+        let config_sent = config_sent
+            .join()
+            .unwrap_or_else(|_| Err(SeamError::new(format!("{r}: the config upload panicked"))));
+        layers_sent.and(config_sent)
+    })?;
     let digest =
         client.put_manifest(&r, img.raw_manifest(), img.manifest().media_type()).map_err(seam)?;
     progress.event(Event::Push { reference: r.to_string(), bytes: total, total });

@@ -20,21 +20,23 @@ const DIFF_ID_ANNOTATION: &str = "dev.kiln.cache.diff-id";
 /// The entry an OCI cache manifest describes in its annotations (written by `put` since
 /// they exist); `None` for an older entry or a Docker-type manifest, read from its config.
 fn from_annotations(bytes: &[u8], media_type: &str) -> Option<CacheEntry> {
-    if media_type != "application/vnd.oci.image.manifest.v1+json" {
+    if media_type != kiln_oci::media_type::OCI_MANIFEST {
         return None;
     }
-    let m: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-    let notes = m.get("annotations")?;
-    let created = parse_rfc3339(notes.get(CREATED_ANNOTATION)?.as_str()?)?;
-    let empty = notes.get(EMPTY_LABEL)?.as_str()? == "true";
-    let layers = m.get("layers")?.as_array()?;
-    let layer = match (empty, layers.as_slice()) {
+    let Ok(kiln_oci::manifest::Manifest::Image(m)) =
+        kiln_oci::manifest::Manifest::from_slice(bytes, Some(media_type))
+    else {
+        return None;
+    };
+    let note = |key: &str| m.annotations.get(key).map(String::as_str);
+    let created = parse_rfc3339(note(CREATED_ANNOTATION)?)?;
+    let layer = match (note(EMPTY_LABEL)? == "true", m.layers.as_slice()) {
         (true, []) => None,
         (false, [d]) => Some(CachedLayer {
-            digest: d.get("digest")?.as_str()?.to_owned(),
-            diff_id: notes.get(DIFF_ID_ANNOTATION)?.as_str()?.to_owned(),
-            size: d.get("size")?.as_u64()?,
-            media_type: d.get("mediaType")?.as_str()?.to_owned(),
+            digest: d.digest.to_string(),
+            diff_id: note(DIFF_ID_ANNOTATION)?.to_owned(),
+            size: d.size,
+            media_type: d.media_type.clone(),
         }),
         _ => return None,
     };
@@ -266,13 +268,18 @@ mod tests {
     }
 
     const OCI: &str = "application/vnd.oci.image.manifest.v1+json";
+    const LAYER_DIGEST: &str =
+        "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const DIFF_ID: &str = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+    const CONFIG_DIGEST: &str =
+        "sha256:0000000000000000000000000000000000000000000000000000000000000000";
 
     fn manifest(annotations: serde_json::Value, layers: serde_json::Value) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2,
             "mediaType": OCI,
             "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                       "digest": "sha256:00", "size": 2},
+                       "digest": CONFIG_DIGEST, "size": 2},
             "layers": layers,
             "annotations": annotations,
         }))
@@ -282,16 +289,16 @@ mod tests {
     #[test]
     fn entries_are_read_from_manifest_annotations() {
         let layer = serde_json::json!([{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                                        "digest": "sha256:aa", "size": 42}]);
+                                        "digest": LAYER_DIGEST, "size": 42}]);
         let bytes = manifest(
             serde_json::json!({CREATED_ANNOTATION: "2026-11-30T12:00:00Z", EMPTY_LABEL: "false",
-                               DIFF_ID_ANNOTATION: "sha256:bb"}),
+                               DIFF_ID_ANNOTATION: DIFF_ID}),
             layer.clone(),
         );
         let entry = from_annotations(&bytes, OCI).unwrap();
         assert_eq!(entry.created, 1_796_040_000);
         let l = entry.layer.unwrap();
-        assert_eq!((l.digest.as_str(), l.diff_id.as_str(), l.size), ("sha256:aa", "sha256:bb", 42));
+        assert_eq!((l.digest.as_str(), l.diff_id.as_str(), l.size), (LAYER_DIGEST, DIFF_ID, 42));
         assert_eq!(l.media_type, "application/vnd.oci.image.layer.v1.tar+gzip");
 
         let empty = manifest(
