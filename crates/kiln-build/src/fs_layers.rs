@@ -124,11 +124,17 @@ impl LayerOps for FsLayers {
         Ok(())
     }
 
-    fn apply_skeleton(&self, layer: &LayerBlob, root: &Path) -> Result<(), SeamError> {
+    fn apply_skeleton(
+        &self,
+        layer: &LayerBlob,
+        root: &Path,
+        only: Option<&[String]>,
+    ) -> Result<(), SeamError> {
         let opts = ApplyOptions {
             name: layer.digest.clone(),
             keep: self.keep_for(root),
             skeleton: true,
+            only: only.map(<[String]>::to_vec),
             ..ApplyOptions::default()
         };
         apply::apply_file(&layer.path, root, &opts).map_err(seam)?;

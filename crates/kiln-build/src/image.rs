@@ -151,7 +151,15 @@ pub trait LayerOps: Send + Sync {
 
     /// Applies only the skeleton of `layer` (directories, symlinks, `etc/` files; see
     /// `kiln_fs::apply::ApplyOptions::skeleton`): a root for COPY steps that never read it.
-    fn apply_skeleton(&self, layer: &LayerBlob, root: &Path) -> Result<(), SeamError> {
+    /// With `only`, just its entries on the way to, at or under those paths (relative to the
+    /// root; `kiln_fs::apply::ApplyOptions::only`).
+    fn apply_skeleton(
+        &self,
+        layer: &LayerBlob,
+        root: &Path,
+        only: Option<&[String]>,
+    ) -> Result<(), SeamError> {
+        let _ = only;
         self.apply(layer, root)
     }
 

@@ -33,6 +33,7 @@ pub(crate) fn tar_stream<R: Read>(reader: R, dest: &Path, shown: &str) -> Result
         name: shown.to_owned(),
         keep: kiln_fs::keep::KeepList::default(),
         skeleton: false,
+        only: None,
     };
     let outcome = apply_reader(decoded, dest, &opts).map_err(|e| match e {
         FsError::Layer { entry, reason, .. } => {

@@ -39,6 +39,10 @@ pub struct ApplyOptions {
     /// out (what they replace is still removed). Enough for COPY's destination and owner rules
     /// when no file content of the root is ever read.
     pub skeleton: bool,
+    /// Apply only the entries on the way to, at, or under these paths (relative to the root,
+    /// `""` for all of it), with the whiteouts that remove them: a sparse root for steps that
+    /// look at a few places of the tree. `None` applies everything.
+    pub only: Option<Vec<String>>,
 }
 
 impl Default for ApplyOptions {
@@ -49,8 +53,19 @@ impl Default for ApplyOptions {
             name: String::from("layer"),
             keep: crate::keep::KeepList::default(),
             skeleton: false,
+            only: None,
         }
     }
+}
+
+/// Whether `rel` is on the way to, at, or under one of `paths` (all relative to a root).
+pub fn related(paths: &[String], rel: &str) -> bool {
+    let within = |inner: &str, outer: &str| {
+        outer.is_empty()
+            || inner == outer
+            || inner.strip_prefix(outer).is_some_and(|rest| rest.starts_with('/'))
+    };
+    paths.iter().any(|p| within(rel, p) || within(p, rel))
 }
 
 /// What an apply did.
@@ -399,6 +414,21 @@ impl Applier<'_> {
             Some((p, n)) => (p.to_owned(), n.to_owned()),
             None => (String::new(), rel.clone()),
         };
+        if let Some(only) = &self.opts.only {
+            // A whiteout matters where what it removes does (an opaque marker: its directory).
+            let affected = if !self.opts.whiteouts || !name.starts_with(".wh.") {
+                rel.clone()
+            } else if name == ".wh..wh..opq" {
+                parent_rel.clone()
+            } else if parent_rel.is_empty() {
+                name[4..].to_owned()
+            } else {
+                format!("{parent_rel}/{}", &name[4..])
+            };
+            if !related(only, &affected) {
+                return Ok(());
+            }
+        }
         if self.opts.whiteouts && name.starts_with(".wh.") {
             // What it removes may be a directory the cache holds, or on the way to it.
             self.last_dir = None;
@@ -547,9 +577,16 @@ impl Applier<'_> {
                 })?;
                 let source = rootpath::resolve(self.root, Path::new(&link_rel), false)
                     .map_err(self.io(&rel))?;
-                let source_meta = source.symlink_metadata().map_err(|_| {
-                    self.err(&rel, format!("hardlink target `{link_rel}` does not exist"))
-                })?;
+                let source_meta = match source.symlink_metadata() {
+                    Ok(m) => m,
+                    // A skeleton may lack the target (a file it leaves out): so is the link.
+                    Err(_) if self.opts.skeleton => return replace(self, false),
+                    Err(_) => {
+                        return Err(
+                            self.err(&rel, format!("hardlink target `{link_rel}` does not exist"))
+                        );
+                    }
+                };
                 if source_meta.is_dir() {
                     return Err(
                         self.err(&rel, format!("hardlink target `{link_rel}` is a directory"))

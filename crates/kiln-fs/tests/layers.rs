@@ -482,6 +482,105 @@ proptest! {
     }
 }
 
+/// A path of the random trees for a sparse apply to cover: a directory, an entry, or
+/// something inside an entry (which exists when the entry is a directory).
+fn sparse_prefix() -> impl Strategy<Value = String> {
+    (any::<u8>(), any::<u8>(), 0u8..3).prop_map(|(d, n, depth)| match depth {
+        0 => format!("d{}", d % 4),
+        1 => name(d, n),
+        _ => format!("{}/inner", name(d, n)),
+    })
+}
+
+/// What a skeleton keeps of `tree` on the way to, at and under `prefixes`: everything but
+/// regular files (a skeleton leaves them out).
+fn skeleton_view(tree: &Path, prefixes: &[String]) -> BTreeMap<String, String> {
+    describe(tree)
+        .into_iter()
+        .filter(|(rel, what)| apply::related(prefixes, rel) && !what.starts_with("file:"))
+        .collect()
+}
+
+fn layers_of(steps: &[Vec<Op>], work: &Path) -> Vec<PathBuf> {
+    let tree = work.join("tree");
+    for d in 0..4 {
+        fs::create_dir_all(tree.join(format!("d{d}"))).unwrap();
+    }
+    let mut blobs = Vec::new();
+    let mut snap: Option<Snapshot> = None;
+    for (i, ops) in steps.iter().enumerate() {
+        for op in ops {
+            apply_op(&tree, op);
+        }
+        let now = Snapshot::take(&tree, &SnapshotOptions::default()).unwrap();
+        let entries = match &snap {
+            None => all_paths(&tree),
+            Some(before) => before.diff(&now),
+        };
+        if !entries.is_empty() {
+            let dir = work.join(format!("blobs{i}"));
+            let layer = writer::write_layer(&tree, &entries, &dir, &WriteOptions::default());
+            blobs.push(layer.unwrap().path);
+        }
+        snap = Some(now);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    blobs
+}
+
+fn apply_all(blobs: &[PathBuf], root: &Path, only: Option<&[String]>) {
+    fs::create_dir_all(root).unwrap();
+    for b in blobs {
+        let opts = ApplyOptions {
+            skeleton: only.is_some(),
+            only: only.map(<[String]>::to_vec),
+            ..ApplyOptions::default()
+        };
+        apply::apply_file(b, root, &opts).unwrap();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// A stack of layers applied as a skeleton filtered to some paths holds, on the way to, at
+    /// and under them, what the whole stack applied holds (files aside); applying the stack
+    /// again with more paths extends it to those as if they had been asked for at first.
+    #[test]
+    fn sparse_skeletons_agree_with_the_whole_tree_where_they_look(
+        steps in proptest::collection::vec(proptest::collection::vec(op_strategy(), 0..16), 1..4),
+        first in proptest::collection::vec(sparse_prefix(), 1..4),
+        more in proptest::collection::vec(sparse_prefix(), 0..3),
+    ) {
+        let t = tempfile::tempdir().unwrap();
+        let blobs = layers_of(&steps, t.path());
+        let whole = t.path().join("whole");
+        apply_all(&blobs, &whole, None);
+        let sparse = t.path().join("sparse");
+        apply_all(&blobs, &sparse, Some(&first));
+        prop_assert_eq!(skeleton_view(&sparse, &first), skeleton_view(&whole, &first));
+        let all: Vec<String> = first.iter().chain(&more).cloned().collect();
+        apply_all(&blobs, &sparse, Some(&all));
+        prop_assert_eq!(skeleton_view(&sparse, &all), skeleton_view(&whole, &all));
+        // Nothing it was not asked for.
+        for rel in describe(&sparse).keys() {
+            prop_assert!(apply::related(&all, rel), "{} is not near {:?}", rel, all);
+        }
+    }
+}
+
+#[test]
+fn related_paths_are_ancestors_the_path_and_descendants() {
+    let p = vec!["usr/local/bin".to_owned()];
+    for yes in ["usr", "usr/local", "usr/local/bin", "usr/local/bin/tool"] {
+        assert!(apply::related(&p, yes), "{yes}");
+    }
+    for no in ["usr/lib", "usr/localx", "usr/local/binary", "etc"] {
+        assert!(!apply::related(&p, no), "{no}");
+    }
+    assert!(apply::related(&[String::new()], "anything/at/all"));
+}
+
 #[test]
 fn snapshot_ignores_paths_and_reports_only_changes() {
     let t = tempfile::tempdir().unwrap();

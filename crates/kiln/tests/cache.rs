@@ -58,6 +58,11 @@ impl Project {
 
     /// `kiln build --reproducible` with the busybox base and `extra` flags, to `out`.
     fn build(&self, extra: &[&str]) -> Output {
+        self.build_env(extra, &[])
+    }
+
+    /// [`Self::build`] with environment variables.
+    fn build_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Output {
         let out = self.path("out");
         let _ = fs::remove_dir_all(&out);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
@@ -68,12 +73,18 @@ impl Project {
             .arg("-o")
             .arg(format!("type=oci,dest={}", out.display()))
             .args(extra)
-            .arg(self.path("ctx"));
+            .arg(self.path("ctx"))
+            .envs(env.iter().copied());
         cmd.output().unwrap()
     }
 
     /// A build with the local cache directory as source and destination.
     fn build_cached(&self, extra: &[&str]) -> Build {
+        self.build_cached_env(extra, &[])
+    }
+
+    /// [`Self::build_cached`] with environment variables.
+    fn build_cached_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Build {
         let cache = self.path("cache").display().to_string();
         let mut args = vec![
             "--cache-from".to_owned(),
@@ -83,7 +94,7 @@ impl Project {
         ];
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        Build::from(self.build(&refs), self.path("out"))
+        Build::from(self.build_env(&refs, env), self.path("out"))
     }
 
     fn cache_blobs(&self) -> Vec<PathBuf> {
@@ -536,6 +547,57 @@ fn cache_run_layers_and_cache_copy_layers_switch_off_one_kind() {
     let stamp = no_copy.read("first");
     assert_eq!(no_copy.read("a.txt"), "a\n");
     assert_eq!(no_copy.read("combined"), format!("a\n{stamp}"), "cached RUN layers fit");
+}
+
+/// A rebuild whose base stage hits the cache makes the COPY and WORKDIR steps on a sparse
+/// root (only the tree around their destinations, through symlinks of the base): their
+/// layers are those made on the whole root the first time, so the RUN after them hits and the
+/// image is the same. When that RUN misses, the whole root is made from the layers and the
+/// command sees the base's files and the copied ones.
+#[test]
+fn sparse_roots_make_the_same_layers_as_whole_roots() {
+    require_root!();
+    let p = Project::new(&format!(
+        "FROM busybox AS base
+RUN {RANDOM} > /data-stamp; mkdir -p /data/real && ln -s /data/real /data/link && ln -s data/link /shortcut && echo old > /data/real/old
+FROM base
+WORKDIR /work
+COPY a.txt /shortcut/sub/
+COPY b.txt ./
+COPY --chown=nobody:nogroup c.txt /etc/c.txt
+RUN cat /data/real/old /data/real/sub/a.txt /work/b.txt /etc/c.txt > /all && stat -c %u:%g /etc/c.txt >> /all
+"
+    ));
+    p.file("a.txt", "a\n");
+    p.file("b.txt", "b\n");
+    p.file("c.txt", "c\n");
+    let log = [("KILN_LOG", "kiln_build=debug")];
+    let off = ["--cache-copy-layers=false"];
+    let first = p.build_cached_env(&off, &log);
+    assert!(
+        !first.log.contains("sparse root"),
+        "the first build makes whole roots:\n{}",
+        first.log
+    );
+    let second = p.build_cached_env(&off, &log);
+    assert!(
+        second.log.lines().any(|l| l.contains("sparse root") && l.contains("whole=false")),
+        "the rebuild's file steps use a sparse root:\n{}",
+        second.log
+    );
+    assert!(
+        second.log.contains(r#""data/real/sub"#),
+        "the symlinks were followed:\n{}",
+        second.log
+    );
+    assert!(second.hit("stage-1", "RUN cat"), "the COPY layers are the same:\n{}", second.log);
+    assert_eq!(first.digest(), second.digest(), "the same image");
+
+    p.file("b.txt", "b2\n");
+    let third = p.build_cached_env(&off, &log);
+    assert!(!third.hit("stage-1", "RUN cat"), "{}", third.log);
+    assert_eq!(third.read("all"), "old\na\nb2\nc\n65534:65534\n");
+    assert_eq!(third.read("data/real/sub/a.txt"), "a\n");
 }
 
 /// A registry cache whose layer blobs are changed, then deleted, in the registry's storage:

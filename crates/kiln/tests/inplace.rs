@@ -97,7 +97,7 @@ impl Throwaway {
         let script = format!(
             "set -e; R={root}; mount --bind $R $R; mount --bind {ctx} $R/workspace; \
              mount --bind {bases} $R/bases; mount --bind {out} $R/out; mount --rbind /dev $R/dev; \
-             mount -t proc proc $R/proc; {extra} cd $R; mkdir .old; pivot_root . .old; \
+             mount -t proc proc $R/proc; {extra} cd $R; mkdir -p .old; pivot_root . .old; \
              /.old/bin/busybox umount -l /.old; /.old/bin/busybox rmdir /.old 2>/dev/null || true; \
              cd /workspace; \
              exec /kaniko/lib/ld.so --library-path /kaniko/lib {program} {args}",
@@ -340,15 +340,19 @@ fn kaniko_command_line_builds_in_place_and_pushes() {
     assert!(!err.contains("s3cret-pass"), "a credential was printed:\n{err}");
     let digest1 = fs::read_to_string(t.out().join("digest")).unwrap();
 
+    // kaniko's defaults: RUN layers are cached, COPY layers (`--cache-copy-layers`) are not.
+    // The COPY steps run on a sparse root in kiln's directory, and with every RUN a hit
+    // nothing is unpacked over `/`: it stays as it was, here without a /tmp (FROM scratch,
+    // like the executor image).
+    let _ = fs::remove_dir_all(t.root().join("tmp"));
     let second = t.run_as("/kaniko/executor", &kaniko_args, &mount_config);
     let err2 = text(&second.stderr);
     assert!(second.status.success(), "second executor run failed:\n{err2}");
-    // kaniko's defaults: RUN layers are cached, COPY layers (`--cache-copy-layers`) are not
     assert_eq!(err2.matches("CACHED").count(), 2, "the RUN layers were not reused:\n{err2}");
     assert_eq!(fs::read_to_string(t.out().join("digest")).unwrap(), digest1);
+    assert!(!t.root().join("tmp").exists(), "busybox was unpacked over /:\n{err2}");
 
-    // With COPY layers cached too, a rebuild hits every step and unpacks nothing: `/` stays
-    // as the container started, here without a /tmp (FROM scratch, like the executor image).
+    // With COPY layers cached too, a rebuild hits every step and unpacks nothing either.
     let all = format!("{kaniko_args} --cache-copy-layers=true");
     let third = t.run_as("/kaniko/executor", &all, &mount_config);
     assert!(third.status.success(), "third executor run failed:\n{}", text(&third.stderr));
