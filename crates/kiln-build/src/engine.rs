@@ -829,6 +829,17 @@ const SPARSE_SCAN_LIMIT: u64 = 16 << 20;
 /// A sparse root follows symlinks on its covered paths this many times over at most.
 const SPARSE_PASSES: usize = 8;
 
+/// Drops the stage's sparse root, if any: `root` is its home again (the sparse directory is
+/// removed when it is one of its own).
+fn leave_sparse(state: &mut StageState) {
+    if let Some(sparse) = state.sparse.take() {
+        if sparse.home != state.root {
+            let _ = fs::remove_dir_all(&state.root);
+        }
+        state.root = sparse.home;
+    }
+}
+
 /// Whether `path` lies at or under one of `covered` (all relative to a root).
 fn is_covered(covered: &[String], path: &str) -> bool {
     covered.iter().any(|c| {
@@ -932,12 +943,7 @@ impl StageBuild<'_, '_> {
                 command_seconds: command.map(|d| d.as_secs_f64()),
             });
         }
-        if let Some(sparse) = state.sparse.take() {
-            if sparse.home != state.root {
-                let _ = fs::remove_dir_all(&state.root);
-            }
-            state.root = sparse.home;
-        }
+        leave_sparse(&mut state);
         let mut saved = false;
         if in_place && state.materialized {
             // What later stages copy from `/` is saved before the next stage reuses it.
@@ -1133,14 +1139,9 @@ impl StageBuild<'_, '_> {
         if state.materialized {
             return Ok(());
         }
-        if let Some(sparse) = state.sparse.take() {
-            // The whole root replaces the sparse one (outside `/` in the same directory, which
-            // `apply_layers` empties first).
-            if sparse.home != state.root {
-                let _ = fs::remove_dir_all(&state.root);
-            }
-            state.root = sparse.home;
-        }
+        // The whole root replaces a sparse one (outside `/` in the same directory, which
+        // `apply_layers` empties first).
+        leave_sparse(state);
         let reference = match &self.stage.base {
             Base::Image(r) => r.clone(),
             _ => self.name(),
@@ -1185,10 +1186,8 @@ impl StageBuild<'_, '_> {
         if state.root == Path::new("/") || self.in_place() {
             return self.materialize(state);
         }
-        if let Some(sparse) = state.sparse.take() {
-            // Outside `/` the sparse root is the stage's root itself, emptied below.
-            state.root = sparse.home;
-        }
+        // Outside `/` a sparse root is the stage's root itself, emptied below.
+        leave_sparse(state);
         if state.root.symlink_metadata().is_ok() {
             fs::remove_dir_all(&state.root).map_err(io_err("clearing a stage root"))?;
         }
