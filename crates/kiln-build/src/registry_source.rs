@@ -11,11 +11,12 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, mpsc};
 
 use kiln_dockerfile::plan::Platform;
 use kiln_oci::{Descriptor, Digest, Image};
 use kiln_reference::Reference;
+use kiln_registry::client::UPLOAD_WITHOUT_HEAD_BELOW;
 use kiln_registry::{RegistryClient, RegistryError};
 
 use crate::config::ImageConfig;
@@ -160,7 +161,10 @@ fn put_layer(
     {
         return Ok(());
     }
-    if client.has_blob(dest, &digest).map_err(seam)? {
+    // A small layer this build made is most likely new: uploading it costs what asking
+    // first would.
+    let made_here = layer.origin.is_none() && layer.size < UPLOAD_WITHOUT_HEAD_BELOW as u64;
+    if !made_here && client.has_blob(dest, &digest).map_err(seam)? {
         return Ok(());
     }
     for from in earlier {
@@ -194,9 +198,27 @@ pub struct EarlyUploads<'c> {
     destinations: Vec<Reference>,
     queue: Mutex<Option<mpsc::Sender<Job>>>,
     next: Mutex<mpsc::Receiver<Job>>,
-    done: Mutex<Uploaded>,
+    state: Mutex<UploadState>,
+    /// Signalled whenever a job ends, for [`Self::wait_for`].
+    job_ended: Condvar,
+}
+
+#[derive(Default)]
+struct UploadState {
+    done: Uploaded,
     /// Blobs being streamed (until every destination has them).
-    streaming: Mutex<Vec<Arc<GrowingBlob>>>,
+    streaming: Vec<Arc<GrowingBlob>>,
+    /// Digests of finished layer files queued or being uploaded.
+    queued: Vec<String>,
+}
+
+impl UploadState {
+    /// Whether a job may still put `digest` somewhere. A stream whose digest is not known yet
+    /// may be it.
+    fn busy_with(&self, digest: &str) -> bool {
+        self.queued.iter().any(|d| d == digest)
+            || self.streaming.iter().any(|b| b.digest().is_none_or(|d| d.to_string() == digest))
+    }
 }
 
 enum Job {
@@ -215,8 +237,8 @@ impl<'c> EarlyUploads<'c> {
             destinations: destinations.iter().filter_map(|d| Reference::parse(d).ok()).collect(),
             queue: Mutex::new(Some(tx)),
             next: Mutex::new(rx),
-            done: Mutex::new(Uploaded::new()),
-            streaming: Mutex::new(Vec::new()),
+            state: Mutex::new(UploadState::default()),
+            job_ended: Condvar::new(),
         }
     }
 
@@ -225,36 +247,74 @@ impl<'c> EarlyUploads<'c> {
         loop {
             let next = self.next.lock().unwrap_or_else(PoisonError::into_inner).recv();
             match next {
-                Ok(Job::Layer(layer)) => self.to_destinations(&layer, 0),
+                Ok(Job::Layer(layer)) => {
+                    self.to_destinations(&layer, 0);
+                    let mut state = self.state();
+                    if let Some(i) = state.queued.iter().position(|d| *d == layer.digest) {
+                        state.queued.swap_remove(i);
+                    }
+                }
                 Ok(Job::Stream(blob)) => {
                     self.stream(&blob);
-                    self.streaming
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .retain(|b| !Arc::ptr_eq(b, &blob));
+                    self.state().streaming.retain(|b| !Arc::ptr_eq(b, &blob));
                 }
                 Err(_) => return,
             }
+            self.job_ended.notify_all();
         }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, UploadState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether `dest` (a repository name) has the blob `digest` from an early upload, once no
+    /// job is still working on that blob. The final push asks this layer by layer, so it
+    /// sends the config and the base layers' mounts while the last layers still go up.
+    /// Call it after [`Self::close`], with [`Self::work`] running.
+    pub fn wait_for(&self, dest: &str, digest: &str) -> bool {
+        let mut state = self.state();
+        while state.busy_with(digest) {
+            state = self.job_ended.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+        state.done.contains(&(dest.to_string(), digest.to_string()))
     }
 
     /// Streams `blob` to the first destination while it is written; then the others get it
     /// from the finished file; a failed stream is uploaded whole.
     fn stream(&self, blob: &Arc<GrowingBlob>) {
         let Some(first) = self.destinations.first() else { return };
-        // Written before it was worth streaming: the finished file in two requests (start,
-        // then the data with its digest) where a stream takes three. The registry shares the
-        // build's cores, and a one-line RUN makes a layer every few milliseconds. A layer
-        // this build just made is new, so nobody asks first.
-        let whole = !blob.grows_past(STREAM_ABOVE);
-        let streamed = if whole {
-            None
-        } else {
-            Some(self.client.upload_stream(first, Box::new(blob.reader()), &|| {
-                blob.wait().map(|(digest, _, _)| digest)
-            }))
+        // The session is opened while the layer is still being walked and written: after
+        // the last step, only the data and the manifest are left on the way to the push.
+        let session = match self.client.open_upload(first) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::debug!("opening an early upload to {first} failed: {e}");
+                None
+            }
         };
-        let Some((digest, size, path)) = blob.wait() else { return };
+        // Written before it was worth streaming: the finished file in one request with its
+        // digest, where a stream takes two. The registry shares the build's cores, and a
+        // one-line RUN makes a layer every few milliseconds. A layer this build just made is
+        // new, so nobody asks first.
+        let whole = !blob.grows_past(STREAM_ABOVE);
+        let (session, streamed) = match session {
+            Some(session) if !whole => {
+                let sent =
+                    self.client.upload_stream_in(session, first, Box::new(blob.reader()), &|| {
+                        blob.wait().map(|(digest, _, _)| digest)
+                    });
+                (None, Some(sent))
+            }
+            session => (session, None),
+        };
+        let Some((digest, size, path)) = blob.wait() else {
+            // No layer after all (the step changed nothing, or failed).
+            if let Some(session) = session {
+                self.client.cancel_upload(first, session);
+            }
+            return;
+        };
         // Only digest, size and file matter for an upload.
         let layer = LayerBlob {
             digest: digest.to_string(),
@@ -264,11 +324,15 @@ impl<'c> EarlyUploads<'c> {
             path,
             origin: None,
         };
-        let sent = match streamed {
-            Some(streamed) => streamed.map(|_| ()),
-            None => {
+        let sent = match (streamed, session) {
+            (Some(streamed), _) => streamed.map(|_| ()),
+            (None, Some(session)) => {
                 let d = Descriptor::new(String::new(), digest, size);
-                self.client.upload_blob(first, &d, &layer.path)
+                self.client.upload_blob_in(session, first, &d, &layer.path)
+            }
+            (None, None) => {
+                self.to_destinations(&layer, 0);
+                return;
             }
         };
         match sent {
@@ -287,10 +351,7 @@ impl<'c> EarlyUploads<'c> {
     }
 
     fn record(&self, dest: &Reference, layer: &LayerBlob) {
-        self.done
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert((dest.name(), layer.digest.clone()));
+        self.state().done.insert((dest.name(), layer.digest.clone()));
     }
 
     /// Puts `layer` into the destinations from the `from`th on.
@@ -310,20 +371,17 @@ impl<'c> EarlyUploads<'c> {
         }
     }
 
-    fn send(&self, job: Job) {
-        if let Some(tx) = self.queue.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
-            let _ = tx.send(job);
+    /// Queues `job`; false once the queue is closed.
+    fn send(&self, job: Job) -> bool {
+        match self.queue.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            Some(tx) => tx.send(job).is_ok(),
+            None => false,
         }
     }
 
     /// No more layers: [`Self::work`] returns once the queue is empty.
     pub fn close(&self) {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner).take();
-    }
-
-    /// What was uploaded so far.
-    pub fn uploaded(&self) -> Uploaded {
-        self.done.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 }
 
@@ -333,8 +391,12 @@ impl LayerSink for EarlyUploads<'_> {
             return None;
         }
         let blob = GrowingBlob::new();
-        self.streaming.lock().unwrap_or_else(PoisonError::into_inner).push(Arc::clone(&blob));
-        self.send(Job::Stream(Arc::clone(&blob)));
+        // Recorded before it is queued: a worker may end the job before `send` returns.
+        self.state().streaming.push(Arc::clone(&blob));
+        if !self.send(Job::Stream(Arc::clone(&blob))) {
+            self.state().streaming.retain(|b| !Arc::ptr_eq(b, &blob));
+            return None;
+        }
         Some(blob)
     }
 
@@ -343,27 +405,35 @@ impl LayerSink for EarlyUploads<'_> {
             return;
         }
         // A streamed layer is handled by its stream job.
-        let streamed = self
+        let mut state = self.state();
+        let streamed = state
             .streaming
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .any(|b| b.digest().is_some_and(|d| d.to_string() == layer.digest));
         if !streamed {
-            self.send(Job::Layer(layer.clone()));
+            // Recorded before it is queued: a worker may end the job before `send` returns.
+            state.queued.push(layer.digest.clone());
+            drop(state);
+            if !self.send(Job::Layer(layer.clone())) {
+                let mut state = self.state();
+                if let Some(i) = state.queued.iter().position(|d| *d == layer.digest) {
+                    state.queued.swap_remove(i);
+                }
+            }
         }
     }
 }
 
 /// Pushes `image` to `reference`; returns the manifest digest. Blobs go up to
-/// [`PARALLEL_UPLOADS`] at a time (those in `uploaded` are skipped; `earlier` destinations on
-/// the same registry are mounted from), then the config, then the manifest.
+/// [`PARALLEL_UPLOADS`] at a time (those `uploaded` answers true for, given the repository name
+/// and the digest, are skipped; `earlier` destinations on the same registry are mounted from),
+/// beside the config; the manifest goes last.
 pub fn push_image(
     client: &RegistryClient,
     image: &BuiltImage,
     reference: &str,
     earlier: &[String],
-    uploaded: &Uploaded,
+    uploaded: &(dyn Fn(&str, &str) -> bool + Sync),
     fetch: &FetchLayer<'_>,
     progress: &dyn Progress,
 ) -> Result<Digest, SeamError> {
@@ -372,10 +442,10 @@ pub fn push_image(
     let earlier: Vec<Reference> = earlier.iter().filter_map(|e| Reference::parse(e).ok()).collect();
     let img = crate::export::to_image_unchecked(image)
         .map_err(|e| SeamError::new(format!("{r}: {e}")))?;
-    let todo: Vec<&LayerBlob> =
-        image.layers.iter().filter(|l| !uploaded.contains(&(r.name(), l.digest.clone()))).collect();
+    let name = r.name();
+    let layers: Vec<&LayerBlob> = image.layers.iter().collect();
     let total: u64 = image.layers.iter().map(|l| l.size).sum();
-    let sent = AtomicU64::new(total - todo.iter().map(|l| l.size).sum::<u64>());
+    let sent = AtomicU64::new(0);
     let config = img.raw_config().to_vec();
     let config_desc = img.manifest().config.clone();
     std::thread::scope(|scope| {
@@ -383,8 +453,11 @@ pub fn push_image(
         // all hit may have no /tmp at all); only the manifest has to wait for everything.
         let config_sent =
             scope.spawn(|| client.push_bytes(&r, &config_desc, &config).map_err(seam));
-        let layers_sent = crate::parallel::try_for_each(&todo, PARALLEL_UPLOADS, |layer| {
-            put_layer(client, &r, layer, &earlier, fetch)?;
+        let layers_sent = crate::parallel::try_for_each(&layers, PARALLEL_UPLOADS, |layer| {
+            // May wait for an early upload of this layer still under way.
+            if !uploaded(&name, &layer.digest) {
+                put_layer(client, &r, layer, &earlier, fetch)?;
+            }
             let bytes = sent.fetch_add(layer.size, Ordering::Relaxed) + layer.size;
             // The event with `bytes == total` comes once the manifest is up.
             if bytes < total {

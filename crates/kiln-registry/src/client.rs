@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use kiln_oci::{Descriptor, Digest, Manifest, VerifyingReader, media_type};
@@ -226,13 +226,60 @@ pub struct PulledManifest {
 /// harmless (the distribution spec makes uploads idempotent by digest).
 pub const UPLOAD_WITHOUT_HEAD_BELOW: usize = 64 * 1024;
 
+/// An upload session opened in a repository ([`RegistryClient::open_upload`]): where its
+/// data goes. Used once.
+#[derive(Debug)]
+pub struct UploadSession {
+    location: String,
+}
+
+/// A reqwest client made on first use. Each one starts a runtime thread and a TLS
+/// configuration with its roots (~3 ms with the system bundle as extra roots), and a build
+/// usually talks through one of them: an `--insecure` registry never needs the verifying one.
+struct LazyClient {
+    insecure: bool,
+    cas: Vec<reqwest::Certificate>,
+    identity: Option<reqwest::Identity>,
+    made: OnceLock<Result<Client, String>>,
+}
+
+impl LazyClient {
+    fn new(
+        insecure: bool,
+        cas: Vec<reqwest::Certificate>,
+        identity: Option<reqwest::Identity>,
+    ) -> LazyClient {
+        LazyClient { insecure, cas, identity, made: OnceLock::new() }
+    }
+
+    fn get(&self) -> Result<&Client, String> {
+        self.made
+            .get_or_init(|| {
+                let mut b = Client::builder()
+                    .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+                    .connect_timeout(Duration::from_secs(30))
+                    .timeout(None)
+                    .danger_accept_invalid_certs(self.insecure);
+                for c in &self.cas {
+                    b = b.add_root_certificate(c.clone());
+                }
+                if let Some(id) = &self.identity {
+                    b = b.identity(id.clone());
+                }
+                b.build().map_err(|e| error_chain(&e))
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+}
+
 /// A distribution API client shared by a whole build.
 pub struct RegistryClient {
     /// Trusts the system roots and the global extra CAs.
-    http: Client,
-    http_insecure: Client,
+    http: LazyClient,
+    http_insecure: LazyClient,
     /// Registries with their own CAs or client certificate.
-    per_registry: HashMap<String, Client>,
+    per_registry: HashMap<String, LazyClient>,
     /// Where a pulled repository was found (`registry/repo` → a mirror's reference), so its
     /// blobs come from the same place.
     routes: Mutex<HashMap<String, Reference>>,
@@ -345,33 +392,14 @@ impl RegistryClient {
                 })?;
             by_host.entry(cc.registry.clone()).or_default().1 = Some(identity);
         }
-        let build =
-            |insecure: bool, cas: &[reqwest::Certificate], identity: Option<reqwest::Identity>| {
-                let mut b = Client::builder()
-                    .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
-                    .connect_timeout(Duration::from_secs(30))
-                    .timeout(None)
-                    .danger_accept_invalid_certs(insecure);
-                for c in cas {
-                    b = b.add_root_certificate(c.clone());
-                }
-                if let Some(id) = identity {
-                    b = b.identity(id);
-                }
-                b.build().map_err(|e| RegistryError::Unreachable {
-                    reference: String::new(),
-                    detail: error_chain(&e),
-                    hint: "the TLS stack could not start with these certificates".into(),
-                })
-            };
         let mut per_registry = HashMap::new();
         for (host, (cas, identity)) in by_host {
             let all: Vec<reqwest::Certificate> = global.iter().cloned().chain(cas).collect();
-            per_registry.insert(host, build(false, &all, identity)?);
+            per_registry.insert(host, LazyClient::new(false, all, identity));
         }
         Ok(RegistryClient {
-            http: build(false, &global, None)?,
-            http_insecure: build(true, &[], None)?,
+            http: LazyClient::new(false, global, None),
+            http_insecure: LazyClient::new(true, Vec::new(), None),
             per_registry,
             routes: Mutex::new(HashMap::new()),
             options,
@@ -385,12 +413,17 @@ impl RegistryClient {
         self.options.insecure.iter().any(|r| r == registry)
     }
 
-    fn client_for(&self, registry: &str) -> &Client {
-        if self.options.skip_tls_verify.iter().any(|r| r == registry) {
+    fn client_for(&self, r: &Reference) -> Result<&Client, RegistryError> {
+        let lazy = if self.options.skip_tls_verify.contains(&r.registry) {
             &self.http_insecure
         } else {
-            self.per_registry.get(registry).unwrap_or(&self.http)
-        }
+            self.per_registry.get(&r.registry).unwrap_or(&self.http)
+        };
+        lazy.get().map_err(|detail| RegistryError::Unreachable {
+            reference: r.to_string(),
+            detail,
+            hint: "the TLS stack could not start with these certificates".into(),
+        })
     }
 
     fn base(&self, r: &Reference) -> String {
@@ -424,7 +457,7 @@ impl RegistryClient {
         if !scope.is_empty() {
             query.push(("scope", scope));
         }
-        let client = self.client_for(&r.registry);
+        let client = self.client_for(r)?;
         let response = match &cred {
             // An identity token is exchanged with the OAuth2 refresh-token grant.
             Some(Credential::IdentityToken { token, .. }) => {
@@ -584,7 +617,7 @@ impl RegistryClient {
         scope: &str,
         make: &dyn Fn(&Client) -> Result<RequestBuilder, RegistryError>,
     ) -> Result<Response, RegistryError> {
-        let client = self.client_for(&r.registry);
+        let client = self.client_for(r)?;
         let mut attempt = 0;
         let mut authed_once = false;
         loop {
@@ -1082,6 +1115,25 @@ impl RegistryClient {
         self.upload_blob(r, d, path)
     }
 
+    /// Opens an upload session (`POST …/blobs/uploads/`) in `r`'s repository, to be finished
+    /// by [`Self::upload_blob_in`] or [`Self::upload_stream_in`], or given up with
+    /// [`Self::cancel_upload`]. Opening it before the blob is written takes that round trip
+    /// off the way to the push.
+    pub fn open_upload(&self, r: &Reference) -> Result<UploadSession, RegistryError> {
+        Ok(UploadSession { location: self.start_upload(r)? })
+    }
+
+    /// Gives up an upload session (`DELETE`), so the registry can drop it now rather than
+    /// when it purges stale uploads. Best effort: a failure is only logged.
+    pub fn cancel_upload(&self, r: &Reference, session: UploadSession) {
+        let url = session.location;
+        match self.send(r, &push_scope(r), &|c| Ok(c.delete(&url))) {
+            Ok(resp) if resp.status().is_success() || resp.status() == StatusCode::NOT_FOUND => {}
+            Ok(resp) => tracing::debug!(status = resp.status().as_u16(), "cancelling an upload"),
+            Err(e) => tracing::debug!(error = %e, "cancelling an upload"),
+        }
+    }
+
     /// Opens an upload session (`POST …/blobs/uploads/`); returns its location.
     fn start_upload(&self, r: &Reference) -> Result<String, RegistryError> {
         let start_url = format!("{}/blobs/uploads/", self.base(r));
@@ -1133,7 +1185,19 @@ impl RegistryClient {
         body: Box<dyn Read + Send>,
         finish: &dyn Fn() -> Option<Digest>,
     ) -> Result<Digest, RegistryError> {
-        let location = self.start_upload(r)?;
+        let session = self.open_upload(r)?;
+        self.upload_stream_in(session, r, body, finish)
+    }
+
+    /// [`Self::upload_stream`] in a session opened before.
+    pub fn upload_stream_in(
+        &self,
+        session: UploadSession,
+        r: &Reference,
+        body: Box<dyn Read + Send>,
+        finish: &dyn Fn() -> Option<Digest>,
+    ) -> Result<Digest, RegistryError> {
+        let location = session.location;
         let body = Mutex::new(Some(body));
         let resp = self.send(r, &push_scope(r), &|c| {
             let reader =
@@ -1175,7 +1239,19 @@ impl RegistryClient {
         d: &Descriptor,
         path: &Path,
     ) -> Result<(), RegistryError> {
-        let mut location = self.start_upload(r)?;
+        let session = self.open_upload(r)?;
+        self.upload_blob_in(session, r, d, path)
+    }
+
+    /// [`Self::upload_blob`] in a session opened before.
+    pub fn upload_blob_in(
+        &self,
+        session: UploadSession,
+        r: &Reference,
+        d: &Descriptor,
+        path: &Path,
+    ) -> Result<(), RegistryError> {
+        let mut location = session.location;
         let io = |error: io::Error| RegistryError::Io {
             reference: r.to_string(),
             path: path.to_path_buf(),
@@ -1424,7 +1500,7 @@ impl RegistryClient {
         scope: &str,
         make: &dyn Fn(&Client) -> Result<RequestBuilder, RegistryError>,
     ) -> Result<Response, RegistryError> {
-        let client = self.client_for(&r.registry);
+        let client = self.client_for(r)?;
         let mut req = make(client)?;
         if let Some(token) = self.cached_token(&r.registry, scope) {
             req = req.header(AUTHORIZATION, format!("Bearer {token}"));

@@ -19,6 +19,6 @@ pub mod credentials;
 
 pub use client::{
     CaCertificate, ClientCertificate, PulledManifest, RegistryClient, RegistryError,
-    RegistryOptions, parse_registry_map,
+    RegistryOptions, UploadSession, parse_registry_map,
 };
 pub use credentials::{Credential, Credentials};

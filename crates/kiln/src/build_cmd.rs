@@ -835,8 +835,6 @@ fn build_with(
     layers: &kiln_build::fs_layers::FsLayers,
     progress: &dyn kiln_build::progress::Progress,
 ) -> anyhow::Result<String> {
-    use kiln_build::export;
-    use kiln_build::progress::Event;
     let credentials = load_credentials(resolved.docker_config.as_deref()).map_err(|e| {
         Hinted::error(
             e.to_string(),
@@ -906,7 +904,9 @@ fn build_with(
         layer_sink: if destinations.is_empty() { None } else { Some(&early) },
     };
     let req = &resolved.request;
-    let built = std::thread::scope(|scope| {
+    // The upload workers run on through the export: the push waits only for the layers
+    // still going up, and sends the config and the base layers' mounts meanwhile.
+    std::thread::scope(|scope| {
         if !destinations.is_empty() {
             for _ in 0..EARLY_UPLOAD_WORKERS {
                 scope.spawn(|| early.work());
@@ -914,10 +914,25 @@ fn build_with(
         }
         let built = engine.build(req);
         early.close();
-        built
-    });
-    let image = built.map_err(|e| build_error(req, e))?;
-    let uploaded = early.uploaded();
+        let image = built.map_err(|e| build_error(req, e))?;
+        let uploaded = |dest: &str, digest: &str| early.wait_for(dest, digest);
+        export_image(resolved, &engine, &client, &uploaded, &image, progress)
+    })
+}
+
+/// Writes or pushes `image` to every output, then the digest, name and metadata files.
+/// Returns the summary's lines.
+fn export_image(
+    resolved: &Resolved,
+    engine: &kiln_build::engine::Engine<'_>,
+    client: &kiln_registry::RegistryClient,
+    uploaded: &(dyn Fn(&str, &str) -> bool + Sync),
+    image: &kiln_build::engine::BuiltImage,
+    progress: &dyn kiln_build::progress::Progress,
+) -> anyhow::Result<String> {
+    use kiln_build::export;
+    use kiln_build::progress::Event;
+    let req = &resolved.request;
     let fetch_err = |e: kiln_build::engine::BuildError| {
         let hint = e.hint();
         let s = kiln_build::image::SeamError::new(e.to_string());
@@ -927,14 +942,14 @@ fn build_with(
         }
     };
     let fetch =
-        |layer: &kiln_build::image::LayerBlob| engine.fetch_layer(&image, layer).map_err(fetch_err);
+        |layer: &kiln_build::image::LayerBlob| engine.fetch_layer(image, layer).map_err(fetch_err);
     // Files are written from blobs on disk: fetch what the build did not need.
     if resolved.outputs.iter().any(|o| !matches!(o, Output::Registry { .. })) {
-        engine.fetch_layers(&image).map_err(|e| build_error(req, e))?;
+        engine.fetch_layers(image).map_err(|e| build_error(req, e))?;
     }
     let image_digest = {
         use kiln_oci::Image as _;
-        export::to_image_unchecked(&image)
+        export::to_image_unchecked(image)
             .map_err(|e| anyhow::anyhow!("cannot assemble the image: {e}"))?
             .digest()
     };
@@ -944,19 +959,18 @@ fn build_with(
     let mut pushed_to: Vec<String> = Vec::new();
     for output in &resolved.outputs {
         let (dest, assembled) = match output {
-            Output::OciDir { dest, tag } => (
-                dest.display().to_string(),
-                export::write_oci_layout(&image, dest, tag.as_deref())?,
-            ),
+            Output::OciDir { dest, tag } => {
+                (dest.display().to_string(), export::write_oci_layout(image, dest, tag.as_deref())?)
+            }
             Output::OciTar { dest, tag } => {
-                (dest.display().to_string(), export::write_oci_tar(&image, dest, tag.as_deref())?)
+                (dest.display().to_string(), export::write_oci_tar(image, dest, tag.as_deref())?)
             }
             Output::DockerArchive { dest, tags } => {
-                (dest.display().to_string(), export::write_docker_archive(&image, dest, tags)?)
+                (dest.display().to_string(), export::write_docker_archive(image, dest, tags)?)
             }
             Output::Registry { reference } => {
                 let d = match kiln_build::registry_source::push_image(
-                    &client, &image, reference, &pushed_to, &uploaded, &fetch, progress,
+                    client, image, reference, &pushed_to, uploaded, &fetch, progress,
                 ) {
                     Ok(d) => {
                         pushed_to.push(reference.clone());

@@ -200,3 +200,61 @@ fn several_destinations_share_one_set_of_blobs() {
         assert!(base_layers.iter().all(|l| linked.contains(l)), "{repo}: {linked:?}");
     }
 }
+
+/// Early uploads open their session while the layer is still being written, so a step that
+/// ends up with no layer gives its session back: after the push, the repository holds no
+/// upload in progress, and the image has the layers of the steps that changed something,
+/// each readable (skopeo copies and verifies them).
+#[test]
+fn no_upload_session_is_left_open() {
+    require_root!();
+    let bases = kiln_testutil::Registry::start();
+    bases.push_bases(false);
+    let dest = kiln_testutil::Registry::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = tmp.path().join("ctx");
+    context(
+        &ctx,
+        &format!(
+            "FROM {}/library/busybox:latest\n\
+             RUN true\n\
+             RUN echo one > /one\n\
+             RUN true\n\
+             RUN echo two > /two\n",
+            bases.host
+        ),
+    );
+    let target = format!("{}/team/sessions:1", dest.host);
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["build", "--progress", "plain", "--insecure-registry", &bases.host])
+        .args(["--insecure-registry", &dest.host, "-t", &target])
+        .arg(&ctx)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    let uploads = dest.storage().join("docker/registry/v2/repositories/team/sessions/_uploads");
+    // (A cancelled session may leave its hash state behind, not its `startedat`.)
+    let open: Vec<String> = fs::read_dir(&uploads)
+        .map(|it| {
+            it.flatten()
+                .filter(|e| e.path().join("startedat").exists())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(open.is_empty(), "upload sessions left open: {open:?}\n{log}");
+    let layers = layer_digests(&manifest(&target));
+    let base_layers = layer_digests(&manifest(&format!("{}/library/busybox:latest", bases.host)));
+    assert_eq!(layers[..base_layers.len()], base_layers[..]);
+    assert!(layers.len() >= base_layers.len() + 2, "{layers:?}");
+    let linked = linked_layers(&dest, "team/sessions");
+    assert!(layers.iter().all(|l| linked.contains(l)), "{layers:?} vs {linked:?}");
+    let out = tmp.path().join("copy");
+    let o = Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false", &format!("docker://{target}")])
+        .arg(format!("oci:{}:x", out.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "skopeo copy: {}", String::from_utf8_lossy(&o.stderr));
+}
