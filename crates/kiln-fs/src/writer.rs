@@ -350,23 +350,56 @@ pub fn write_layer(
     sorted.dedup();
     let mut links: HashMap<(u64, u64), String> = HashMap::new();
     let mut count = 0;
-    for entry in sorted {
-        match entry {
-            LayerEntry::Path(rel) => {
-                append_path(&mut builder, root, rel, opts, &mut links)?;
-            }
-            LayerEntry::Whiteout(rel) => {
-                let (dir, name) = split(rel);
-                append_marker(&mut builder, &join(dir, &format!(".wh.{name}")))
-                    .map_err(|e| FsError::Io { path: PathBuf::from(rel), error: e })?;
-            }
-            LayerEntry::Opaque(rel) => {
-                append_marker(&mut builder, &join(rel, ".wh..wh..opq"))
-                    .map_err(|e| FsError::Io { path: PathBuf::from(rel), error: e })?;
+    // Paths read from the root (not deferred), prepared ahead when there are many.
+    let ahead = (sorted.len() >= READ_AHEAD_FROM).then(|| {
+        ReadAhead::new(
+            root,
+            sorted
+                .iter()
+                .map(|e| match e {
+                    LayerEntry::Path(rel) if !opts.deferred.contains_key(rel) => Some(rel.as_str()),
+                    _ => None,
+                })
+                .collect(),
+        )
+    });
+    let entries_written = std::thread::scope(|scope| -> Result<(), FsError> {
+        if let Some(ahead) = &ahead {
+            for _ in 0..READ_AHEAD_THREADS {
+                scope.spawn(|| ahead.help());
             }
         }
-        count += 1;
-    }
+        let written = (|| {
+            for (i, entry) in sorted.iter().enumerate() {
+                match entry {
+                    LayerEntry::Path(rel) => match &ahead {
+                        Some(ahead) if !opts.deferred.contains_key(rel) => {
+                            if let Some(p) = ahead.take(i)? {
+                                append_prepared(&mut builder, root, rel, p, opts, &mut links)?;
+                            }
+                        }
+                        _ => append_path(&mut builder, root, rel, opts, &mut links)?,
+                    },
+                    LayerEntry::Whiteout(rel) => {
+                        let (dir, name) = split(rel);
+                        append_marker(&mut builder, &join(dir, &format!(".wh.{name}")))
+                            .map_err(|e| FsError::Io { path: PathBuf::from(rel), error: e })?;
+                    }
+                    LayerEntry::Opaque(rel) => {
+                        append_marker(&mut builder, &join(rel, ".wh..wh..opq"))
+                            .map_err(|e| FsError::Io { path: PathBuf::from(rel), error: e })?;
+                    }
+                }
+                count += 1;
+            }
+            Ok(())
+        })();
+        if let Some(ahead) = &ahead {
+            ahead.stop();
+        }
+        written
+    });
+    entries_written?;
     let tar_out = builder.into_inner().map_err(io_err)?;
     let diff_id = tar_out.hasher.finish();
     let mut blob = tar_out.inner.finish().map_err(io_err)?;
@@ -431,34 +464,32 @@ fn append_with_name<W: Write, R: io::Read>(
     b.append(&h, data)
 }
 
-fn append_path<W: Write>(
-    b: &mut tar::Builder<W>,
-    root: &Path,
-    rel: &str,
-    opts: &WriteOptions,
-    links: &mut HashMap<(u64, u64), String>,
-) -> Result<(), FsError> {
-    if let Some(d) = opts.deferred.get(rel) {
-        return append_deferred(b, rel, d, opts);
-    }
+/// What [`prepare_path`] read about one path of the root, for [`append_prepared`].
+struct PreparedPath {
+    meta: fs::Metadata,
+    /// PAX records of its xattrs.
+    pax: Vec<(String, Vec<u8>)>,
+    /// A symlink's target.
+    link: Option<PathBuf>,
+    /// A small regular file's content, exactly `meta.len()` bytes (read ahead).
+    content: Option<Vec<u8>>,
+}
+
+/// Regular files up to this size are read ahead by [`prepare_path`]; larger ones are read
+/// as they are written into the tar.
+const READ_AHEAD_MAX: u64 = 64 * 1024;
+
+/// Reads `rel`'s metadata, xattrs, link target and (if small) content: everything a tar
+/// entry needs from the file system. `None` when it is gone since the diff (a racing
+/// process): nothing to store.
+fn prepare_path(root: &Path, rel: &str) -> Result<Option<PreparedPath>, FsError> {
     let host = root.join(rel);
     let err = |error: io::Error| FsError::Io { path: host.clone(), error };
     let meta = match host.symlink_metadata() {
         Ok(m) => m,
-        // Gone since the diff (a racing process): nothing to store.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(err(e)),
     };
-    let ft = meta.file_type();
-    let mut h = tar::Header::new_ustar();
-    h.set_mode(meta.mode() & 0o7777);
-    h.set_uid(u64::from(meta.uid()));
-    h.set_gid(u64::from(meta.gid()));
-    let mtime = match opts.epoch {
-        Some(epoch) => meta.mtime().min(epoch).max(0),
-        None => meta.mtime().max(0),
-    };
-    h.set_mtime(mtime as u64);
     let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
     if let Ok(names) = xattr::list(&host) {
         for n in names {
@@ -473,6 +504,60 @@ fn append_path<W: Write>(
             }
         }
     }
+    let ft = meta.file_type();
+    let link = if ft.is_symlink() { Some(fs::read_link(&host).map_err(err)?) } else { None };
+    let content = if ft.is_file() && meta.len() <= READ_AHEAD_MAX {
+        let f = fs::File::open(&host).map_err(err)?;
+        let len = meta.len();
+        let mut data = Vec::with_capacity(len as usize);
+        // Exactly len bytes, as the header says: padded with zeros if it shrank since the
+        // lstat, cut if it grew.
+        io::Read::read_to_end(&mut io::Read::take(f, len), &mut data).map_err(err)?;
+        data.resize(len as usize, 0);
+        Some(data)
+    } else {
+        None
+    };
+    Ok(Some(PreparedPath { meta, pax, link, content }))
+}
+
+fn append_path<W: Write>(
+    b: &mut tar::Builder<W>,
+    root: &Path,
+    rel: &str,
+    opts: &WriteOptions,
+    links: &mut HashMap<(u64, u64), String>,
+) -> Result<(), FsError> {
+    if let Some(d) = opts.deferred.get(rel) {
+        return append_deferred(b, rel, d, opts);
+    }
+    match prepare_path(root, rel)? {
+        Some(p) => append_prepared(b, root, rel, p, opts, links),
+        None => Ok(()),
+    }
+}
+
+fn append_prepared<W: Write>(
+    b: &mut tar::Builder<W>,
+    root: &Path,
+    rel: &str,
+    prepared: PreparedPath,
+    opts: &WriteOptions,
+    links: &mut HashMap<(u64, u64), String>,
+) -> Result<(), FsError> {
+    let PreparedPath { meta, mut pax, link, content } = prepared;
+    let host = root.join(rel);
+    let err = |error: io::Error| FsError::Io { path: host.clone(), error };
+    let ft = meta.file_type();
+    let mut h = tar::Header::new_ustar();
+    h.set_mode(meta.mode() & 0o7777);
+    h.set_uid(u64::from(meta.uid()));
+    h.set_gid(u64::from(meta.gid()));
+    let mtime = match opts.epoch {
+        Some(epoch) => meta.mtime().min(epoch).max(0),
+        None => meta.mtime().max(0),
+    };
+    h.set_mtime(mtime as u64);
     let name = if ft.is_dir() { format!("{rel}/") } else { rel.to_owned() };
     if ft.is_file() && meta.nlink() > 1 {
         let key = (meta.dev(), meta.ino());
@@ -493,13 +578,15 @@ fn append_path<W: Write>(
     } else if ft.is_file() {
         h.set_entry_type(tar::EntryType::Regular);
         h.set_size(meta.len());
+        if let Some(data) = content {
+            return append_with_name(b, h, &name, data.as_slice(), &pax).map_err(err);
+        }
         let f = fs::File::open(&host).map_err(err)?;
         // If the file changed size since lstat, the tar would be corrupt: read exactly len.
         let limited = io::Read::take(f, meta.len());
         append_with_name(b, h, &name, PadTo { inner: limited, remaining: meta.len() }, &pax)
             .map_err(err)
-    } else if ft.is_symlink() {
-        let target = fs::read_link(&host).map_err(err)?;
+    } else if let Some(target) = link {
         h.set_entry_type(tar::EntryType::Symlink);
         h.set_size(0);
         let t = target.as_os_str().as_bytes();
@@ -524,6 +611,114 @@ fn append_path<W: Write>(
         let _ = h.set_device_major(rustix::fs::major(rdev));
         let _ = h.set_device_minor(rustix::fs::minor(rdev));
         append_with_name(b, h, &name, io::empty(), &pax).map_err(err)
+    }
+}
+
+/// Paths of the root prepared ([`prepare_path`]) by helper threads, at most [`READ_AHEAD`]
+/// of them ready or under way beyond the one being written: the lstat, xattr, open and read calls of a
+/// layer's many small files run beside the tar and its compression instead of before each
+/// entry. Results are taken in entry order.
+struct ReadAhead<'a> {
+    root: &'a Path,
+    /// The paths to prepare, by entry index (`None`: an entry not read from the root).
+    paths: Vec<Option<&'a str>>,
+    state: Mutex<ReadAheadState>,
+    changed: Condvar,
+}
+
+struct ReadAheadState {
+    /// The next entry index a helper takes.
+    next: usize,
+    /// Entries a helper is preparing.
+    in_progress: usize,
+    /// Prepared entries the writer has not taken yet.
+    ready: HashMap<usize, Result<Option<PreparedPath>, FsError>>,
+    /// The writer stopped (an error): helpers stop too.
+    stopped: bool,
+}
+
+/// Entries prepared ahead of the writer at most; with [`READ_AHEAD_MAX`], at most 8 MiB
+/// of content in memory.
+const READ_AHEAD: usize = 128;
+
+/// Layers with fewer entries are prepared by the writer itself (a RUN step's few paths).
+const READ_AHEAD_FROM: usize = 256;
+
+/// Helper threads preparing paths ahead.
+const READ_AHEAD_THREADS: usize = 2;
+
+impl<'a> ReadAhead<'a> {
+    fn new(root: &'a Path, paths: Vec<Option<&'a str>>) -> ReadAhead<'a> {
+        ReadAhead {
+            root,
+            paths,
+            state: Mutex::new(ReadAheadState {
+                next: 0,
+                in_progress: 0,
+                ready: HashMap::new(),
+                stopped: false,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReadAheadState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A helper: prepares entries in index order, while fewer than [`READ_AHEAD`] are ready
+    /// or under way. (The entry the writer waits for is never held back: every one before it
+    /// was taken, so none is ready or under way.)
+    fn help(&self) {
+        loop {
+            let (i, rel) = {
+                let mut st = self.lock();
+                loop {
+                    if st.stopped {
+                        return;
+                    }
+                    // Entries that need nothing are skipped here, under the lock.
+                    while st.next < self.paths.len() && self.paths[st.next].is_none() {
+                        st.next += 1;
+                    }
+                    if st.next >= self.paths.len() {
+                        return;
+                    }
+                    if st.ready.len() + st.in_progress < READ_AHEAD {
+                        break;
+                    }
+                    st = self.changed.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
+                let i = st.next;
+                st.next += 1;
+                st.in_progress += 1;
+                (i, self.paths[i].unwrap_or_default())
+            };
+            let prepared = prepare_path(self.root, rel);
+            let mut st = self.lock();
+            st.in_progress -= 1;
+            st.ready.insert(i, prepared);
+            drop(st);
+            self.changed.notify_all();
+        }
+    }
+
+    /// The writer: entry `i`'s preparation, once a helper made it.
+    fn take(&self, i: usize) -> Result<Option<PreparedPath>, FsError> {
+        let mut st = self.lock();
+        loop {
+            if let Some(r) = st.ready.remove(&i) {
+                drop(st);
+                self.changed.notify_all();
+                return r;
+            }
+            st = self.changed.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    fn stop(&self) {
+        self.lock().stopped = true;
+        self.changed.notify_all();
     }
 }
 

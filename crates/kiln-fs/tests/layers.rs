@@ -889,3 +889,41 @@ fn streamed_layers_apply_like_files_and_cut_streams_fail() {
             .unwrap_err();
     assert!(err.to_string().contains("stopped before its end"), "{err}");
 }
+
+/// A layer of many paths is read ahead on helper threads (small files' content included):
+/// the tree still comes back whole, hardlinks still point at their first path, files larger
+/// than what is read ahead and files that are not still get their content, and a long run of
+/// entries that are not read from the root (whiteouts here) does not hold the writer up.
+#[test]
+fn many_paths_read_ahead_round_trip() {
+    let t = tempfile::tempdir().unwrap();
+    let (src, dst, blobs) = (t.path().join("src"), t.path().join("dst"), t.path().join("blobs"));
+    fs::create_dir_all(&src).unwrap();
+    fs::create_dir_all(&dst).unwrap();
+    sample_tree(&src);
+    for d in 0..10 {
+        let dir = src.join(format!("many/d{d}"));
+        fs::create_dir_all(&dir).unwrap();
+        for f in 0..40 {
+            let size = match f % 4 {
+                0 => 0,
+                1 => 100 + f,
+                2 => 64 * 1024 + f,
+                _ => 200_000 + 17 * f,
+            };
+            let content: Vec<u8> = (0..size).map(|i| (i * 31 + d * 7 + f) as u8).collect();
+            fs::write(dir.join(format!("f{f}")), content).unwrap();
+        }
+        fs::hard_link(dir.join("f1"), dir.join("link-to-f1")).unwrap();
+        symlink(format!("d{d}/f2"), src.join(format!("many/l{d}"))).unwrap();
+        xattr::set(dir.join("f3"), "user.kiln.n", format!("{d}").as_bytes()).unwrap();
+    }
+    let mut entries: Vec<LayerEntry> =
+        (0..300).map(|i| LayerEntry::Whiteout(format!("0-gone-{i:03}"))).collect();
+    entries.extend(all_paths(&src));
+    assert!(entries.len() > 700);
+    let layer = write_and_apply(&src, &entries, &dst, &blobs);
+    assert_eq!(describe(&src), describe(&dst));
+    assert_eq!(link_groups(&src), link_groups(&dst));
+    assert!(layer.entries >= entries.len() - 1, "{} entries written", layer.entries);
+}
