@@ -927,3 +927,73 @@ fn many_paths_read_ahead_round_trip() {
     assert_eq!(link_groups(&src), link_groups(&dst));
     assert!(layer.entries >= entries.len() - 1, "{} entries written", layer.entries);
 }
+
+/// Small files are written by helper threads while the tar is read: an entry that comes back
+/// to a path still being written still sees (and replaces) what the entry before left, as a
+/// one-by-one apply would. Each case applies over a fresh root; a directory turned into a
+/// link to `/` still writes inside the root.
+#[test]
+fn later_entries_see_the_files_written_beside_the_tar() {
+    use tar::EntryType::{Directory, Link, Regular, Symlink};
+    type Case<'a> = (&'a str, Vec<(&'a str, tar::EntryType, &'a str)>, Vec<(&'a str, &'a str)>);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "a path twice: the second wins",
+            vec![("f", Regular, "one"), ("f", Regular, "two")],
+            vec![("f", "file:two")],
+        ),
+        (
+            "a file, then a directory at its path",
+            vec![("d", Regular, "file"), ("d", Directory, ""), ("d/x", Regular, "in")],
+            vec![("d", "dir"), ("d/x", "file:in")],
+        ),
+        (
+            "a file, then a path below it",
+            vec![("p", Regular, "file"), ("p/q", Regular, "below")],
+            vec![("p", "dir"), ("p/q", "file:below")],
+        ),
+        (
+            "a hardlink to a file just written",
+            vec![("h", Regular, "shared"), ("h2", Link, "h")],
+            vec![("h", "file:shared"), ("h2", "file:shared")],
+        ),
+        (
+            "a whiteout of a file just written",
+            vec![("w", Regular, "gone"), (".wh.w", Regular, ""), ("kept", Regular, "k")],
+            vec![("w", "absent"), ("kept", "file:k")],
+        ),
+        (
+            "a directory replaced by a link to / between its files",
+            vec![
+                ("e", Directory, ""),
+                ("e/f", Regular, "before"),
+                ("e", Symlink, "/"),
+                ("e/g", Regular, "after"),
+            ],
+            vec![("e", "link:/"), ("g", "file:after"), ("e/f", "absent")],
+        ),
+    ];
+    for (what, entries, expect) in cases {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        fs::create_dir_all(&root).unwrap();
+        let blob = t.path().join("layer.tar");
+        fs::write(&blob, raw_tar(&entries)).unwrap();
+        apply::apply_file(&blob, &root, &ApplyOptions::default())
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        for (path, want) in expect {
+            let p = root.join(path);
+            let got = match p.symlink_metadata() {
+                Err(_) => "absent".to_owned(),
+                Ok(m) if m.file_type().is_symlink() => {
+                    format!("link:{}", fs::read_link(&p).unwrap().display())
+                }
+                Ok(m) if m.is_dir() => "dir".to_owned(),
+                Ok(_) => format!("file:{}", fs::read_to_string(&p).unwrap()),
+            };
+            assert_eq!(got, want, "{what}: /{path}");
+        }
+    }
+    // (The link's `/` is the root's: nothing was written to the host's.)
+    assert!(fs::read_to_string("/g").map_or(true, |c| c != "after"));
+}
