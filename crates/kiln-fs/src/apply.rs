@@ -269,30 +269,6 @@ pub fn apply_reader<R: Read>(
     root: &Path,
     opts: &ApplyOptions,
 ) -> Result<ApplyOutcome, FsError> {
-    let shared = PoolShared::default();
-    let (tx, rx) = std::sync::mpsc::sync_channel::<FileJob>(FILE_JOBS_QUEUED);
-    let rx = std::sync::Mutex::new(rx);
-    std::thread::scope(|scope| {
-        for _ in 0..FILE_WRITERS {
-            scope.spawn(|| file_writer(&rx, &shared, &opts.name));
-        }
-        // The sender goes with the applier: when it returns (done, or an error), the writers
-        // finish what is queued and end, and the scope waits for them.
-        apply_entries(
-            reader,
-            root,
-            opts,
-            FilePool { tx, shared: &shared, in_flight: HashSet::new() },
-        )
-    })
-}
-
-fn apply_entries<R: Read>(
-    reader: R,
-    root: &Path,
-    opts: &ApplyOptions,
-    pool: FilePool<'_>,
-) -> Result<ApplyOutcome, FsError> {
     let mut archive = tar::Archive::new(reader);
     let mut state = Applier {
         root,
@@ -304,7 +280,6 @@ fn apply_entries<R: Read>(
         last_dir: None,
         creator: (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw()),
         copy_buf: vec![0u8; COPY_BUF],
-        pool,
     };
     // Raw entries: kiln reads PAX records and GNU long names itself, because binary xattr
     // values (e.g. `security.capability`) may contain newlines, which the tar crate's PAX
@@ -341,141 +316,11 @@ fn apply_entries<R: Read>(
         state.entry(&mut entry, meta)?;
         state.outcome.entries += 1;
     }
-    // Every file written before the directories' times are set.
-    state.drain()?;
     // Directory mtimes last, deepest first: writing into a directory changes its mtime.
     for (path, mtime) in state.dir_times.drain(..).rev() {
         let _ = filetime::set_file_mtime(&path, mtime);
     }
     Ok(state.outcome)
-}
-
-/// Threads that write regular files beside the one reading the tar: creating a file, writing
-/// it and setting its owner, mode and times are a handful of system calls each, and a base
-/// layer has thousands of small files.
-const FILE_WRITERS: usize = 2;
-
-/// Files up to this size go to the writers (read into memory first); larger ones are written
-/// by the applier from the tar as it reads them.
-const POOLED_FILE_MAX: u64 = 1 << 20;
-
-/// Files queued for the writers at most (with [`POOLED_FILE_MAX`], 16 MiB in memory).
-const FILE_JOBS_QUEUED: usize = 16;
-
-/// A regular file for a writer: its place (resolved inside the root, every directory on the
-/// way a real one the applier made or found), its content and its metadata.
-struct FileJob {
-    target: PathBuf,
-    rel: String,
-    data: Vec<u8>,
-    /// The owner to set (`None`: the file's creator is already right, or owners are not set).
-    owner: Option<(u32, u32)>,
-    mode: u32,
-    xattrs: Vec<(String, Vec<u8>)>,
-    mtime: filetime::FileTime,
-}
-
-#[derive(Default)]
-struct PoolShared {
-    state: std::sync::Mutex<PoolState>,
-    done: std::sync::Condvar,
-}
-
-#[derive(Default)]
-struct PoolState {
-    /// Jobs queued or being written.
-    pending: usize,
-    /// The first failure.
-    error: Option<FsError>,
-    warnings: Vec<String>,
-    /// The first owner that could not be set (a warning, once).
-    chown_warning: Option<String>,
-}
-
-/// The applier's side of the writers: the queue, and which targets are not on disk yet.
-struct FilePool<'p> {
-    tx: std::sync::mpsc::SyncSender<FileJob>,
-    shared: &'p PoolShared,
-    /// Targets queued since the last drain.
-    in_flight: HashSet<PathBuf>,
-}
-
-fn file_writer(
-    rx: &std::sync::Mutex<std::sync::mpsc::Receiver<FileJob>>,
-    shared: &PoolShared,
-    layer: &str,
-) {
-    loop {
-        let job = rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner).recv();
-        let Ok(job) = job else { return };
-        let failed =
-            shared.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).error.is_some();
-        let result = if failed { Ok(()) } else { write_job(&job, shared) };
-        let mut st = shared.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Err(reason) = result
-            && st.error.is_none()
-        {
-            st.error = Some(FsError::Layer { layer: layer.to_owned(), entry: job.rel, reason });
-        }
-        st.pending -= 1;
-        drop(st);
-        shared.done.notify_all();
-    }
-}
-
-/// Writes one file as the applier would: created where nothing is (never through a link),
-/// the owner before the mode (changing it clears the setuid and setgid bits), xattrs (a
-/// failure is a warning), the mtime.
-fn write_job(job: &FileJob, shared: &PoolShared) -> Result<(), String> {
-    use std::io::Write as _;
-    let written = (|| -> io::Result<fs::File> {
-        let mut f =
-            fs::OpenOptions::new().write(true).create_new(true).mode_private().open(&job.target)?;
-        f.write_all(&job.data)?;
-        Ok(f)
-    })();
-    let file = match written {
-        Ok(f) => f,
-        Err(e) => {
-            let _ = fs::remove_file(&job.target);
-            return Err(format!("writing the file: {e}"));
-        }
-    };
-    if let Some((uid, gid)) = job.owner {
-        let r = rustix::fs::fchown(
-            &file,
-            Some(rustix::fs::Uid::from_raw(uid)),
-            Some(rustix::fs::Gid::from_raw(gid)),
-        )
-        .map_err(io::Error::from);
-        match r {
-            Ok(()) => {}
-            Err(e)
-                if e.raw_os_error() == Some(libc::EPERM)
-                    || e.raw_os_error() == Some(libc::EINVAL) =>
-            {
-                let mut st = shared.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                if st.chown_warning.is_none() {
-                    st.chown_warning = Some(format!(
-                        "cannot set owners (first: /{} to {uid}:{gid}: {e}); files keep kiln's user",
-                        job.rel
-                    ));
-                }
-            }
-            Err(e) => return Err(format!("setting the owner: {e}")),
-        }
-    }
-    file.set_permissions(fs::Permissions::from_mode(job.mode)).map_err(|e| e.to_string())?;
-    for (k, v) in &job.xattrs {
-        if let Err(e) = xattr::set(&job.target, k, v) {
-            let mut st = shared.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if st.warnings.len() < 100 {
-                st.warnings.push(format!("skipped xattr {k} on /{}: {e}", job.rel));
-            }
-        }
-    }
-    let _ = filetime::set_file_handle_times(&file, None, Some(job.mtime));
-    Ok(())
 }
 
 struct Applier<'a> {
@@ -493,8 +338,6 @@ struct Applier<'a> {
     creator: (u32, u32),
     /// File contents go through this buffer (`io::copy`'s 8 KiB would be a `write` per 8 KiB).
     copy_buf: Vec<u8>,
-    /// The file writers.
-    pool: FilePool<'a>,
 }
 
 const COPY_BUF: usize = 256 << 10;
@@ -550,57 +393,6 @@ impl Applier<'_> {
         }
     }
 
-    /// Waits until every queued file is written; their first failure is the apply's.
-    /// Called before anything that could see, replace or remove a queued file or a directory
-    /// on its way: a target written twice, whiteouts, hardlinks, a directory removed or a
-    /// parent made, and the end.
-    fn drain(&mut self) -> Result<(), FsError> {
-        if self.pool.in_flight.is_empty() {
-            return Ok(());
-        }
-        let shared = self.pool.shared;
-        let mut st = shared.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        while st.pending > 0 {
-            st = shared.done.wait(st).unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
-        let warnings = std::mem::take(&mut st.warnings);
-        let chown_warning = st.chown_warning.take();
-        let error = st.error.take();
-        drop(st);
-        self.pool.in_flight.clear();
-        if let Some(w) = chown_warning
-            && !self.chown_warned
-        {
-            self.chown_warned = true;
-            self.warn(w);
-        }
-        for w in warnings {
-            self.warn(w);
-        }
-        match error {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
-    /// Queues a file for the writers.
-    fn submit(&mut self, job: FileJob) -> Result<(), FsError> {
-        self.pool.in_flight.insert(job.target.clone());
-        self.pool.shared.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pending +=
-            1;
-        if self.pool.tx.send(job).is_err() {
-            // The writers are gone (they only end when the queue does): count it back.
-            self.pool
-                .shared
-                .state
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .pending -= 1;
-            return Err(self.err("", "the file writers stopped"));
-        }
-        Ok(())
-    }
-
     fn entry<R: Read>(
         &mut self,
         entry: &mut tar::Entry<'_, R>,
@@ -638,8 +430,6 @@ impl Applier<'_> {
             }
         }
         if self.opts.whiteouts && name.starts_with(".wh.") {
-            // What it removes may be a queued file, or a directory on the way to one.
-            self.drain()?;
             // What it removes may be a directory the cache holds, or on the way to it.
             self.last_dir = None;
             let parent = rootpath::resolve(self.root, Path::new(&parent_rel), true)
@@ -654,16 +444,7 @@ impl Applier<'_> {
         let (uid, gid) = (meta.uid, meta.gid);
         let mtime = filetime::FileTime::from_unix_time(meta.mtime, 0);
         let xattrs = meta.xattrs;
-        if self.pool.in_flight.contains(&target) || kind == tar::EntryType::Link {
-            // The same path again, or a hardlink whose target may still be queued.
-            self.drain()?;
-        }
         let existing = target.symlink_metadata().ok();
-        if existing.as_ref().is_some_and(fs::Metadata::is_dir) && kind != tar::EntryType::Directory
-        {
-            // The directory goes, with whatever is queued inside it.
-            self.drain()?;
-        }
         if let Some(m) = &existing {
             // An entry only changes what is inside its parent, the cached directory, so the
             // cache stays true; forgetting it whenever a directory or a link goes keeps it
@@ -737,27 +518,6 @@ impl Applier<'_> {
                 // renamed into place takes two. A failed apply fails the build, so a
                 // half-written file is never used.
                 replace(self, false)?;
-                let size = header.size().unwrap_or(u64::MAX);
-                if size <= POOLED_FILE_MAX {
-                    let mut data = Vec::with_capacity(size as usize);
-                    entry
-                        .read_to_end(&mut data)
-                        .map_err(|e| self.err(&rel, format!("reading the file: {e}")))?;
-                    let owner = (self.opts.chown && !self.as_created(uid, gid, parent_setgid))
-                        .then_some((uid, gid));
-                    self.submit(FileJob {
-                        target,
-                        rel: rel.clone(),
-                        data,
-                        owner,
-                        mode,
-                        xattrs,
-                        mtime,
-                    })?;
-                    self.written.insert(rel.clone());
-                    self.outcome.written.push(rel);
-                    return Ok(());
-                }
                 let mut buf = std::mem::take(&mut self.copy_buf);
                 let written = (|| -> io::Result<fs::File> {
                     let mut f = fs::OpenOptions::new()
@@ -899,8 +659,6 @@ impl Applier<'_> {
         let meta = match fs::metadata(&parent) {
             Ok(m) if m.is_dir() => m,
             _ => {
-                // A parent to make, maybe where a queued file is about to be.
-                self.drain()?;
                 if parent.symlink_metadata().is_ok() {
                     fs::remove_file(&parent).map_err(self.io(rel))?;
                 }

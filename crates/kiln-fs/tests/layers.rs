@@ -928,10 +928,10 @@ fn many_paths_read_ahead_round_trip() {
     assert!(layer.entries >= entries.len() - 1, "{} entries written", layer.entries);
 }
 
-/// Small files are written by helper threads while the tar is read: an entry that comes back
-/// to a path still being written still sees (and replaces) what the entry before left, as a
-/// one-by-one apply would. Each case applies over a fresh root; a directory turned into a
-/// link to `/` still writes inside the root.
+/// An entry that comes back to a path an earlier entry of the same layer wrote sees (and
+/// replaces) what that entry left: the same path twice, a file turned into a directory or a
+/// parent, a hardlink or a whiteout right after its file. Each case applies over a fresh root;
+/// a directory turned into a link to `/` still writes inside the root.
 #[test]
 fn later_entries_see_the_files_written_beside_the_tar() {
     use tar::EntryType::{Directory, Link, Regular, Symlink};
