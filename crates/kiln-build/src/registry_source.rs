@@ -404,13 +404,18 @@ impl LayerSink for EarlyUploads<'_> {
         if self.destinations.is_empty() {
             return;
         }
-        // A streamed layer is handled by its stream job.
+        // A streamed layer is handled by its stream job, which may even have ended already
+        // (then every destination has it).
         let mut state = self.state();
         let streamed = state
             .streaming
             .iter()
             .any(|b| b.digest().is_some_and(|d| d.to_string() == layer.digest));
-        if !streamed {
+        let everywhere = self
+            .destinations
+            .iter()
+            .all(|d| state.done.contains(&(d.name(), layer.digest.clone())));
+        if !streamed && !everywhere {
             // Recorded before it is queued: a worker may end the job before `send` returns.
             state.queued.push(layer.digest.clone());
             drop(state);
