@@ -59,6 +59,13 @@ fn a_layer_goes_up_in_the_session_opened_while_it_was_written() {
     let early = EarlyUploads::new(&client, std::slice::from_ref(&dest));
     let tmp = tempfile::tempdir().unwrap();
     let name = Reference::parse(&dest).unwrap().name();
+    // The layer's digest, known in advance: the same tree written once without watching.
+    let expected = {
+        let unwatched = GrowingBlob::new();
+        let (d, _) =
+            write_watched(&tmp.path().join("root0"), &tmp.path().join("blobs0"), &unwatched);
+        d
+    };
     let (digest, waited) = std::thread::scope(|scope| {
         scope.spawn(|| early.work());
         let watch = early.layer_starting().expect("a blob to stream");
@@ -70,11 +77,13 @@ fn a_layer_goes_up_in_the_session_opened_while_it_was_written() {
         });
         early.close();
         let asked = Instant::now();
+        let there = early.wait_for(&name, &expected.to_string());
+        let waited = asked.elapsed();
         let (digest, _) = writer.join().unwrap();
-        let there = early.wait_for(&name, &digest.to_string());
         assert!(there, "the early upload of {digest} did not land");
-        (digest, asked.elapsed())
+        (digest, waited)
     });
+    assert_eq!(digest, expected);
     assert!(waited >= Duration::from_millis(250), "answered before the layer was written");
     assert!(client.has_blob(&Reference::parse(&dest).unwrap(), &digest).unwrap());
     assert_eq!(open_sessions(&reg, "team/early"), Vec::<String>::new());
