@@ -205,7 +205,7 @@ fn several_destinations_share_one_set_of_blobs() {
 /// the repository holds no upload in progress, and the image has a layer for each step that
 /// made one, each readable (skopeo copies and verifies them). (A session given back when a
 /// step makes no layer is `kiln-build`'s `early_uploads` test: here even `RUN true` leaves
-/// a layer, as in Docker.)
+/// a small layer.)
 #[test]
 fn no_upload_session_is_left_open() {
     require_root!();
