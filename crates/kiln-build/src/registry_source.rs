@@ -249,10 +249,7 @@ impl<'c> EarlyUploads<'c> {
             match next {
                 Ok(Job::Layer(layer)) => {
                     self.to_destinations(&layer, 0);
-                    let mut state = self.state();
-                    if let Some(i) = state.queued.iter().position(|d| *d == layer.digest) {
-                        state.queued.swap_remove(i);
-                    }
+                    self.unqueue(&layer.digest);
                 }
                 Ok(Job::Stream(blob)) => {
                     self.stream(&blob);
@@ -266,6 +263,14 @@ impl<'c> EarlyUploads<'c> {
 
     fn state(&self) -> std::sync::MutexGuard<'_, UploadState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A layer file's job ended (or was never queued): [`Self::wait_for`] stops waiting on it.
+    fn unqueue(&self, digest: &str) {
+        let mut state = self.state();
+        if let Some(i) = state.queued.iter().position(|d| d == digest) {
+            state.queued.swap_remove(i);
+        }
     }
 
     /// Whether `dest` (a repository name) has the blob `digest` from an early upload, once no
@@ -420,10 +425,7 @@ impl LayerSink for EarlyUploads<'_> {
             state.queued.push(layer.digest.clone());
             drop(state);
             if !self.send(Job::Layer(layer.clone())) {
-                let mut state = self.state();
-                if let Some(i) = state.queued.iter().position(|d| *d == layer.digest) {
-                    state.queued.swap_remove(i);
-                }
+                self.unqueue(&layer.digest);
             }
         }
     }
@@ -448,7 +450,6 @@ pub fn push_image(
     let img = crate::export::to_image_unchecked(image)
         .map_err(|e| SeamError::new(format!("{r}: {e}")))?;
     let name = r.name();
-    let layers: Vec<&LayerBlob> = image.layers.iter().collect();
     let total: u64 = image.layers.iter().map(|l| l.size).sum();
     let sent = AtomicU64::new(0);
     let config = img.raw_config().to_vec();
@@ -458,7 +459,7 @@ pub fn push_image(
         // all hit may have no /tmp at all); only the manifest has to wait for everything.
         let config_sent =
             scope.spawn(|| client.push_bytes(&r, &config_desc, &config).map_err(seam));
-        let layers_sent = crate::parallel::try_for_each(&layers, PARALLEL_UPLOADS, |layer| {
+        let layers_sent = crate::parallel::try_for_each(&image.layers, PARALLEL_UPLOADS, |layer| {
             // May wait for an early upload of this layer still under way.
             if !uploaded(&name, &layer.digest) {
                 put_layer(client, &r, layer, &earlier, fetch)?;

@@ -615,9 +615,9 @@ fn append_prepared<W: Write>(
 }
 
 /// Paths of the root prepared ([`prepare_path`]) by helper threads, at most [`READ_AHEAD`]
-/// of them ready or under way beyond the one being written: the lstat, xattr, open and read calls of a
-/// layer's many small files run beside the tar and its compression instead of before each
-/// entry. Results are taken in entry order.
+/// of them ready or under way beyond the one being written: the lstat, xattr, open and read
+/// calls of a layer's many small files run beside the tar and its compression instead of
+/// before each entry. Results are taken in entry order.
 struct ReadAhead<'a> {
     root: &'a Path,
     /// The paths to prepare, by entry index (`None`: an entry not read from the root).

@@ -422,7 +422,12 @@ impl RegistryClient {
         lazy.get().map_err(|detail| RegistryError::Unreachable {
             reference: r.to_string(),
             detail,
-            hint: "the TLS stack could not start with these certificates".into(),
+            hint: format!(
+                "the TLS stack could not start with the certificates given for {}: check the \
+                 files of --registry-certificate, --registry-client-cert, SSL_CERT_FILE and \
+                 SSL_CERT_DIR",
+                r.registry
+            ),
         })
     }
 
