@@ -5,8 +5,8 @@
 //! ([`crate::rootpath`], as a chrooted process would: a symlink to `/etc` means the root's
 //! `/etc`), the last component is never followed, and hardlink targets are looked up the same
 //! way, so no entry can create or change anything outside the root. Regular files are written
-//! to a temporary name in their directory and renamed into place, so a failed apply never
-//! leaves a half-written file where a complete one is expected.
+//! at their place (what was there removed first); a failed apply fails the build, so a
+//! half-written file is never used.
 //!
 //! OCI whiteouts (`.wh.<name>`) delete from lower layers and opaque markers (`.wh..wh..opq`)
 //! hide a directory's lower contents; both are ordinary files for `ADD` archives
@@ -618,6 +618,10 @@ impl Applier<'_> {
                 ) {
                     Ok(()) => {
                         self.owner(&target, uid, gid, true, &rel)?;
+                        // mknod's mode went through the umask (`/dev/null`'s 0666 came out
+                        // 0644); after the owner, which would clear setuid bits.
+                        fs::set_permissions(&target, fs::Permissions::from_mode(mode))
+                            .map_err(self.io(&rel))?;
                         let _ = filetime::set_symlink_file_times(&target, mtime, mtime);
                     }
                     Err(e) => {

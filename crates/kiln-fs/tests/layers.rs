@@ -762,7 +762,8 @@ fn file_capabilities_survive_a_round_trip() {
     assert_eq!(got.as_deref(), Some(&cap[..]));
 }
 
-/// FIFOs and device nodes are made with their numbers when kiln may (root).
+/// FIFOs and device nodes are made with their numbers when kiln may (root), and with their
+/// mode whatever the umask (`mknod` applies it: `/dev/null` came out 0644).
 #[test]
 fn fifos_and_device_nodes_are_made() {
     if !rustix::process::geteuid().is_root() {
@@ -788,10 +789,13 @@ fn fifos_and_device_nodes_are_made() {
     let outcome = apply::apply_reader(&tar[..], t.path(), &ApplyOptions::default()).unwrap();
     assert!(outcome.warnings.is_empty(), "{:?}", outcome.warnings);
     use std::os::unix::fs::FileTypeExt;
-    assert!(fs::symlink_metadata(t.path().join("fifo")).unwrap().file_type().is_fifo());
+    let fifo = fs::symlink_metadata(t.path().join("fifo")).unwrap();
+    assert!(fifo.file_type().is_fifo());
+    assert_eq!(fifo.mode() & 0o7777, 0o666);
     let null = fs::symlink_metadata(t.path().join("null")).unwrap();
     assert!(null.file_type().is_char_device());
     assert_eq!(null.rdev(), rustix::fs::makedev(1, 3));
+    assert_eq!(null.mode() & 0o7777, 0o666);
 }
 
 /// Owners are the archive's, also where creating a file alone would give another one (a
