@@ -141,6 +141,17 @@ impl LayerOps for FsLayers {
         Ok(())
     }
 
+    fn apply_only(&self, layer: &LayerBlob, root: &Path, only: &[String]) -> Result<(), SeamError> {
+        let opts = ApplyOptions {
+            name: layer.digest.clone(),
+            keep: self.keep_for(root),
+            only: Some(only.to_vec()),
+            ..ApplyOptions::default()
+        };
+        apply::apply_file(&layer.path, root, &opts).map_err(seam)?;
+        Ok(())
+    }
+
     fn clear_root(&self, root: &Path) -> Result<(), SeamError> {
         let keep = self.keep_for(root);
         if keep.is_empty() {

@@ -163,6 +163,13 @@ pub trait LayerOps: Send + Sync {
         self.apply(layer, root)
     }
 
+    /// Applies `layer`'s entries on the way to, at or under `only` (relative to the root),
+    /// with their content: the part of a stage's tree that later `COPY --from` steps read.
+    fn apply_only(&self, layer: &LayerBlob, root: &Path, only: &[String]) -> Result<(), SeamError> {
+        let _ = only;
+        self.apply(layer, root)
+    }
+
     /// Extracts a local archive (tar, optionally compressed) into `dest` inside `root`, for
     /// `ADD archive.tar.gz /dir`. Returns the paths written, relative to `root`.
     fn extract_archive(

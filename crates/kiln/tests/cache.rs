@@ -643,3 +643,62 @@ fn broken_registry_cache_blobs_fall_back_to_building() {
     assert_eq!(third.read("y"), "built\n");
     assert_eq!(third.digest(), first.digest());
 }
+
+/// A stage that later stages read only with `COPY --from`, whose RUN steps all hit: its
+/// WORKDIR and COPY steps (not cached with `--cache-copy-layers=false`, kaniko's default) use
+/// a sparse root, and the later COPY gets only the paths it names made from the layers,
+/// through symlinks; a hardlink whose target lies outside those paths makes the whole root
+/// instead. The image is the same as the first build's.
+#[test]
+fn copy_from_a_cached_stage_makes_only_what_it_reads() {
+    require_root!();
+    let p = Project::new(&format!(
+        "FROM busybox AS builder
+RUN {RANDOM} > /stamp; mkdir -p /real/out && ln -s /real /build && echo one > /real/out/a && ln /real/out/a /real/out/hard && echo lib > /lib-target && ln -s /lib-target /real/out/abslink
+WORKDIR /work
+COPY a.txt ./
+RUN cat a.txt > /real/out/from-a
+FROM busybox AS linked
+RUN {RANDOM} > /stamp; mkdir /o && echo h > /elsewhere && ln /elsewhere /o/h
+FROM busybox
+COPY --from=builder /build/out /app/
+COPY --from=builder /build/out/abslink /abs
+COPY --from=linked /o /o/
+"
+    ));
+    p.file("a.txt", "a\n");
+    let log = [("KILN_LOG", "kiln_build=debug")];
+    let off = ["--cache-copy-layers=false"];
+    let first = p.build_cached_env(&off, &log);
+    let second = p.build_cached_env(&off, &log);
+    assert!(second.hit("builder", "RUN cat"), "{}", second.log);
+    assert!(
+        second.log.lines().any(|l| l.contains("sparse root") && l.contains("whole=false")),
+        "the builder's file steps use a sparse root:\n{}",
+        second.log
+    );
+    assert!(
+        second.log.lines().any(|l| l.contains("partial stage root") && l.contains(r#""real/out""#)),
+        "only what the COPY reads is made, through the symlink:\n{}",
+        second.log
+    );
+    assert!(
+        second.log.lines().any(|l| l.contains("partial root") && l.contains("hardlink")),
+        "the hardlink to a file outside `/o` makes the whole root:\n{}",
+        second.log
+    );
+    assert_eq!(first.digest(), second.digest(), "the same image");
+    for b in [&first, &second] {
+        assert_eq!(b.read("app/a"), "one\n");
+        assert_eq!(b.read("app/hard"), "one\n");
+        assert_eq!(b.read("app/from-a"), "a\n");
+        assert_eq!(b.read("abs"), "lib\n");
+        assert_eq!(b.read("o/h"), "h\n");
+    }
+
+    p.file("a.txt", "a2\n");
+    let third = p.build_cached_env(&off, &log);
+    assert!(!third.hit("builder", "RUN cat"), "{}", third.log);
+    assert_eq!(third.read("app/from-a"), "a2\n");
+    assert_eq!(third.read("app/a"), "one\n");
+}
