@@ -202,9 +202,10 @@ struct StageResult {
     root: PathBuf,
     /// Whether `root` holds the stage's files (it is made only when a step needs it).
     materialized: bool,
-    /// When `root` holds only the parts later `COPY --from` steps read (not `materialized`):
-    /// the paths it covers (see `StageBuild::copy_from_root`).
-    partial: Option<Vec<String>>,
+    /// Trees holding only the parts later `COPY --from` steps read, with the paths each
+    /// covers (see `StageBuild::copy_from_root`). Never changed once made: a copy may be
+    /// reading one while another step makes the next.
+    partials: Vec<(Vec<String>, PathBuf)>,
     /// The cache key after the stage's last step.
     key: CacheKey,
     image: BuiltImage,
@@ -458,6 +459,11 @@ impl Engine<'_> {
                             && r.root.exists()
                         {
                             let _ = fs::remove_dir_all(&r.root);
+                        }
+                        if r.users_left == 0 {
+                            for (_, dir) in r.partials.drain(..) {
+                                let _ = fs::remove_dir_all(dir);
+                            }
                         }
                     }
                 }
@@ -868,7 +874,7 @@ impl StageBuild<'_, '_> {
     }
 
     fn stage_dir(&self) -> PathBuf {
-        self.req.work_dir.join(format!("stage-{}", self.stage.index))
+        self.stage_root_dir(self.stage.index)
     }
 
     fn blob_dir(&self) -> PathBuf {
@@ -965,7 +971,7 @@ impl StageBuild<'_, '_> {
         Ok(StageResult {
             root: if in_place { dir.join("rootfs") } else { root },
             materialized: (state.materialized && !in_place) || saved,
-            partial: None,
+            partials: Vec::new(),
             key: state.key,
             image: BuiltImage {
                 config: state.config,
@@ -2463,7 +2469,6 @@ impl StageBuild<'_, '_> {
         self.copy_from_scratch(state, scratch.path(), &names, &placed, line)
     }
 
-    /// The root of `COPY --from=<from>`: a stage (name or index) or an image.
     /// The tree a `COPY --from` (with its `sources` as written) or a `RUN --mount=from=`
     /// (`None`: the whole tree) reads: a stage's root, made from its layers if the stage did
     /// not leave it (its steps hit the cache, or it was built in `/`); or an image's, unpacked
@@ -2482,10 +2487,10 @@ impl StageBuild<'_, '_> {
             };
             let _making =
                 self.unpack_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let (root, materialized, partial, layers) = {
+            let (root, materialized, partials, layers) = {
                 let all = self.results.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 let r = all.get(&i).ok_or_else(not_built)?;
-                (r.root.clone(), r.materialized, r.partial.clone(), r.image.layers.clone())
+                (r.root.clone(), r.materialized, r.partials.clone(), r.image.layers.clone())
             };
             if materialized {
                 return Ok(root);
@@ -2498,30 +2503,33 @@ impl StageBuild<'_, '_> {
                 })
                 .map(|s| s.iter().map(|p| relative_source(p)).collect::<Vec<String>>())
                 .filter(|w| !w.iter().any(String::is_empty));
-            // Made before for other sources: enough if it holds these and where they lead.
-            if let (Some(wanted), Some(covered)) = (&wanted, &partial)
-                && wanted.iter().all(|w| {
-                    is_covered(covered, w)
-                        && resolved_rel(&root, w).is_some_and(|r| is_covered(covered, &r))
-                })
-            {
-                return Ok(root);
-            }
-            let made = match wanted {
-                Some(mut wanted) => {
-                    wanted.extend(partial.unwrap_or_default());
-                    self.make_partial(&layers, &root, wanted)?
+            if let Some(wanted) = wanted {
+                // One made before for other sources does if it holds these and where they
+                // lead.
+                if let Some((_, dir)) = partials.iter().find(|(covered, dir)| {
+                    wanted.iter().all(|w| {
+                        is_covered(covered, w)
+                            && resolved_rel(dir, w).is_some_and(|r| is_covered(covered, &r))
+                    })
+                }) {
+                    return Ok(dir.clone());
                 }
-                None => None,
-            };
-            if made.is_none() {
-                // The stage was all cache hits, or built in `/`: make its root now.
-                apply_layers(self.engine, self.bases, self.lazy, &layers, &root, &|_, _| {})?;
+                let dir = self.stage_root_dir(i).join(format!("partial-{}", partials.len()));
+                if let Some(covered) = self.make_partial(&layers, &dir, wanted)? {
+                    let mut all =
+                        self.results.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if let Some(r) = all.get_mut(&i) {
+                        r.partials.push((covered, dir.clone()));
+                    }
+                    return Ok(dir);
+                }
+                let _ = fs::remove_dir_all(&dir);
             }
+            // The stage was all cache hits, or built in `/`: make its root now.
+            apply_layers(self.engine, self.bases, self.lazy, &layers, &root, &|_, _| {})?;
             let mut all = self.results.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(r) = all.get_mut(&i) {
-                r.materialized = made.is_none();
-                r.partial = made;
+                r.materialized = true;
             }
             return Ok(root);
         }
@@ -2550,9 +2558,15 @@ impl StageBuild<'_, '_> {
 }
 
 impl StageBuild<'_, '_> {
+    /// The directory of stage `i` (its `rootfs` and partial trees live there).
+    fn stage_root_dir(&self, i: usize) -> PathBuf {
+        self.req.work_dir.join(format!("stage-{i}"))
+    }
+
     /// Makes `root` (replacing what is there) hold the entries of `layers` on the way to, at
     /// and under `wanted`, extended to where the symlinks on those paths lead. The paths it
-    /// covers, or `None` when the links lead on too far (the caller makes the whole root).
+    /// covers, or `None` when the links lead on too far or a layer cannot be applied so (the
+    /// caller makes the whole root).
     fn make_partial(
         &self,
         layers: &[LayerBlob],

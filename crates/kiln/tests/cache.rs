@@ -647,8 +647,9 @@ fn broken_registry_cache_blobs_fall_back_to_building() {
 /// A stage that later stages read only with `COPY --from`, whose RUN steps all hit: its
 /// WORKDIR and COPY steps (not cached with `--cache-copy-layers=false`, kaniko's default) use
 /// a sparse root, and the later COPY gets only the paths it names made from the layers,
-/// through symlinks; a hardlink whose target lies outside those paths makes the whole root
-/// instead. The image is the same as the first build's.
+/// through symlinks (a tree made for one COPY serves the next when it holds what that one
+/// reads); a hardlink whose target lies outside those paths makes the whole root instead.
+/// The image is the same as the first build's.
 #[test]
 fn copy_from_a_cached_stage_makes_only_what_it_reads() {
     require_root!();
@@ -663,6 +664,7 @@ RUN {RANDOM} > /stamp; mkdir /o && echo h > /elsewhere && ln /elsewhere /o/h
 FROM busybox
 COPY --from=builder /build/out /app/
 COPY --from=builder /build/out/abslink /abs
+COPY --from=builder /build/out/a /again
 COPY --from=linked /o /o/
 "
     ));
@@ -682,6 +684,12 @@ COPY --from=linked /o /o/
         "only what the COPY reads is made, through the symlink:\n{}",
         second.log
     );
+    let partials = second.log.lines().filter(|l| l.contains("partial stage root")).count();
+    assert_eq!(
+        partials, 2,
+        "`/abs` leads outside the first tree, `/again` does not:\n{}",
+        second.log
+    );
     assert!(
         second.log.lines().any(|l| l.contains("partial root") && l.contains("hardlink")),
         "the hardlink to a file outside `/o` makes the whole root:\n{}",
@@ -693,6 +701,7 @@ COPY --from=linked /o /o/
         assert_eq!(b.read("app/hard"), "one\n");
         assert_eq!(b.read("app/from-a"), "a\n");
         assert_eq!(b.read("abs"), "lib\n");
+        assert_eq!(b.read("again"), "one\n");
         assert_eq!(b.read("o/h"), "h\n");
     }
 
