@@ -2555,9 +2555,7 @@ impl StageBuild<'_, '_> {
         }
         Ok(root)
     }
-}
 
-impl StageBuild<'_, '_> {
     /// The directory of stage `i` (its `rootfs` and partial trees live there).
     fn stage_root_dir(&self, i: usize) -> PathBuf {
         self.req.work_dir.join(format!("stage-{i}"))
@@ -2565,8 +2563,10 @@ impl StageBuild<'_, '_> {
 
     /// Makes `root` (replacing what is there) hold the entries of `layers` on the way to, at
     /// and under `wanted`, extended to where the symlinks on those paths lead. The paths it
-    /// covers, or `None` when the links lead on too far or a layer cannot be applied so (the
-    /// caller makes the whole root).
+    /// covers, or `None` when the links lead on too far, following them would read the layers
+    /// more than twice [`SPARSE_SCAN_LIMIT`] (each pass reads them all; the first always runs:
+    /// it costs less than the whole root), or a layer cannot be applied so (the caller makes
+    /// the whole root).
     fn make_partial(
         &self,
         layers: &[LayerBlob],
@@ -2580,7 +2580,11 @@ impl StageBuild<'_, '_> {
             fs::remove_dir_all(root).map_err(io_err("clearing a stage root"))?;
         }
         fs::create_dir_all(root).map_err(io_err("creating the stage root"))?;
-        for _ in 0..SPARSE_PASSES {
+        let pass_bytes: u64 = layers.iter().map(|l| l.size).sum();
+        for pass in 0..SPARSE_PASSES {
+            if pass > 0 && (pass as u64 + 1) * pass_bytes > 2 * SPARSE_SCAN_LIMIT {
+                return Ok(None);
+            }
             // Every layer over what an earlier pass made: each covered path ends as the
             // stack has it.
             for layer in layers {
