@@ -261,6 +261,74 @@ fn in_place_saves_what_later_stages_copy_and_continues_a_base_stage() {
     assert!(!t.root().join("kaniko/work/stage-1/rootfs").exists());
 }
 
+/// A cached rebuild in place, with kaniko's `--cache-copy-layers=false`: stage `build` is read
+/// only by `COPY --from` and its RUN steps hit, so its uncached WORKDIR and COPY work on a
+/// sparse root and `/` never holds it; the later COPYs get partial trees of its layers, one
+/// through a symlink (`/link` leads to `/res`). The result is the first build's.
+const CACHED_STAGES: &str = "\
+FROM busybox AS build
+RUN echo r > /stamp && mkdir -p /res && ln -s /res /link && echo r > /res/f
+WORKDIR /w
+COPY hello.txt ./
+RUN cat hello.txt > /res/from-ctx
+
+FROM busybox
+COPY --from=build /link/f /f
+COPY --from=build /res/from-ctx /from-ctx
+RUN cat /f /from-ctx > /both
+";
+
+#[test]
+fn cached_rebuild_in_place_copies_from_partial_trees() {
+    require_root!();
+    let build = |cache_from: Option<&Path>| {
+        let t = Throwaway::new();
+        fs::write(t.ctx().join("Dockerfile"), CACHED_STAGES).unwrap();
+        fs::write(t.ctx().join("hello.txt"), "hello\n").unwrap();
+        fs::write(t.root().join(".dockerenv"), "").unwrap();
+        if let Some(from) = cache_from {
+            let o = Command::new("cp").arg("-a").arg(from).arg(t.out().join("cache")).output();
+            assert!(o.unwrap().status.success());
+        }
+        let o = t.run_as(
+            "/kaniko/kiln",
+            "build --isolation in-place --progress plain --ignore-path /kaniko \
+             --base-layout busybox=/bases:img --work-dir /kaniko/work --reproducible \
+             --cache-from type=local,src=/out/cache --cache-to type=local,dest=/out/cache,mode=max \
+             --cache-copy-layers=false --cache-debug -o type=oci,dest=/out/img /workspace",
+            "export KILN_LOG=kiln_build=debug;",
+        );
+        let err = text(&o.stderr);
+        assert!(o.status.success(), "kiln build in place failed:\n{err}");
+        (t, err)
+    };
+    let (first, _) = build(None);
+    let (second, err) = build(Some(&first.out().join("cache")));
+    assert!(
+        err.lines().any(|l| l.contains("sparse root") && l.contains("whole=false")),
+        "the build stage's WORKDIR and COPY use a sparse root:\n{err}"
+    );
+    let partials = err.lines().filter(|l| l.contains("partial stage root")).count();
+    assert_eq!(partials, 2, "each COPY --from gets a partial tree:\n{err}");
+    assert!(!err.contains("[build] saved"), "`/` never held the build stage:\n{err}");
+    let digest = |t: &Throwaway| {
+        let index = fs::read_to_string(t.out().join("img/index.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&index).unwrap();
+        v["manifests"][0]["digest"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(digest(&first), digest(&second), "the same image");
+    let o = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:latest", second.out().join("img").display()))
+        .arg(second.out().join("bundle"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "umoci unpack: {}", text(&o.stderr));
+    let rootfs = second.out().join("bundle/rootfs");
+    assert_eq!(fs::read_to_string(rootfs.join("both")).unwrap(), "r\nhello\n");
+    assert!(!rootfs.join("res").exists() && !rootfs.join("w").exists());
+}
+
 #[test]
 fn cleanup_empties_the_root_but_what_kiln_keeps() {
     require_root!();
