@@ -197,6 +197,10 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> BuildError {
     move |error| BuildError::Io { context, error }
 }
 
+/// Trees holding only the parts `COPY --from` steps read, with the paths each covers, by the
+/// image they come from.
+type PartialTrees = HashMap<String, Vec<(Vec<String>, PathBuf)>>;
+
 /// The built state of one stage.
 struct StageResult {
     root: PathBuf,
@@ -340,7 +344,7 @@ impl Engine<'_> {
         }
         let results: Mutex<HashMap<usize, StageResult>> = Mutex::new(HashMap::new());
         let counter = AtomicUsize::new(0);
-        let unpack_lock = Mutex::new(());
+        let unpack_lock: Mutex<PartialTrees> = Mutex::new(HashMap::new());
         let lazy: Mutex<HashMap<String, LazyBlob>> = Mutex::new(HashMap::new());
         let root_holds: Mutex<Option<Vec<String>>> = Mutex::new(None);
         // Independent stages run at the same time, except in-place mode where every stage
@@ -770,8 +774,8 @@ struct StageBuild<'e, 'a> {
     /// Steps started so far in the whole build, for progress numbering.
     counter: &'e AtomicUsize,
     /// Serialises unpacking images used by `COPY --from=<image>` and making stage roots
-    /// for other stages.
-    unpack_lock: &'e Mutex<()>,
+    /// for other stages; holds the partial trees made of images (see `copy_from_root`).
+    unpack_lock: &'e Mutex<PartialTrees>,
     /// Blobs not on disk yet, by digest, and where to get them.
     lazy: &'e Mutex<HashMap<String, LazyBlob>>,
     /// In-place builds: the layers `/` holds exactly, when it holds an earlier stage's
@@ -2504,18 +2508,12 @@ impl StageBuild<'_, '_> {
                 .map(|s| s.iter().map(|p| relative_source(p)).collect::<Vec<String>>())
                 .filter(|w| !w.iter().any(String::is_empty));
             if let Some(wanted) = wanted {
-                // One made before for other sources does if it holds these and where they
-                // lead.
-                if let Some((_, dir)) = partials.iter().find(|(covered, dir)| {
-                    wanted.iter().all(|w| {
-                        is_covered(covered, w)
-                            && resolved_rel(dir, w).is_some_and(|r| is_covered(covered, &r))
-                    })
-                }) {
-                    return Ok(dir.clone());
+                if let Some(dir) = serving(&partials, &wanted) {
+                    return Ok(dir);
                 }
                 let dir = self.stage_root_dir(i).join(format!("partial-{}", partials.len()));
-                if let Some(covered) = self.make_partial(&layers, &dir, wanted)? {
+                let fetch = |l: &LayerBlob| ensure_local(self.engine, self.bases, self.lazy, l);
+                if let Some(covered) = self.make_partial(&layers, &dir, wanted, &fetch)? {
                     let mut all =
                         self.results.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     if let Some(r) = all.get_mut(&i) {
@@ -2536,23 +2534,48 @@ impl StageBuild<'_, '_> {
         let base = self.bases.get(from).ok_or_else(|| {
             self.step_err(line, format!("`{from}` is neither a stage nor a resolved image"), None)
         })?;
-        // Images used by COPY --from are unpacked once per build.
+        // Images used by COPY --from are unpacked once per build, or only the parts that
+        // COPY steps with literal sources read (as for stages; mounts get the whole tree).
         let key = kiln_oci::Digest::sha256_of(from.as_bytes()).hex()[..16].to_owned();
         let root = self.req.work_dir.join(format!("image-{key}"));
-        let _unpacking = self.unpack_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !root.exists() {
-            let partial = self.req.work_dir.join(format!("image-{key}.partial"));
-            let _ = fs::remove_dir_all(&partial);
-            fs::create_dir_all(&partial).map_err(io_err("unpacking a --from image"))?;
-            for layer in &base.layers {
+        let mut image_trees =
+            self.unpack_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if root.exists() {
+            return Ok(root);
+        }
+        let wanted = sources
+            .filter(|s| !s.iter().any(|p| crate::glob::has_wildcard(p)))
+            .map(|s| s.iter().map(|p| relative_source(p)).collect::<Vec<String>>())
+            .filter(|w| !w.iter().any(String::is_empty));
+        if let Some(wanted) = wanted {
+            let made = image_trees.entry(key.clone()).or_default();
+            if let Some(dir) = serving(made, &wanted) {
+                return Ok(dir);
+            }
+            let dir = self.req.work_dir.join(format!("image-{key}-part-{}", made.len()));
+            let fetch = |l: &LayerBlob| {
                 self.engine
                     .images
-                    .ensure_blob(base, layer)
-                    .and_then(|()| self.engine.layers.apply(layer, &partial))
-                    .map_err(|source| BuildError::Base { reference: from.to_owned(), source })?;
+                    .ensure_blob(base, l)
+                    .map_err(|source| BuildError::Base { reference: from.to_owned(), source })
+            };
+            if let Some(covered) = self.make_partial(&base.layers, &dir, wanted, &fetch)? {
+                made.push((covered, dir.clone()));
+                return Ok(dir);
             }
-            fs::rename(&partial, &root).map_err(io_err("unpacking a --from image"))?;
+            let _ = fs::remove_dir_all(&dir);
         }
+        let unpacking = self.req.work_dir.join(format!("image-{key}.partial"));
+        let _ = fs::remove_dir_all(&unpacking);
+        fs::create_dir_all(&unpacking).map_err(io_err("unpacking a --from image"))?;
+        for layer in &base.layers {
+            self.engine
+                .images
+                .ensure_blob(base, layer)
+                .and_then(|()| self.engine.layers.apply(layer, &unpacking))
+                .map_err(|source| BuildError::Base { reference: from.to_owned(), source })?;
+        }
+        fs::rename(&unpacking, &root).map_err(io_err("unpacking a --from image"))?;
         Ok(root)
     }
 
@@ -2572,6 +2595,7 @@ impl StageBuild<'_, '_> {
         layers: &[LayerBlob],
         root: &Path,
         mut covered: Vec<String>,
+        fetch: &dyn Fn(&LayerBlob) -> Result<(), BuildError>,
     ) -> Result<Option<Vec<String>>, BuildError> {
         // Each wanted path stays listed even under another, so that links on it are followed.
         covered.sort();
@@ -2588,7 +2612,7 @@ impl StageBuild<'_, '_> {
             // Every layer over what an earlier pass made: each covered path ends as the
             // stack has it.
             for layer in layers {
-                ensure_local(self.engine, self.bases, self.lazy, layer)?;
+                fetch(layer)?;
                 if let Err(e) = self.engine.layers.apply_only(layer, root, &covered) {
                     // Say a hardlink whose target lies outside: the whole root has it (and a
                     // broken layer fails there too, with its own error).
@@ -2607,13 +2631,25 @@ impl StageBuild<'_, '_> {
                 }
             }
             if more.is_empty() {
-                tracing::debug!(?covered, "partial stage root for COPY --from");
+                tracing::debug!(?covered, "partial tree for COPY --from");
                 return Ok(Some(covered));
             }
             covered.extend(more);
         }
         Ok(None)
     }
+}
+
+/// A partial tree of `made` that holds `wanted` and where the symlinks on them lead.
+fn serving(made: &[(Vec<String>, PathBuf)], wanted: &[String]) -> Option<PathBuf> {
+    made.iter()
+        .find(|(covered, dir)| {
+            wanted.iter().all(|w| {
+                is_covered(covered, w)
+                    && resolved_rel(dir, w).is_some_and(|r| is_covered(covered, &r))
+            })
+        })
+        .map(|(_, dir)| dir.clone())
 }
 
 /// Where `rel` leads in `root`, every symlink on it followed (relative to the root).

@@ -680,11 +680,11 @@ COPY --from=linked /o /o/
         second.log
     );
     assert!(
-        second.log.lines().any(|l| l.contains("partial stage root") && l.contains(r#""real/out""#)),
+        second.log.lines().any(|l| l.contains("partial tree") && l.contains(r#""real/out""#)),
         "only what the COPY reads is made, through the symlink:\n{}",
         second.log
     );
-    let partials = second.log.lines().filter(|l| l.contains("partial stage root")).count();
+    let partials = second.log.lines().filter(|l| l.contains("partial tree")).count();
     assert_eq!(
         partials, 2,
         "`/abs` leads outside the first tree, `/again` does not:\n{}",
@@ -710,4 +710,27 @@ COPY --from=linked /o /o/
     assert!(!third.hit("builder", "RUN cat"), "{}", third.log);
     assert_eq!(third.read("app/from-a"), "a2\n");
     assert_eq!(third.read("app/a"), "one\n");
+}
+
+/// `COPY --from=<image>` with literal sources unpacks only what it reads: a symlink source is
+/// followed to its target (`/bin/sh` leads to `/bin/busybox`), a source outside the first
+/// tree gets a second; a mount of the same image gets the whole tree.
+#[test]
+fn copy_from_an_image_makes_only_what_it_reads() {
+    require_root!();
+    let p = Project::new(
+        "FROM busybox
+COPY --from=busybox /bin/sh /sh
+COPY --from=busybox /etc/passwd /passwd
+COPY --from=busybox /bin/sh /again
+RUN --mount=from=busybox,target=/m test -x /m/bin/ls && /sh -c 'grep -q root /passwd' && echo ok > /ok
+",
+    );
+    let b = Build::from(p.build_env(&[], &[("KILN_LOG", "kiln_build=debug")]), p.path("out"));
+    let partials: Vec<&str> = b.log.lines().filter(|l| l.contains("partial tree")).collect();
+    assert_eq!(partials.len(), 2, "{}", b.log);
+    assert!(partials[0].contains(r#""bin/busybox""#), "{}", b.log);
+    assert_eq!(b.read("ok"), "ok\n");
+    assert_eq!(b.read("sh"), b.read("bin/busybox"));
+    assert_eq!(b.read("again"), b.read("bin/busybox"));
 }

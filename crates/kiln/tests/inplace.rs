@@ -308,7 +308,7 @@ fn cached_rebuild_in_place_copies_from_partial_trees() {
         err.lines().any(|l| l.contains("sparse root") && l.contains("whole=false")),
         "the build stage's WORKDIR and COPY use a sparse root:\n{err}"
     );
-    let partials = err.lines().filter(|l| l.contains("partial stage root")).count();
+    let partials = err.lines().filter(|l| l.contains("partial tree")).count();
     assert_eq!(partials, 2, "each COPY --from gets a partial tree:\n{err}");
     assert!(!err.contains("[build] saved"), "`/` never held the build stage:\n{err}");
     let digest = |t: &Throwaway| {
