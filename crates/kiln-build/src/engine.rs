@@ -2513,6 +2513,9 @@ impl StageBuild<'_, '_> {
                 }
                 let dir = self.stage_root_dir(i).join(format!("partial-{}", partials.len()));
                 let fetch = |l: &LayerBlob| ensure_local(self.engine, self.bases, self.lazy, l);
+                let mut wanted = wanted;
+                wanted
+                    .extend(self.copied_sources(|f, at| stage_named(self.plan, f, at) == Some(i)));
                 if let Some(covered) = self.make_partial(&layers, &dir, wanted, &fetch)? {
                     let mut all =
                         self.results.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -2553,6 +2556,10 @@ impl StageBuild<'_, '_> {
                 return Ok(dir);
             }
             let dir = self.req.work_dir.join(format!("image-{key}-part-{}", made.len()));
+            let mut wanted = wanted;
+            wanted.extend(
+                self.copied_sources(|f, at| f == from && stage_named(self.plan, f, at).is_none()),
+            );
             let fetch = |l: &LayerBlob| {
                 self.engine
                     .images
@@ -2577,6 +2584,26 @@ impl StageBuild<'_, '_> {
         }
         fs::rename(&unpacking, &root).map_err(io_err("unpacking a --from image"))?;
         Ok(root)
+    }
+
+    /// The literal sources (relative to their tree) of every `COPY --from=<f>` of the build
+    /// for which `reads(f, stage index)` holds: a partial tree made for one of them holds
+    /// them all, so the tree's layers are read once, not once per step.
+    fn copied_sources(&self, reads: impl Fn(&str, usize) -> bool) -> Vec<String> {
+        let mut out = Vec::new();
+        for s in self.plan.stages.iter().filter(|s| !s.skipped) {
+            for step in &s.steps {
+                if let Instruction::Copy { sources, from: Some(f), .. } = &step.instruction
+                    && reads(f, s.index)
+                    && !sources.paths.iter().any(|p| crate::glob::has_wildcard(p))
+                {
+                    out.extend(
+                        sources.paths.iter().map(|p| relative_source(p)).filter(|r| !r.is_empty()),
+                    );
+                }
+            }
+        }
+        out
     }
 
     /// The directory of stage `i` (its `rootfs` and partial trees live there).
