@@ -353,7 +353,8 @@ pub struct ExecutorArgs {
 
 /// Prints kaniko-style warnings for flags kiln accepts without effect.
 fn warn(message: &str) {
-    eprintln!("warning: {message}");
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "warning: {message}");
 }
 
 /// The `--context` and `--bucket` pair as one context (kaniko's `resolveSourceContext`).

@@ -129,7 +129,9 @@ fn handle_termination_signals() {
         while !kiln_sandbox::termination_requested() {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        eprintln!("interrupted: stopping the build");
+        // Never `eprintln!`: with stderr closed (a CI log collector gone) it panics, this
+        // thread dies, and kiln would no longer stop on the signal.
+        let _ = writeln!(std::io::stderr(), "interrupted: stopping the build");
         std::thread::sleep(GRACE);
         build_cmd::remove_owned_work_dir();
         std::process::exit(i32::from(INTERRUPTED));

@@ -124,7 +124,7 @@ struct QuietProgress;
 impl Progress for QuietProgress {
     fn event(&self, event: Event) {
         if let Event::Warning { message } = event {
-            eprintln!("warning: {message}");
+            let _ = writeln!(std::io::stderr(), "warning: {message}");
         }
     }
 }

@@ -825,6 +825,53 @@ fn sigint_during_run_stops_the_tree_and_cleans_up() {
 }
 
 /// `podman` with its storage and state under `store` (the machine's own are never touched).
+/// SIGTERM stops kiln also outside a RUN step and with its stderr closed (a CI job's log
+/// collector gone): here kiln waits on a registry that accepts the connection and never
+/// answers. The notice it prints on the signal must not take the stopping thread down.
+#[test]
+fn sigterm_with_stderr_closed_stops_a_build_waiting_on_a_registry() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = silent.local_addr().unwrap().to_string();
+    // Accepts and holds every connection, answering nothing.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in silent.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let ctx = tempfile::tempdir().unwrap();
+    fs::write(ctx.path().join("Dockerfile"), format!("FROM {host}/stalled/base:1\n")).unwrap();
+    let out = ctx.path().join("out");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["build", "--progress", "plain", "--insecure-registry", &host, "-o"])
+        .arg(format!("type=oci,dest={}", out.display()))
+        .arg(ctx.path())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Our end of its stderr goes: every write kiln makes there fails (EPIPE).
+    drop(child.stderr.take());
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let pid = rustix::process::Pid::from_raw(i32::try_from(child.id()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let signalled = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if signalled.elapsed().as_secs() > 20 {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let status = status.expect("kiln did not stop within 20 s of SIGTERM");
+    assert_eq!(status.code(), Some(130));
+    assert!(!out.exists(), "a partial output was written");
+}
+
 fn podman_in(store: &Path, args: &[&str]) -> Output {
     Command::new("podman")
         .arg("--root")
