@@ -2499,14 +2499,8 @@ impl StageBuild<'_, '_> {
             if materialized {
                 return Ok(root);
             }
-            // Literal sources only: a wildcard's matches may be links leading anywhere.
-            let wanted = sources
-                .filter(|s| {
-                    only_copied_from(self.plan, i)
-                        && !s.iter().any(|p| crate::glob::has_wildcard(p))
-                })
-                .map(|s| s.iter().map(|p| relative_source(p)).collect::<Vec<String>>())
-                .filter(|w| !w.iter().any(String::is_empty));
+            let wanted =
+                sources.filter(|_| only_copied_from(self.plan, i)).and_then(literal_sources);
             if let Some(wanted) = wanted {
                 if let Some(dir) = serving(&partials, &wanted) {
                     return Ok(dir);
@@ -2546,11 +2540,7 @@ impl StageBuild<'_, '_> {
         if root.exists() {
             return Ok(root);
         }
-        let wanted = sources
-            .filter(|s| !s.iter().any(|p| crate::glob::has_wildcard(p)))
-            .map(|s| s.iter().map(|p| relative_source(p)).collect::<Vec<String>>())
-            .filter(|w| !w.iter().any(String::is_empty));
-        if let Some(wanted) = wanted {
+        if let Some(wanted) = sources.and_then(literal_sources) {
             let made = image_trees.entry(key.clone()).or_default();
             if let Some(dir) = serving(made, &wanted) {
                 return Ok(dir);
@@ -2595,11 +2585,9 @@ impl StageBuild<'_, '_> {
             for step in &s.steps {
                 if let Instruction::Copy { sources, from: Some(f), .. } = &step.instruction
                     && reads(f, s.index)
-                    && !sources.paths.iter().any(|p| crate::glob::has_wildcard(p))
+                    && let Some(literal) = literal_sources(&sources.paths)
                 {
-                    out.extend(
-                        sources.paths.iter().map(|p| relative_source(p)).filter(|r| !r.is_empty()),
-                    );
+                    out.extend(literal);
                 }
             }
         }
@@ -2694,15 +2682,25 @@ fn only_copied_from(plan: &Plan, me: usize) -> bool {
         .all(|s| s.dependencies.iter().all(|d| d.stage != me || d.kind == DependencyKind::CopyFrom))
 }
 
-/// A literal COPY source relative to its tree (`""`: the whole tree).
-fn relative_source(source: &str) -> String {
-    let cleaned = rootpath::clean_relative(Path::new(source));
-    cleaned
-        .split('/')
-        .filter(|p| !p.is_empty())
-        .map(crate::glob::unescape)
-        .collect::<Vec<_>>()
-        .join("/")
+/// COPY sources relative to their tree, when every one is literal and names less than the
+/// whole tree: a wildcard's matches may be links leading anywhere, and `/` is all of it.
+fn literal_sources(sources: &[String]) -> Option<Vec<String>> {
+    sources
+        .iter()
+        .map(|source| {
+            if crate::glob::has_wildcard(source) {
+                return None;
+            }
+            let cleaned = rootpath::clean_relative(Path::new(source));
+            let rel = cleaned
+                .split('/')
+                .filter(|p| !p.is_empty())
+                .map(crate::glob::unescape)
+                .collect::<Vec<_>>()
+                .join("/");
+            (!rel.is_empty()).then_some(rel)
+        })
+        .collect()
 }
 
 /// Where and how files from a scratch tree land (see `StageBuild::copy_from_scratch`).
